@@ -1,0 +1,251 @@
+"""The training loop behind ``hero train``: one config in, a checkpoint and metrics out.
+
+Per epoch it writes one JSON line to ``metrics.jsonl`` and an atomic ``checkpoint.pt``; ``resume``
+continues from that checkpoint. The batch order and augmentation of epoch k come from a generator
+seeded by (seed, k), and the checkpoint holds the optimizer and scheduler state, so a resumed run
+ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from exporters.errors import HeroError
+from hero_train import data as hdata
+from hero_train.checkpoint import load_checkpoint, save_checkpoint
+from hero_train.models import MODELS, build_model
+from hero_train.optim import HVP_MODES, HERO, VARIANTS, FirstOrder, GradL1
+
+OPTIMIZERS = ("sgd", "first-order", "gradl1", "hero")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on (the paper's recipe as defaults)."""
+
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    optimizer: str = "hero"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    h: float = 0.5
+    gamma: float = 0.1
+    variant: str = "authors"
+    hvp: str = "exact"
+    hero_warmup_epochs: int = 1
+    lam: float = 0.01
+    label_noise: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    data_root: str | None = None
+    augment: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.model in MODELS, f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}"),
+            (self.dataset in hdata.DATASETS,
+             f"unknown dataset {self.dataset!r}: choose one of {', '.join(hdata.DATASETS)}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
+            (self.variant in VARIANTS, f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}"),
+            (self.hvp in HVP_MODES, f"unknown hvp {self.hvp!r}: choose one of {', '.join(HVP_MODES)}"),
+            (self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})"),
+            (self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})"),
+            (self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,
+             "lr, momentum and weight decay must be >= 0"),
+            (self.h >= 0 and self.gamma >= 0 and self.lam >= 0, "h, gamma and lam must be >= 0"),
+            (self.hero_warmup_epochs >= 0, "HERO warm-up epochs must be >= 0"),
+            (0.0 <= self.label_noise < 1.0, f"label-noise ratio must be in [0, 1) (got {self.label_noise})"),
+            (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+             f"unknown device {self.device!r}: use cpu or cuda"),
+            (not self.bf16 or self.device.startswith("cuda"), "bf16 autocast needs --device cuda"),
+            (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
+            (self.limit_test is None or self.limit_test >= 1, "--limit-test must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HeroError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer by name; every one steps SGD with the paper's momentum and weight decay."""
+    base = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, **base)
+    if config.optimizer == "first-order":
+        return FirstOrder(params, torch.optim.SGD, h=config.h, variant=config.variant, model=model, **base)
+    if config.optimizer == "gradl1":
+        return GradL1(params, torch.optim.SGD, lam=config.lam, hvp=config.hvp, model=model, **base)
+    return HERO(params, torch.optim.SGD, h=config.h, gamma=config.gamma, variant=config.variant,
+                hvp=config.hvp, model=model, **base)
+
+
+def take_step(optimizer: torch.optim.Optimizer, closure) -> torch.Tensor:
+    """One step of any optimizer here: wrappers take the closure, plain SGD backpropagates."""
+    if isinstance(optimizer, (HERO, GradL1)):
+        return optimizer.step(closure)
+    optimizer.zero_grad(set_to_none=True)
+    loss = closure()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def prepare_data(config: TrainConfig):
+    """Normalised float tensors for train and test (normalised once, augmented per batch)."""
+    train = hdata.load_dataset(config.dataset, "train", root=config.data_root)
+    test = hdata.load_dataset(config.dataset, "test", root=config.data_root)
+    images, labels = train.images, train.labels
+    if config.limit_train is not None:
+        images, labels = images[: config.limit_train], labels[: config.limit_train]
+    if config.label_noise > 0:
+        labels = hdata.add_label_noise(labels, config.label_noise, train.num_classes, config.seed)
+    test_images, test_labels = test.images, test.labels
+    if config.limit_test is not None:
+        test_images, test_labels = test_images[: config.limit_test], test_labels[: config.limit_test]
+    norm = lambda x: hdata.normalize(x, train.mean, train.std)  # noqa: E731
+    return train, (norm(images), labels), (norm(test_images), test_labels)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             device: str = "cpu", batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (a fraction) of the model in eval mode."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        logits = model(x).float()
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(len(labels), 1)
+    return total_loss / n, correct / n
+
+
+def _autocast(config: TrainConfig):
+    if config.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: int) -> dict:
+    images, labels = train_data
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    if isinstance(optimizer, HERO):
+        optimizer.penalty_enabled = epoch >= config.hero_warmup_epochs
+    model.train()
+    seen, loss_sum, correct = 0, 0.0, 0
+    batches = hdata.iterate_batches(len(labels), config.batch_size, shuffle=True, generator=gen)
+    bar = tqdm(batches, total=math.ceil(len(labels) / config.batch_size), leave=False,
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=None)
+    for idx in bar:
+        x = images[idx]
+        if config.augment:
+            x = hdata.augment(x, gen)
+        x, y = x.to(config.device), labels[idx].to(config.device)
+        outputs = []
+
+        def closure():
+            with _autocast(config):
+                logits = model(x)
+            outputs.append(logits.detach())
+            return F.cross_entropy(logits.float(), y)
+
+        loss = take_step(optimizer, closure)
+        seen += len(y)
+        loss_sum += float(loss) * len(y)
+        correct += int((outputs[0].argmax(1) == y).sum())
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    old = ckpt["config"]
+    differ = [k for k, v in config.to_dict().items() if k != "epochs" and old.get(k) != v]
+    if differ:
+        raise HeroError(f"cannot resume {path}: the config differs in {', '.join(differ)}; "
+                        "use the same options or another --out directory")
+    if old.get("epochs") != config.epochs:
+        raise HeroError(f"cannot resume {path}: it was trained for {old.get('epochs')} epochs "
+                        f"(the cosine schedule depends on it), not {config.epochs}")
+    return ckpt
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
+    """Train a model; returns the path of the final checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
+    state = _resume_state(out_dir, config) if resume else None
+    if not resume and (out_dir / CHECKPOINT).exists():
+        raise HeroError(f"{out_dir / CHECKPOINT} exists: pass --resume to continue it or choose another --out")
+    train_set, train_data, test_data = prepare_data(config)
+    torch.manual_seed(config.seed)
+    in_channels = train_set.images.shape[1]
+    model = build_model(config.model, num_classes=train_set.num_classes, in_channels=in_channels)
+    model.to(config.device)
+    optimizer = make_optimizer(config, model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    metrics_path = out_dir / METRICS
+    if metrics_path.exists():  # keep exactly the lines of the epochs the checkpoint holds
+        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    payload = {
+        "model": {"name": config.model, "num_classes": train_set.num_classes, "in_channels": in_channels},
+        "input_shape": list(train_set.images.shape[1:]),
+        "dataset": config.dataset,
+        "normalization": {"mean": list(train_set.mean), "std": list(train_set.std)},
+        "config": config.to_dict(),
+    }
+    if state is None and config.epochs == 0:
+        save_checkpoint(dict(payload, epoch=0, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), metrics={}), out_dir / CHECKPOINT)
+    for epoch in range(start, config.epochs):
+        began = time.perf_counter()
+        line = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, train_data, config, epoch)}
+        scheduler.step()
+        line["test_loss"], line["test_accuracy"] = evaluate(model, *test_data, device=config.device)
+        line["seconds"] = round(time.perf_counter() - began, 3)
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        print(f"epoch {epoch + 1}/{config.epochs}: train loss {line['train_loss']:.4f} "
+              f"acc {line['train_accuracy']:.4f} | test loss {line['test_loss']:.4f} "
+              f"acc {line['test_accuracy']:.4f} | {line['seconds']:.1f}s", flush=True)
+        save_checkpoint(dict(payload, epoch=epoch + 1, state_dict=model.state_dict(),
+                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                             metrics=line), out_dir / CHECKPOINT)
+    return out_dir / CHECKPOINT

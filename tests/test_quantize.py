@@ -1,0 +1,421 @@
+"""Tests for the linear uniform quantizer, BN folding and activation calibration (exporters/quantize.py)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from exporters.errors import HeroError
+from pipeline.quantize import (
+    QuantSpec,
+    calibrate_activations,
+    check_bits,
+    dequantize,
+    fake_quantize,
+    fold_bn,
+    packed_weight_bytes,
+    qrange,
+    quantize_model,
+    quantize_tensor,
+)
+
+
+WEIGHT_BITS = range(2, 9)  # bit widths checked against torch.fake_quantize_*
+
+
+# ---- hand-computed cases -------------------------------------------------------------------
+
+def test_symmetric_scale_matches_hand_computed_case():
+    # 3 bits symmetric: qmax = 2^2 - 1 = 3, amax = 1 -> scale = 1/3;
+    # w / scale = [-3, 1.5, 0.75, 3] -> round -> [-3, 2, 1, 3].
+    q, scale, zero_point = quantize_tensor(torch.tensor([-1.0, 0.5, 0.25, 1.0]), 3, per_channel=False)
+    assert q.tolist() == [-3, 2, 1, 3]
+    assert scale.item() == pytest.approx(1 / 3)
+    assert zero_point.item() == 0
+
+
+def test_symmetric_rounds_half_to_even():
+    # 4 bits: qmax = 7, amax = 7 -> scale = 1 exactly; 2.5 -> 2, -0.5 -> 0, 3.5 -> 4 (half to even,
+    # like ONNX QuantizeLinear; half away from zero would give 3, -1, 4).
+    q, scale, _ = quantize_tensor(torch.tensor([7.0, 2.5, -0.5, 3.5]), 4, per_channel=False)
+    assert scale.item() == 1.0
+    assert q.tolist() == [7, 2, 0, 4]
+
+
+def test_asymmetric_qparams_match_hand_computed_case():
+    # 2 bits asymmetric on [-1, 0, 2]: lo = -1, hi = 2, scale = 3 / (2^2 - 1) = 1,
+    # zero point = round(1 / 1) = 1, q = round(w) + 1 = [0, 1, 3].
+    q, scale, zero_point = quantize_tensor(torch.tensor([-1.0, 0.0, 2.0]), 2, symmetric=False, per_channel=False)
+    assert (scale.item(), zero_point.item()) == (1.0, 1)
+    assert q.tolist() == [0, 1, 3]
+
+
+def test_asymmetric_range_always_includes_zero():
+    # all positive [1, 3] at 2 bits: lo = min(1, 0) = 0, hi = 3, scale = 1, zero point 0, q = [1, 3].
+    q, scale, zero_point = quantize_tensor(torch.tensor([1.0, 3.0]), 2, symmetric=False, per_channel=False)
+    assert (scale.item(), zero_point.item()) == (1.0, 0)
+    assert q.tolist() == [1, 3]
+
+
+def test_per_channel_uses_one_scale_per_row():
+    # 2 bits symmetric: qmax = 1. Row 0: amax 0.4 -> scale 0.4, [0.5 -> 0, -1]; row 1: amax 3 ->
+    # scale 3, [1, 1/3 -> 0].
+    w = torch.tensor([[0.2, -0.4], [3.0, 1.0]])
+    q, scale, zero_point = quantize_tensor(w, 2)
+    assert scale.tolist() == pytest.approx([0.4, 3.0])
+    assert zero_point.tolist() == [0, 0]
+    assert q.tolist() == [[0, -1], [1, 0]]
+
+
+def test_per_channel_along_axis_one_scales_columns():
+    # columns of [[1, 4], [-2, 2]] at 3 bits: amax 2 and 4 -> scales 2/3 and 4/3.
+    w = torch.tensor([[1.0, 4.0], [-2.0, 2.0]])
+    q, scale, _ = quantize_tensor(w, 3, axis=1)
+    assert scale.tolist() == pytest.approx([2 / 3, 4 / 3])
+    assert q.tolist() == [[2, 3], [-3, 2]]  # 1.5 -> 2, 1.5 -> 2
+    assert torch.allclose(dequantize(q, scale, torch.zeros(2, dtype=torch.int32), axis=1),
+                          torch.tensor([[4 / 3, 4.0], [-2.0, 8 / 3]]))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_channel_gets_unit_scale_and_dequantizes_to_zero(symmetric):
+    w = torch.tensor([[0.0, 0.0], [1.0, -2.0]])
+    q, scale, zero_point = quantize_tensor(w, 8, symmetric=symmetric)
+    assert scale[0].item() == 1.0 and zero_point[0].item() == 0 and q[0].tolist() == [0, 0]
+    out = fake_quantize(w, 8, symmetric=symmetric)
+    assert not out.isnan().any()
+    assert out[0].tolist() == [0.0, 0.0]
+    assert fake_quantize(torch.zeros(3, 2), 4, per_channel=False, symmetric=symmetric).eq(0).all()
+
+
+def test_qrange_is_restricted_symmetric_and_full_asymmetric():
+    assert qrange(8, True) == (-127, 127)
+    assert qrange(8, False) == (0, 255)
+    assert qrange(2, True) == (-1, 1)
+    assert qrange(16, True) == (-32767, 32767)
+
+
+def test_fake_quantize_keeps_dtype_and_16_bits_is_nearly_lossless():
+    w = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = fake_quantize(w, 16)
+    assert out.dtype == torch.float64
+    step = w.abs().amax(dim=1, keepdim=True) / 32767
+    assert ((out - w).abs() <= step / 2 + 1e-7).all()
+
+
+def test_non_finite_weights_raise_hero_error():
+    with pytest.raises(HeroError, match="NaN"):
+        quantize_tensor(torch.tensor([1.0, float("nan")]), 8)
+
+
+# ---- agreement with torch's fake quantization -----------------------------------------------
+
+@pytest.mark.parametrize("bits", WEIGHT_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_tensor_matches_torch_fake_quantize(bits, symmetric):
+    w = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(bits)) + (0 if symmetric else 0.3)
+    _, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=False)
+    qmin, qmax = qrange(bits, symmetric)
+    expected = torch.fake_quantize_per_tensor_affine(w, scale.item(), zero_point.item(), qmin, qmax)
+    torch.testing.assert_close(fake_quantize(w, bits, symmetric=symmetric, per_channel=False), expected)
+
+
+@pytest.mark.parametrize("bits", WEIGHT_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_matches_torch_fake_quantize(bits, symmetric, axis):
+    w = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(10 + bits)) - (0 if symmetric else 0.4)
+    _, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, axis=axis)
+    assert scale.shape == zero_point.shape == (w.shape[axis],)
+    assert scale.dtype == torch.float32 and zero_point.dtype == torch.int32
+    qmin, qmax = qrange(bits, symmetric)
+    expected = torch.fake_quantize_per_channel_affine(w, scale, zero_point, axis, qmin, qmax)
+    torch.testing.assert_close(fake_quantize(w, bits, symmetric=symmetric, axis=axis), expected)
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 9, 32, 0, -8, True, 4.0, "8", None])
+def test_unsupported_bits_raise_hero_error(bits):
+    with pytest.raises(HeroError, match="bit width"):
+        check_bits(bits)
+
+
+def test_supported_bits_pass():
+    assert [check_bits(b) for b in (2, 3, 4, 5, 6, 7, 8, 16)] == [2, 3, 4, 5, 6, 7, 8, 16]
+
+
+@pytest.mark.parametrize("fields", [
+    {"bits": 9}, {"bits": 4.0}, {"act_bits": 4}, {"act_bits": True}, {"act_method": "mse"},
+    {"act_percentile": 0}, {"act_percentile": 101}, {"symmetric": "yes"}, {"per_channel": 1},
+])
+def test_invalid_quant_spec_raises_hero_error(fields):
+    with pytest.raises(HeroError):
+        QuantSpec(**fields)
+
+
+# ---- BatchNorm folding ---------------------------------------------------------------------
+
+class ConvBnNet(nn.Module):
+    """conv -> bn -> relu, twice, then linear -> bn1d; attributes, not a Sequential."""
+
+    def __init__(self, conv_bias):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=conv_bias)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, bias=conv_bias)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5, bias=conv_bias)
+        self.bn3 = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.fc(x.mean(dim=(2, 3))))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block with a projection shortcut."""
+
+    def __init__(self, cin=3, cout=4, stride=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _with_running_stats(model, seed=0):
+    """Give every BN non-trivial affine parameters and running statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data = torch.rand(m.num_features, generator=generator) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=generator)
+            m.momentum = 0.5
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 8, 8, generator=generator) * 2 + 1)
+    return model.eval()
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("model", [ConvBnNet(conv_bias=True), ConvBnNet(conv_bias=False), BasicBlock()],
+                         ids=["conv-bias", "no-bias", "residual-block"])
+def test_fold_bn_preserves_eval_outputs(model):
+    model = _with_running_stats(model).double()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    folded = fold_bn(model)
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+    assert not _batchnorms(folded) and not folded.training
+    assert all(folded.get_submodule(n).bias is not None for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert _batchnorms(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_fold_bn_in_float32_stays_within_1e_5_of_output_scale():
+    model = _with_running_stats(BasicBlock())
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = model(x)
+    assert (fold_bn(model)(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_fold_bn_folds_sequential_and_leaves_leading_bn():
+    model = _with_running_stats(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    folded = fold_bn(model)
+    assert isinstance(folded[0], nn.BatchNorm2d) and isinstance(folded[2], nn.Identity)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class SharedConvOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_bn_skips_conv_whose_output_has_other_users():
+    model = _with_running_stats(SharedConvOutput())
+    folded = fold_bn(model)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(folded(x), model(x))
+
+
+class Untraceable(ConvBnNet):
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent branch: torch.fx cannot trace it
+            return super().forward(x)
+        return x
+
+
+def test_fold_bn_falls_back_to_consecutive_attributes_when_tracing_fails():
+    model = _with_running_stats(Untraceable(conv_bias=False))
+    with pytest.warns(UserWarning, match="could not trace"):
+        folded = fold_bn(model)
+    assert not _batchnorms(folded)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- quantize_model ------------------------------------------------------------------------
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_model_puts_weights_on_grid_and_keeps_biases(symmetric, per_channel):
+    model = _with_running_stats(ConvBnNet(conv_bias=True))
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_bn(model)
+    quantized = quantize_model(model, 3, symmetric=symmetric, per_channel=per_channel)
+    for name, layer in _layers(quantized).items():
+        reference = _layers(folded)[name]
+        _, scale, zero_point = quantize_tensor(reference.weight, 3, symmetric=symmetric, per_channel=per_channel)
+        view = [-1] + [1] * (layer.weight.dim() - 1) if per_channel else []
+        levels = layer.weight / scale.reshape(view) + zero_point.reshape(view)
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+        assert levels.round().unique().numel() <= 2**3
+        assert torch.equal(layer.bias, reference.bias)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert _batchnorms(model)
+
+
+def test_quantize_model_error_grows_as_bits_shrink():
+    model = _with_running_stats(BasicBlock())
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    reference = model(x)
+
+    def relative_error(bits):
+        return ((quantize_model(model, bits)(x) - reference).norm() / reference.norm()).item()
+
+    assert relative_error(None) < 1e-5
+    assert relative_error(8) < 0.02
+    assert relative_error(2) > 5 * relative_error(8)
+
+
+def test_quantize_model_without_folding_keeps_batchnorm():
+    model = _with_running_stats(ConvBnNet(conv_bias=False))
+    quantized = quantize_model(model, 8, fold_bn=False)
+    assert len(_batchnorms(quantized)) == 3 and not quantized.training
+
+
+def test_quantize_model_accepts_quant_spec():
+    model = _with_running_stats(ConvBnNet(conv_bias=True))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    from_spec = quantize_model(model, QuantSpec(bits=4, symmetric=False, per_channel=False))
+    from_flags = quantize_model(model, 4, symmetric=False, per_channel=False)
+    torch.testing.assert_close(from_spec(x), from_flags(x), rtol=0, atol=0)
+
+
+def test_quantize_model_rejects_spec_with_flags_or_missing_scales():
+    model = ConvBnNet(conv_bias=True)
+    with pytest.raises(HeroError, match="not both"):
+        quantize_model(model, QuantSpec(bits=4), symmetric=False)
+    with pytest.raises(HeroError, match="act_scales"):
+        quantize_model(model, QuantSpec(bits=4, act_bits=8))
+    with pytest.raises(HeroError, match="bit width"):
+        quantize_model(model, 12)
+
+
+def test_packed_weight_bytes_matches_hand_count():
+    # conv 4*3*3*3 = 108 + linear 10*4 = 40 -> 148 weights; 3 bits -> ceil(444 / 8) = 56.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10))
+    assert packed_weight_bytes(model, 3) == 56
+    assert packed_weight_bytes(model, 8) == 148
+    assert packed_weight_bytes(model, None) == 148 * 4
+
+
+# ---- activation calibration and int8 activations -------------------------------------------
+
+def _batches(n=3, seed=8):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 8, 8, generator=generator) * (i + 1) for i in range(n)]
+
+
+def test_calibrate_max_gives_one_positive_scale_per_layer():
+    model = fold_bn(_with_running_stats(BasicBlock()))
+    model.train()
+    batches = _batches()
+    scales = calibrate_activations(model, batches)
+    assert set(scales) == {"conv1", "conv2", "shortcut.0"}
+    assert all(s > 0 for s in scales.values())
+    # conv1 and the shortcut conv see the raw input: amax = max |x| over all batches.
+    expected = max(b.abs().max().item() for b in batches) / 127
+    assert scales["conv1"] == pytest.approx(expected) and scales["shortcut.0"] == pytest.approx(expected)
+    assert model.training
+
+
+def test_calibrate_percentile_is_below_max():
+    model = fold_bn(_with_running_stats(BasicBlock()))
+    by_max = calibrate_activations(model, _batches())
+    by_percentile = calibrate_activations(model, _batches(), method="percentile", percentile=99.0)
+    assert all(0 < by_percentile[name] < by_max[name] for name in by_max)
+
+
+def test_calibrate_rejects_no_batches_and_bad_method():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(HeroError, match="saw no input"):
+        calibrate_activations(model, [])
+    with pytest.raises(HeroError, match="calibration method"):
+        calibrate_activations(model, _batches(), method="entropy")
+
+
+def test_act_quantized_model_feeds_layers_inputs_on_int8_grid():
+    model = _with_running_stats(BasicBlock())
+    scales = calibrate_activations(fold_bn(model), _batches())
+    quantized = quantize_model(model, QuantSpec(bits=8, act_bits=8), act_scales=scales)
+    assert quantized.act_scales == scales
+    seen = {}
+    for name, layer in _layers(quantized).items():
+        layer.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0]))
+    x = _batches(1, seed=9)[0] * 10  # larger than calibration: some inputs saturate
+    quantized(x)
+    assert set(seen) == set(scales)
+    for name, inputs in seen.items():
+        levels = inputs / scales[name]
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+        assert levels.abs().max() <= 127 + 1e-3
+    reference = fold_bn(model)(_batches(1, seed=9)[0])
+    relative = (quantize_model(model, 8, act_scales=scales)(_batches(1, seed=9)[0]) - reference).norm()
+    assert relative / reference.norm() < 0.05
+
+
+def test_act_scales_must_match_model_layers():
+    model = _with_running_stats(BasicBlock())
+    scales = calibrate_activations(fold_bn(model), _batches())
+    with pytest.raises(HeroError, match="missing"):
+        quantize_model(model, 8, act_scales={k: v for k, v in scales.items() if k != "conv2"})
+    with pytest.raises(HeroError, match="positive"):
+        quantize_model(model, 8, act_scales={**scales, "conv2": 0.0})
+
+
+def test_act_quantized_model_survives_deepcopy():
+    model = _with_running_stats(BasicBlock())
+    scales = calibrate_activations(fold_bn(model), _batches())
+    quantized = quantize_model(model, 4, act_scales=scales)
+    x = _batches(1, seed=10)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(copy.deepcopy(quantized)(x), quantized(x), rtol=0, atol=0)
