@@ -12,7 +12,6 @@ Schema (a plain dict, so ``torch.load(..., weights_only=True)`` can read it and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tempfile
@@ -71,11 +70,3 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
         raise HeroError(f"checkpoint weights do not fit model {spec['name']}: "
                         f"{str(exc).splitlines()[0][:160]}") from None
     return model.eval()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -53,6 +53,115 @@ def train(out_dir, resume, no_augment, **options):
     click.echo(f"checkpoint: {path}")
 
 
+def _bits_list(text: str | None) -> tuple[int, ...] | None:
+    """'4,8' or '2-8' -> (4, 8) / (2, ..., 8)."""
+    if not text:
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise HeroError(f"--bits takes a list like 4,8 or a range like 2-8 (got {text!r})") from None
+    return tuple(out)
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--checkpoint", type=click.Path(), default=None, help="skip training: deploy this checkpoint")
+@click.option("--out", "out_dir", default=None, help="run directory (default runs/<config name>)")
+def run(config_path, checkpoint, out_dir):
+    """Train → quantize → export → validate → report → gate. Exit 0 pass, 1 gate failed, 2 bad input."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.run import run_pipeline, summary
+
+    config = load_config(config_path)
+    run_dir = Path(out_dir or f"runs/{config.name}")
+    report = run_pipeline(config, run_dir, Path(checkpoint) if checkpoint else None,
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(summary(report))
+    return 0 if report["gate"]["passed"] else 1
+
+
+@cli.command()
+@click.argument("report_path", metavar="REPORT")
+@click.option("--max-drop", type=float, default=None, help="largest allowed drop from the baseline, points")
+@click.option("--min-accuracy", type=float, default=None, help="smallest allowed accuracy, fraction")
+@click.option("--baseline", "baseline_path", default=None, help="an earlier (or the host's) report.json")
+@click.option("--max-regression", type=float, default=None, help="largest allowed loss against --baseline, points")
+@click.option("--bits", default=None, help="check only these variants, e.g. 4,8")
+@click.option("--junit", default=None, help="also write a JUnit XML file")
+def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bits, junit):
+    """Gate a report: exit 0 when every selected variant passes, 1 when any fails, 2 on bad input."""
+    from pipeline.gate import GateCriteria, evaluate_gate, read_report, write_junit
+
+    if (baseline_path is None) != (max_regression is None):
+        raise HeroError("--baseline and --max-regression go together")
+    report = read_report(report_path)
+    previous = read_report(baseline_path) if baseline_path else None
+    criteria = GateCriteria(max_drop=max_drop, min_accuracy=min_accuracy, max_regression=max_regression,
+                            bits=_bits_list(bits), previous=previous)
+    result = evaluate_gate(report, criteria)
+    if junit:
+        write_junit(result, junit)
+    for reason in result["reasons"]:
+        click.echo(f"FAIL {reason}")
+    click.echo(f"hero check: {len(result['checked'])} variant(s), "
+               f"{'all passed' if result['passed'] else str(len(result['reasons'])) + ' failure(s)'}")
+    return 0 if result["passed"] else 1
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--bits", default="2-8", show_default=True, help="bit widths, e.g. 2-8 or 4,8")
+@click.option("--asymmetric", is_flag=True)
+@click.option("--per-tensor", is_flag=True)
+@click.option("--no-fold-bn", is_flag=True)
+@click.option("--limit-test", type=int, default=None)
+def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test):
+    """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
+    from exporters.quantize import QuantSpec, quantize_model
+    from pipeline import stages
+
+    loaded = stages.load_stage(checkpoint)
+    x, y = stages.eval_data(loaded, "test", limit_test)
+    click.echo("bits  accuracy")
+    for b in (None, *_bits_list(bits)):
+        spec = QuantSpec(bits=b, symmetric=not asymmetric, per_channel=not per_tensor, fold_bn=not no_fold_bn)
+        logits = stages.torch_logits(quantize_model(loaded.model, spec), x, 500)
+        click.echo(f"{'fp32' if b is None else b:>4}  {100 * (logits.argmax(1) == y).mean():.2f}%")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--out", "out_path", required=True, help="the .onnx file to write")
+@click.option("--bits", type=int, default=None, help="weight bits (omit for a float graph)")
+@click.option("--act-bits", type=int, default=None, help="8 for W{n}A8 (calibrated on training batches)")
+@click.option("--asymmetric", is_flag=True)
+@click.option("--per-tensor", is_flag=True)
+@click.option("--no-fold-bn", is_flag=True)
+@click.option("--int4-storage", is_flag=True, help="INT4 initializers for bits <= 4 (opset 21)")
+@click.option("--fp16", is_flag=True, help="float16 graph (float models only)")
+def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold_bn, int4_storage, fp16):
+    """Export one variant of a checkpoint to ONNX."""
+    from exporters.onnx import export_onnx
+    from exporters.quantize import QuantSpec
+    from pipeline import stages
+    from pipeline.config import QuantizeSection
+
+    loaded = stages.load_stage(checkpoint)
+    spec = QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor,
+                     fold_bn=not no_fold_bn, act_bits=act_bits)
+    scales = stages.calibrate_stage(loaded, QuantizeSection(act_bits=act_bits), None) if act_bits else None
+    path = export_onnx(loaded.model, out_path, input_shape=tuple(loaded.ckpt["input_shape"]), spec=spec,
+                       act_scales=scales, int4_storage=int4_storage, fp16=fp16,
+                       metadata={"hero.source_sha256": loaded.sha256})
+    click.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=argv, prog_name="hero", standalone_mode=False)

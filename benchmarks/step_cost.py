@@ -1,0 +1,194 @@
+"""Cost of one optimizer step of HERO and its baselines, relative to plain SGD.
+
+ResNet20 in train mode, batch 128 of random 3x32x32 images with random labels, cross-entropy,
+base SGD with lr 0.1, momentum 0.9, weight decay 1e-4 (the paper's CIFAR-10 setting). The methods
+run round-robin in one process (warm-up steps, then R rounds of one step of each method in turn),
+so machine noise hits all of them alike; the table reports the median. Peak memory is measured in
+a fresh subprocess per method: on CPU the peak-RSS increase over the process after building the
+model and data, on CUDA the peak of torch.cuda.max_memory_allocated over the same baseline.
+
+    python benchmarks/step_cost.py --rounds 10 --warmup 2 --threads 2 --json step_cost.json
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import click
+import torch
+import torch.nn.functional as F
+
+from hero_train.models import build_model
+from hero_train.optim import HERO, FirstOrder, GradL1
+
+SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+HERO_KWARGS = dict(h=0.5, gamma=0.1, variant="authors")
+GRADL1_LAM = 0.01
+MEMORY_PROBE_STEPS = 3
+# (method, compared quantity, limit as a multiple of SGD's).
+TARGETS = [
+    ("hero-exact", "time", 4.0),
+    ("hero-fd", "time", 2.6),
+    ("hero-fd", "memory", 1.3),
+]
+
+
+def _optimizer(method: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if method == "sgd":
+        return torch.optim.SGD(params, **SGD_KWARGS)
+    if method == "first-order":
+        return FirstOrder(params, torch.optim.SGD, h=HERO_KWARGS["h"], model=model, **SGD_KWARGS)
+    if method.startswith("gradl1-"):
+        hvp = "exact" if method == "gradl1-exact" else "finite-difference"
+        return GradL1(params, torch.optim.SGD, lam=GRADL1_LAM, hvp=hvp, model=model, **SGD_KWARGS)
+    hvp = "exact" if method == "hero-exact" else "finite-difference"
+    return HERO(params, torch.optim.SGD, hvp=hvp, model=model, **HERO_KWARGS, **SGD_KWARGS)
+
+
+METHODS = ("sgd", "first-order", "gradl1-exact", "gradl1-fd", "hero-exact", "hero-fd")
+
+
+def _make_step(method: str, device: str, batch_size: int):
+    """A zero-argument callable running one training step of `method` on its own ResNet20."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3).to(device).train()
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    opt = _optimizer(method, model)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    if method == "sgd":
+        def step():
+            opt.zero_grad(set_to_none=True)
+            closure().backward()
+            opt.step()
+    else:
+        def step():
+            opt.step(closure)
+    return step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(device: str, batch_size: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of every method, interleaved one step each per round."""
+    steps = {m: _make_step(m, device, batch_size) for m in METHODS}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    _sync(device)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(rounds):
+        for m, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[m].append(time.perf_counter() - start)
+    return times
+
+
+def _rss_peak_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_probe(method: str, device: str, batch_size: int) -> int:
+    """Peak bytes `method`'s steps add over the process with model, data and optimizer built."""
+    step = _make_step(method, device, batch_size)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_peak_bytes()
+    for _ in range(MEMORY_PROBE_STEPS):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return _rss_peak_bytes() - base
+
+
+def _memory_in_subprocess(method: str, device: str, batch_size: int, threads: int | None) -> int:
+    """Run memory_probe in a fresh interpreter, so no other method's allocations are counted."""
+    cmd = [sys.executable, __file__, "--probe-memory", method, "--device", device,
+           "--batch-size", str(batch_size)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def summarise(times: dict[str, list[float]], memory: dict[str, int]) -> dict[str, dict]:
+    """Median ms per step, ratios to SGD's median and peak memory, per method."""
+    sgd_ms = statistics.median(times["sgd"]) * 1e3
+    out = {}
+    for m in METHODS:
+        ms = statistics.median(times[m]) * 1e3
+        out[m] = dict(median_ms=ms, time_ratio=ms / sgd_ms, peak_bytes=memory[m],
+                      memory_ratio=memory[m] / memory["sgd"], samples_ms=[t * 1e3 for t in times[m]])
+    return out
+
+
+def check_targets(summary: dict[str, dict]) -> list[dict]:
+    checks = []
+    for method, quantity, limit in TARGETS:
+        value = summary[method]["time_ratio" if quantity == "time" else "memory_ratio"]
+        checks.append(dict(method=method, quantity=quantity, limit=limit, value=value, ok=value <= limit))
+    return checks
+
+
+def _print_table(summary: dict[str, dict], checks: list[dict], header: str) -> None:
+    click.echo(header)
+    click.echo(f"{'method':<14}{'median ms':>11}{'x SGD':>8}{'peak MiB':>10}{'x SGD':>8}")
+    for m, row in summary.items():
+        click.echo(f"{m:<14}{row['median_ms']:>11.1f}{row['time_ratio']:>8.2f}"
+                   f"{row['peak_bytes'] / 2**20:>10.1f}{row['memory_ratio']:>8.2f}")
+    click.echo("targets:")
+    for c in checks:
+        click.echo(f"  {c['method']} {c['quantity']} <= {c['limit']}x SGD: {c['value']:.2f}x "
+                   f"{'PASS' if c['ok'] else 'FAIL'}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--rounds", type=int, default=10, show_default=True, help="timed rounds (one step of each method per round)")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed rounds first")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+@click.option("--json", "json_out", default=None, help="also write the results to this JSON file")
+@click.option("--probe-memory", default=None, hidden=True, help="internal: print one method's peak bytes")
+def main(rounds, warmup, device, batch_size, threads, json_out, probe_memory):
+    """Time SGD, FirstOrder, GradL1 and HERO steps on ResNet20 and check HERO's cost targets."""
+    if threads:
+        torch.set_num_threads(threads)
+    if probe_memory:
+        click.echo(memory_probe(probe_memory, device, batch_size))
+        return
+    times = time_round_robin(device, batch_size, warmup, rounds)
+    memory = {m: _memory_in_subprocess(m, device, batch_size, threads) for m in METHODS}
+    summary = summarise(times, memory)
+    checks = check_targets(summary)
+    header = (f"ResNet20, batch {batch_size}, {device}, {torch.get_num_threads()} threads, "
+              f"{rounds} rounds after {warmup} warm-up, torch {torch.__version__}")
+    _print_table(summary, checks, header)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(dict(header=header, methods=summary, targets=checks), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Export a PyTorch model to ONNX as an explicit-quantization (QDQ) graph.
+
+The graph computes what `exporters.quantize.quantize_model` computes with the same options: the
+float model (BatchNorm folded by the same `fold_bn`) is exported with torch's dynamo exporter,
+then every Conv/Gemm/MatMul weight becomes an integer initializer read through
+DequantizeLinear, with integers, scales and zero points from `quantize_tensor` itself. With
+act_bits=8 each such op's activation input passes through Clip -> QuantizeLinear ->
+DequantizeLinear (per-tensor, int8, zero point 0), the form ONNX Runtime and TensorRT accept.
+
+Weight storage: int8/uint8 (symmetric/asymmetric) up to 8 bits, int4/uint4 for bits <= 4 with
+int4_storage (opset 21), int16/uint16 for 16 bits (opset 21). fp16=True (float models only)
+stores float16 weights and computes in float16; input and output stay float32 via Cast nodes.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.metadata
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxscript import optimizer, rewriter
+from onnxscript.rewriter.rules import common as rules
+from torch import nn
+
+from exporters import quantize
+from exporters.errors import HeroError
+
+INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
+DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits
+LOW_BIT_OPSET = 21  # first opset with INT4/UINT4 and INT16/UINT16 DequantizeLinear
+_ACT_ZERO_POINT = np.int8(0)
+_CLEANUP_RULES = [
+    rules.remove_optional_bias_from_conv_rule,
+    rules.remove_optional_bias_from_gemm_rule,
+    rules.materialize_reshape_shape_rule,
+    rules.no_op_expand_rule,
+    rules.no_op_cast_rule,
+]
+
+
+class WeightQuant(NamedTuple):
+    """A quantized weight in an exported graph: integers as stored (int4/uint4 widened to
+    int8/uint8), scale, zero point and the per-channel axis (None per tensor)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+
+class _WeightUse(NamedTuple):
+    """The ONNX node named `node` reads the weight of torch layer `module` from initializer
+    `weight`, whose output channels lie along `axis`."""
+
+    node: str
+    module: str
+    weight: str
+    axis: int
+
+
+def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec | None = None,
+                bits: int | None = None, symmetric: bool = True, per_channel: bool = True,
+                fold_bn: bool = True, act_bits: int | None = None,
+                act_scales: Mapping[str, float] | None = None, fp16: bool = False,
+                opset: int | None = None, int4_storage: bool = False,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `model` to `path` as ONNX computing `quantize_model(model, spec, act_scales=...)`.
+
+    `input_shape` is one sample's shape (C, H, W); the batch dimension is dynamic ("batch"),
+    the input is named "input" and the output "logits". Pass either `spec` or the loose flags.
+    `metadata` entries are added to the model's metadata_props next to the hero.* ones.
+    The file is written atomically. Returns the path.
+    """
+    spec = _resolve_spec(spec, bits=bits, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
+                         act_bits=act_bits, act_scales=act_scales)
+    _check_options(spec, act_scales, fp16=fp16, int4_storage=int4_storage)
+    opset = _choose_opset(spec.bits, int4_storage, opset)
+    float_model = (quantize.fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()).cpu()
+    proto = export_float_graph(float_model, input_shape, opset)
+    uses = _weight_uses(proto, float_model)
+    if spec.bits is not None:
+        _quantize_weights(proto, uses, float_model, spec, int4_storage)
+    if act_scales is not None:
+        _quantize_activations(proto, uses, _checked_act_scales(float_model, act_scales))
+    if fp16:
+        to_float16(proto)
+    _strip_exporter_notes(proto)
+    for key, value in {**_hero_metadata(spec, fp16, int4_storage), **dict(metadata or {})}.items():
+        proto.metadata_props.add(key=str(key), value=str(value))
+    onnx.checker.check_model(proto, full_check=True)
+    return _save_atomic(proto, Path(path))
+
+
+def _resolve_spec(spec, *, bits, symmetric, per_channel, fold_bn, act_bits, act_scales) -> quantize.QuantSpec:
+    """The QuantSpec given, or one built from the loose flags (act_scales imply act_bits=8, as in
+    quantize_model)."""
+    if spec is None:
+        if act_bits is None and act_scales is not None:
+            act_bits = quantize.ACT_BITS
+        return quantize.QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
+                                  act_bits=act_bits)
+    if not isinstance(spec, quantize.QuantSpec):
+        raise HeroError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if (bits, symmetric, per_channel, fold_bn, act_bits) != (None, True, True, True, None):
+        raise HeroError("pass either spec=QuantSpec(...) or the bits/symmetric/per_channel/fold_bn/act_bits flags, "
+                        "not both")
+    return spec
+
+
+def _check_options(spec: quantize.QuantSpec, act_scales, *, fp16: bool, int4_storage: bool) -> None:
+    if (spec.act_bits is None) != (act_scales is None):
+        raise HeroError("act_bits=8 needs act_scales from calibrate_activations, and act_scales need act_bits=8")
+    if fp16 and (spec.bits is not None or spec.act_bits is not None):
+        raise HeroError("fp16 export is for float models: use bits=None and act_bits=None, or fp16=False")
+    if int4_storage and (spec.bits is None or spec.bits > 4):
+        raise HeroError(f"int4_storage needs bits <= 4, got bits={spec.bits}: drop int4_storage or lower bits")
+
+
+def _choose_opset(bits: int | None, int4_storage: bool, opset: int | None) -> int:
+    """The requested opset, checked against what the weight storage needs (ONNX operator
+    changelog: per-axis DequantizeLinear from 13, INT4/INT16 inputs from 21; torch's exporter
+    emits 18 and up)."""
+    needed = LOW_BIT_OPSET if int4_storage or bits == 16 else DEFAULT_OPSET
+    if opset is None:
+        return needed
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < DEFAULT_OPSET:
+        raise HeroError(f"opset must be an integer >= {DEFAULT_OPSET} (torch's ONNX exporter), got {opset!r}")
+    if opset < needed:
+        raise HeroError(f"{'INT4' if int4_storage else 'INT16'} weight storage needs opset >= {needed}, got {opset}")
+    return opset
+
+
+def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelProto:
+    """The float ONNX graph of eval-mode `model` from torch's dynamo exporter, with constants
+    folded and weights as initializers named after their parameters. The exporter's own optimizer
+    is off because it folds BatchNorm into Conv, which must stay separate when fold_bn is False."""
+    shape = tuple(int(d) for d in input_shape)
+    example = torch.zeros((2, *shape))  # batch 2: torch.export would specialise a batch of 1
+    with torch.no_grad():
+        program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=False, verbose=False,
+                                    opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},))
+    graph = program.model
+    optimizer.fold_constants_ir(graph, should_fold=lambda node: True if node.op_type == "Transpose" else None)
+    rewriter.rewrite(graph, pattern_rewrite_rules=_CLEANUP_RULES)
+    ir.passes.Sequential(ir_passes.RemoveUnusedNodesPass(),
+                         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                         ir_passes.RemoveUnusedNodesPass(), ir_passes.NameFixPass())(graph)
+    return ir.serde.serialize_model(graph)
+
+
+def _output_channel_axis(node: onnx.NodeProto) -> int:
+    """Axis of the stored weight that indexes output channels (ONNX operator specs): Conv W is
+    (M, C/group, k...) -> 0; Gemm B is (K, N), or (N, K) with transB=1; MatMul B is (K, N) -> 1."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 1
+    return 1
+
+
+def _stored_layout(weight: torch.Tensor, axis: int) -> np.ndarray:
+    """The torch (out, in, ...) weight as the ONNX op stores it (transposed when axis is 1)."""
+    array = weight.detach().cpu().numpy()
+    return array if axis == 0 else array.T
+
+
+def _scope_modules(node: onnx.NodeProto) -> list[str]:
+    """Module names the dynamo exporter recorded for `node`, innermost first."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+    return list(reversed(ast.literal_eval(scopes)))
+
+
+def _weight_uses(proto: onnx.ModelProto, model: nn.Module) -> list[_WeightUse]:
+    """Every Conv/Gemm/MatMul node whose weight input is the weight of one of `model`'s
+    Conv/Linear layers, found by initializer name ("conv1.weight") or by the exporter's module
+    scope, and confirmed by value. Raises HeroError if a layer's weight is not found."""
+    layers = dict(quantize.quantized_layers(model))
+    initializers = {t.name: t for t in proto.graph.initializer}
+    uses = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        axis = _output_channel_axis(node)
+        stored = numpy_helper.to_array(initializers[node.input[1]])
+        for name in [node.input[1].removesuffix(".weight"), *_scope_modules(node)]:
+            layer = layers.get(name)
+            if layer is not None and stored.ndim == layer.weight.dim() and (axis == 0 or stored.ndim == 2) \
+                    and np.array_equal(stored, _stored_layout(layer.weight, axis)):
+                uses.append(_WeightUse(node.name, name, node.input[1], axis))
+                break
+    missing = sorted(layers.keys() - {use.module for use in uses})
+    if missing:
+        raise HeroError(f"the exported ONNX graph has no Conv/Gemm/MatMul reading the weights of {missing}; "
+                        "this model cannot be exported quantized: export it with bits=None")
+    return uses
+
+
+def _storage_type(spec: quantize.QuantSpec, int4_storage: bool) -> tuple[int, type]:
+    """(ONNX element type, numpy dtype) holding the integer grid of `quantize.qrange`."""
+    if int4_storage:
+        return (TensorProto.INT4, ml_dtypes.int4) if spec.symmetric else (TensorProto.UINT4, ml_dtypes.uint4)
+    if spec.bits == 16:
+        return (TensorProto.INT16, np.int16) if spec.symmetric else (TensorProto.UINT16, np.uint16)
+    return (TensorProto.INT8, np.int8) if spec.symmetric else (TensorProto.UINT8, np.uint8)
+
+
+def _dequantized_name(use: _WeightUse, taken: set[str]) -> str:
+    """"<layer>.weight" ("<layer>.weight_transposed" when stored (in, out)) for the dequantized
+    weight, so weights keep readable names after the exporter folded a Transpose into "val_N"."""
+    name = f"{use.module}.weight" + ("" if use.axis == 0 else "_transposed")
+    return name if name == use.weight or name not in taken else use.weight
+
+
+def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], model: nn.Module,
+                      spec: quantize.QuantSpec, int4_storage: bool) -> None:
+    """Replace each used float weight initializer by DequantizeLinear(W_quantized, W_scale,
+    W_zero_point) -> W, so its consumers read the dequantized weight W."""
+    graph = proto.graph
+    _, dtype = _storage_type(spec, int4_storage)
+    layers = dict(quantize.quantized_layers(model))
+    taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
+    renamed: dict[str, str] = {}
+    dq_nodes = []
+    for use in uses:
+        if use.weight in renamed:
+            continue
+        q, scale, zero_point = quantize.quantize_tensor(layers[use.module].weight, spec.bits, symmetric=spec.symmetric,
+                                                        per_channel=spec.per_channel, axis=0)
+        weight = renamed[use.weight] = _dequantized_name(use, taken)
+        names = [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"]
+        graph.initializer.extend([numpy_helper.from_array(_stored_layout(q, use.axis).astype(dtype), names[0]),
+                                  numpy_helper.from_array(scale.numpy().astype(np.float32), names[1]),
+                                  numpy_helper.from_array(zero_point.numpy().astype(dtype), names[2])])
+        axis_attr = {"axis": use.axis} if spec.per_channel else {}
+        dq_nodes.append(helper.make_node("DequantizeLinear", names, [weight], name=f"{weight}_DequantizeLinear",
+                                         **axis_attr))
+    kept = [t for t in graph.initializer if t.name not in renamed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    kept_info = [v for v in graph.value_info if v.name not in renamed]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    nodes = dq_nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _checked_act_scales(model: nn.Module, act_scales: Mapping[str, float]) -> dict[str, float]:
+    names = {name for name, _ in quantize.quantized_layers(model)}
+    missing, unknown = sorted(names - act_scales.keys()), sorted(act_scales.keys() - names)
+    if missing or unknown:
+        raise HeroError(f"activation scales do not match the model's Conv/Linear layers (missing: {missing}, "
+                        f"unknown: {unknown}): calibrate with calibrate_activations on the model you export")
+    bad = {k: v for k, v in act_scales.items() if not (np.isfinite(v) and v > 0)}
+    if bad:
+        raise HeroError(f"activation scales must be positive and finite, got {bad}: recalibrate")
+    return {name: float(act_scales[name]) for name in names}
+
+
+def _quantize_activations(proto: onnx.ModelProto, uses: list[_WeightUse], scales: dict[str, float]) -> None:
+    """Put Clip -> QuantizeLinear -> DequantizeLinear (int8, zero point 0, per tensor) on the
+    activation input of every weight op. QuantizeLinear saturates to [-128, 127]; the Clip to
+    [-127 s, 127 s] first gives quantize_model's restricted range [-127, 127]."""
+    graph = proto.graph
+    qmin, qmax = quantize.qrange(quantize.ACT_BITS, symmetric=True)
+    nodes_by_name = {node.name: node for node in graph.node}
+    added: set[str] = set()
+    before: dict[str, list[onnx.NodeProto]] = {}
+    for count, use in enumerate(uses):
+        node = nodes_by_name[use.node]
+        prefix = f"{use.module}.input"
+        scale = np.float32(scales[use.module])
+        if prefix not in added:
+            graph.initializer.extend([numpy_helper.from_array(scale, f"{prefix}_scale"),
+                                      numpy_helper.from_array(_ACT_ZERO_POINT, f"{prefix}_zero_point"),
+                                      numpy_helper.from_array(np.float32(qmin * scale), f"{prefix}_min"),
+                                      numpy_helper.from_array(np.float32(qmax * scale), f"{prefix}_max")])
+            added.add(prefix)
+        tag = f"{prefix}_{count}"
+        qdq = [f"{prefix}_scale", f"{prefix}_zero_point"]
+        before[use.node] = [
+            helper.make_node("Clip", [node.input[0], f"{prefix}_min", f"{prefix}_max"], [f"{tag}_clipped"],
+                             name=f"{tag}_Clip"),
+            helper.make_node("QuantizeLinear", [f"{tag}_clipped", *qdq], [f"{tag}_quantized"],
+                             name=f"{tag}_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{tag}_quantized", *qdq], [f"{tag}_dequantized"],
+                             name=f"{tag}_DequantizeLinear"),
+        ]
+        node.input[0] = f"{tag}_dequantized"
+    nodes = [n for node in graph.node for n in [*before.get(node.name, []), node]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def to_float16(proto: onnx.ModelProto) -> None:
+    """Make a float graph compute in float16, in place: float32 initializers and Cast targets
+    become float16; the graph input and output stay float32 through Cast nodes."""
+    graph = proto.graph
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    half_in, half_out = f"{INPUT_NAME}_float16", f"{OUTPUT_NAME}_float16"
+    for node in graph.node:
+        node.input[:] = [half_in if name == INPUT_NAME else name for name in node.input]
+        node.output[:] = [half_out if name == OUTPUT_NAME else name for name in node.output]
+    nodes = [helper.make_node("Cast", [INPUT_NAME], [half_in], to=TensorProto.FLOAT16, name="input_to_float16"),
+             *graph.node,
+             helper.make_node("Cast", [half_out], [OUTPUT_NAME], to=TensorProto.FLOAT, name="logits_to_float32")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+
+
+def _strip_exporter_notes(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node notes (module scopes, stack traces with local paths): they
+    were only needed to map nodes to layers and would dominate a small model's file."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("hero-deploy")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _hero_metadata(spec: quantize.QuantSpec, fp16: bool, int4_storage: bool) -> dict[str, str]:
+    """The hero.* metadata_props: what was quantized and how (integers as text, "none" for float)."""
+    if spec.bits is None:
+        storage = "float16" if fp16 else "float32"
+    else:
+        storage = np.dtype(_storage_type(spec, int4_storage)[1]).name
+    return {
+        "hero.bits": "none" if spec.bits is None else str(spec.bits),
+        "hero.scheme": f"{'symmetric' if spec.symmetric else 'asymmetric'},"
+                       f"{'per_channel' if spec.per_channel else 'per_tensor'}",
+        "hero.act_bits": "none" if spec.act_bits is None else str(spec.act_bits),
+        "hero.fold_bn": str(spec.fold_bn).lower(),
+        "hero.weight_storage": storage,
+        "hero.tool_version": _tool_version(),
+    }
+
+
+def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
+    """Write to a temporary file next to `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:
+    """The quantized weights of an exported graph, keyed by the name of the dequantized tensor
+    (the float initializer it replaced, e.g. "conv1.weight"): every DequantizeLinear whose
+    integer input is an initializer. A missing zero point reads as zeros (ONNX default)."""
+    proto = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else onnx.load(onnx_path_or_model)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        q = numpy_helper.to_array(initializers[node.input[0]])
+        if q.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+            q = q.astype(np.int8 if q.dtype == ml_dtypes.int4 else np.uint8)
+        scale = numpy_helper.to_array(initializers[node.input[1]])
+        has_zp = len(node.input) > 2 and node.input[2]
+        zero_point = numpy_helper.to_array(initializers[node.input[2]]) if has_zp else np.zeros_like(scale, np.int8)
+        if zero_point.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+            zero_point = zero_point.astype(q.dtype)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
+        found[node.output[0]] = WeightQuant(q, scale, zero_point, axis)
+    return found

@@ -1,0 +1,127 @@
+"""Run an exported ONNX model with ONNX Runtime: batched prediction, accuracy and latency.
+
+Imports numpy and onnxruntime only, so it runs on a device without torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from exporters.errors import HeroError
+
+DEFAULT_BATCH_SIZE = 256
+_OPTIMIZATION_LEVELS = {
+    "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+# ORT rewrites DequantizeLinear -> MatMul into MatMulNBits, which by default (accuracy level 4)
+# quantizes the activations to int8 as well and so no longer computes the graph as written;
+# level 1 keeps float32 activations (onnxruntime_session_options_config_keys.h).
+_MATMUL_NBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+_UNUSABLE_PROVIDERS = ("AzureExecutionProvider",)  # remote inference, not a local device
+_LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
+                ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException, ort_errors.EPFail)
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def default_providers() -> list[str]:
+    """ONNX Runtime's available execution providers in its priority order (TensorRT and CUDA
+    before CPU), without the remote Azure provider."""
+    return [p for p in ort.get_available_providers() if p not in _UNUSABLE_PROVIDERS]
+
+
+def _checked_providers(providers) -> list[str]:
+    if providers is None:
+        return default_providers()
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown or not providers:
+        raise HeroError(f"execution providers {unknown or providers} are not available in this ONNX Runtime: "
+                        f"choose from {', '.join(available)}")
+    return providers
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session on one exported model with a single input and output.
+
+    `optimization` is "default" (ORT_ENABLE_ALL, ORT's default) or "disabled" (ORT_DISABLE_ALL);
+    `providers` default to `default_providers()`. `input_shape` is one sample's shape (dims
+    without the batch one; a symbolic dim is its name), `metadata` the model's metadata_props.
+    """
+
+    def __init__(self, path, providers=None, *, optimization: str = "default", intra_op_threads: int | None = None):
+        self.path = Path(path)
+        if optimization not in _OPTIMIZATION_LEVELS:
+            raise HeroError(f"unknown optimization {optimization!r}: use one of {', '.join(_OPTIMIZATION_LEVELS)}")
+        if not self.path.is_file():
+            raise HeroError(f"ONNX model {self.path} does not exist: export it first or fix the path")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+        options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=_checked_providers(providers))
+        except _LOAD_ERRORS as exc:
+            raise HeroError(f"ONNX Runtime cannot load {self.path} ({exc}): the file is corrupt or not an ONNX "
+                            "model this runtime supports; export it again") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise HeroError(f"{self.path} has {len(inputs)} inputs and {len(outputs)} outputs; "
+                            "the runner needs exactly one of each")
+        self.input_name = inputs[0].name
+        self.input_shape = tuple(inputs[0].shape[1:])
+        self.input_dtype = _ELEMENT_TYPES.get(inputs[0].type)
+        if self.input_dtype is None:
+            raise HeroError(f"{self.path} takes {inputs[0].type} input; the runner feeds float images")
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.providers = self.session.get_providers()
+
+    def predict(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """float32 logits for the samples of `x` (any count), run `batch_size` at a time with x
+        cast to the model's input dtype."""
+        x = np.asarray(x)
+        if x.ndim != len(self.input_shape) + 1 or not _shape_fits(x.shape[1:], self.input_shape):
+            raise HeroError(f"input of shape {x.shape} does not fit the model input (batch, "
+                            f"{', '.join(map(str, self.input_shape))}): reshape or resize the data")
+        if len(x) == 0 or batch_size < 1:
+            raise HeroError(f"predict needs at least one sample and batch_size >= 1, got {len(x)} and {batch_size}")
+        x = x.astype(self.input_dtype, copy=False)
+        chunks = [self.session.run(None, {self.input_name: x[i:i + batch_size]})[0]
+                  for i in range(0, len(x), batch_size)]
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _shape_fits(shape: tuple, expected: tuple) -> bool:
+    return all(not isinstance(want, int) or want == got for got, want in zip(shape, expected))
+
+
+def evaluate_accuracy(runner: OnnxRuntimeRunner, images: np.ndarray, labels: np.ndarray,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[float, np.ndarray]:
+    """(top-1 accuracy, logits) of `runner` on labelled images."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise HeroError(f"got {len(images)} images but labels of shape {labels.shape}: pass one label per image")
+    logits = runner.predict(images, batch_size=batch_size)
+    return float(np.mean(np.argmax(logits, axis=1) == labels)), logits
+
+
+def time_batches(runner: OnnxRuntimeRunner, x: np.ndarray, repeats: int) -> float:
+    """Median wall-clock latency in milliseconds of `runner.predict(x)` over `repeats` runs,
+    after one untimed warm-up run."""
+    if repeats < 1:
+        raise HeroError(f"repeats must be >= 1, got {repeats}")
+    runner.predict(x)
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.predict(x)
+        latencies.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(latencies)

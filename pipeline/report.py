@@ -1,0 +1,84 @@
+"""report.json, report.md and accuracy_vs_bits.png in the run directory.
+
+report.json schema (accuracies are fractions in [0, 1]; ``drop`` is the baseline's accuracy minus
+the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in percentage points)::
+
+    {"meta": {...},
+     "baseline": {"accuracy": float, "runtime_accuracy": float, ...same keys as a variant...},
+     "variants": [{"name": str, "bits": int, "symmetric": bool, "per_channel": bool,
+                   "act_bits": int|null, "runtime": str, "torch_accuracy": float,
+                   "runtime_accuracy": float, "agreement": float, "max_logit_diff": float,
+                   "consistent": bool, "drop": float, "drop_points": float, "latency_ms": float,
+                   "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str}, ...],
+     "gate": {"passed": bool, "reasons": [str]}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from exporters.files import write_atomic  # noqa: E402
+
+
+def build_report(rows: list[dict], meta: dict) -> dict:
+    """Split the baseline row from the variants and add each variant's drop from the baseline."""
+    baseline = dict(next(r for r in rows if r["bits"] is None))
+    baseline["accuracy"] = baseline["torch_accuracy"]
+    variants = []
+    for row in rows:
+        if row["bits"] is None:
+            continue
+        drop = baseline["accuracy"] - row["runtime_accuracy"]
+        variants.append(dict(row, drop=drop, drop_points=100.0 * drop))
+    return {"meta": meta, "baseline": baseline, "variants": variants, "gate": {"passed": True, "reasons": []}}
+
+
+def markdown_table(report: dict) -> str:
+    head = ("| variant | bits | runtime acc | torch acc | drop (pts) | agree | latency ms | file KiB | "
+            "weights KiB |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in [dict(report["baseline"], name="fp32", drop_points=0.0)] + report["variants"]:
+        bits = "fp" if r["bits"] is None else r["bits"]
+        lines.append(
+            f"| {r['name']} | {bits} | {100 * r['runtime_accuracy']:.2f}% | {100 * r['torch_accuracy']:.2f}% | "
+            f"{r['drop_points']:+.2f} | {r['agreement']:.4f}{'' if r['consistent'] else ' ✗'} | "
+            f"{r['latency_ms']:.2f} | {r['file_bytes'] / 1024:.0f} | {r['packed_weight_bytes'] / 1024:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_bits(series: dict[str, list[tuple[int, float]]], baselines: dict[str, float],
+                          path: Path, title: str = "Post-training quantization") -> Path:
+    """The paper's Figure 1 view: test accuracy (%) against weight precision, one line per model."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, points in series.items():
+        points = sorted(points)
+        line, = ax.plot([b for b, _ in points], [100 * a for _, a in points], marker="o", label=label)
+        if label in baselines:
+            ax.axhline(100 * baselines[label], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="dashed: full precision", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, run_dir: Path, label: str) -> None:
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    gate = report["gate"]
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    reasons = "".join(f"\n- {r}" for r in gate["reasons"])
+    write_atomic(run_dir / "report.md", f"# {label}\n\n{markdown_table(report)}\n\nGate: **{verdict}**{reasons}\n")
+    points = [(v["bits"], v["runtime_accuracy"]) for v in report["variants"] if v["bits"] <= 8]
+    plot_accuracy_vs_bits({label: points}, {label: report["baseline"]["accuracy"]},
+                          run_dir / "accuracy_vs_bits.png")
