@@ -13,6 +13,7 @@ model and data, on CUDA the peak of torch.cuda.max_memory_allocated over the sam
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -100,7 +101,19 @@ def time_round_robin(device: str, batch_size: int, warmup: int, rounds: int) -> 
 
 
 def _rss_peak_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process.
+
+    Linux's VmHWM belongs to this process image; ru_maxrss would carry the peak of the parent
+    that forked us across exec, hiding every peak below it (getrusage(2), NOTES). ru_maxrss is the
+    fallback elsewhere (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -128,7 +141,10 @@ def _memory_in_subprocess(method: str, device: str, batch_size: int, threads: in
            "--batch-size", str(batch_size)]
     if threads:
         cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # Large blocks through mmap go back to the OS when freed, so peak RSS tracks the peak of live
+    # tensors rather than glibc's cache of freed blocks (mallopt(3), M_MMAP_THRESHOLD).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return int(out.strip().splitlines()[-1])
 
 

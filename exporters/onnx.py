@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.metadata
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping
@@ -89,7 +90,7 @@ def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec
     opset = _choose_opset(spec.bits, int4_storage, opset)
     float_model = (quantize.fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()).cpu()
     proto = export_float_graph(float_model, input_shape, opset)
-    uses = _weight_uses(proto, float_model)
+    uses = _weight_uses(proto, float_model) if spec.bits is not None or act_scales is not None else []
     if spec.bits is not None:
         _quantize_weights(proto, uses, float_model, spec, int4_storage)
     if act_scales is not None:
@@ -146,7 +147,11 @@ def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelP
     """The float ONNX graph of eval-mode `model` from torch's dynamo exporter, with constants
     folded and weights as initializers named after their parameters. The exporter's own optimizer
     is off because it folds BatchNorm into Conv, which must stay separate when fold_bn is False."""
-    shape = tuple(int(d) for d in input_shape)
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise HeroError(f"input_shape must be one sample's shape as positive integers, e.g. (3, 32, 32), "
+                        f"got {input_shape!r}")
+    shape = tuple(int(d) for d in shape)
     example = torch.zeros((2, *shape))  # batch 2: torch.export would specialise a batch of 1
     with torch.no_grad():
         program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=False, verbose=False,
@@ -197,7 +202,7 @@ def _weight_uses(proto: onnx.ModelProto, model: nn.Module) -> list[_WeightUse]:
         stored = numpy_helper.to_array(initializers[node.input[1]])
         for name in [node.input[1].removesuffix(".weight"), *_scope_modules(node)]:
             layer = layers.get(name)
-            if layer is not None and stored.ndim == layer.weight.dim() and (axis == 0 or stored.ndim == 2) \
+            if layer is not None and (axis == 0 or stored.ndim == 2) \
                     and np.array_equal(stored, _stored_layout(layer.weight, axis)):
                 uses.append(_WeightUse(node.name, name, node.input[1], axis))
                 break
@@ -370,6 +375,7 @@ def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(proto.SerializeToString())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an artifact is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -392,9 +398,8 @@ def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:
             q = q.astype(np.int8 if q.dtype == ml_dtypes.int4 else np.uint8)
         scale = numpy_helper.to_array(initializers[node.input[1]])
         has_zp = len(node.input) > 2 and node.input[2]
-        zero_point = numpy_helper.to_array(initializers[node.input[2]]) if has_zp else np.zeros_like(scale, np.int8)
-        if zero_point.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
-            zero_point = zero_point.astype(q.dtype)
+        zero_point = numpy_helper.to_array(initializers[node.input[2]]) if has_zp else np.zeros(scale.shape)
+        zero_point = zero_point.astype(q.dtype)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
         found[node.output[0]] = WeightQuant(q, scale, zero_point, axis)
     return found

@@ -187,8 +187,8 @@ def _zero_point_issues(node: onnx.NodeProto, g: _Graph) -> list[str]:
     zero_point = g.consts.get(node.input[2])
     if zero_point is None:
         return [f"{_where(node)}: zero point is not a constant; TensorRT needs a constant zero point of 0"]
-    values = numpy_helper.to_array(zero_point).astype(np.float64)
-    if np.any(values != 0):
+    values = numpy_helper.to_array(zero_point)
+    if np.any(values.astype(np.float64) != 0):
         return [f"{_where(node)}: zero point is {values.ravel()[:4].tolist()}, not 0; TensorRT supports only "
                 "symmetric quantization (zero point 0)"]
     return []

@@ -1,0 +1,167 @@
+"""Validate a precision-switch bundle on the device it is deployed to.
+
+    python -m exporters.validate_bundle BUNDLE [--runtime onnxruntime|tensorrt] [--out device_report.json]
+                                               [--providers CUDAExecutionProvider,CPUExecutionProvider]
+
+Checks every file's sha256 against the manifest, runs every variant on the bundle's test.npz through
+one `PrecisionSwitcher`, and writes a device report in the schema of the host's report.json
+(pipeline/report.py), so that ``hero check DEVICE_REPORT --baseline BUNDLE/host_report.json
+--max-regression PTS`` flags any variant whose accuracy on the device departs from the host's
+(variants are matched on bits, symmetric, per_channel, act_bits). Field meanings on the device:
+
+- baseline: the float variant run here; ``baseline.accuracy`` is its runtime_accuracy here.
+- runtime_accuracy: top-1 accuracy on test.npz on this device; ``host_accuracy``: the host's on the same file.
+- torch_accuracy: the PyTorch emulation's accuracy as measured on the host (the device has no torch).
+- agreement: top-1 agreement with the float variant on this device (1.0 for the baseline).
+- drop, drop_points: baseline.accuracy minus runtime_accuracy, as a fraction and in points.
+- latency_ms: median time of one predict on ``latency_batch`` test images.
+- no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
+- meta.switch_latency: `measure_switch_latency` ({"median_ms", "max_ms", "switches"}).
+- gate: fails a variant whose logits are not all finite; accuracy gates are ``hero check``'s job.
+
+Exit 0 when written with the gate passed, 1 when the gate failed, 2 on a bad bundle (one line on
+stderr). numpy, the runtime and argparse only: no torch, hero_train, pipeline or click.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from exporters.errors import HeroError
+from exporters.files import write_atomic
+from exporters.switch import PrecisionSwitcher, measure_switch_latency, median_ms, read_manifest, verify_file
+
+TEST_DATA = "test.npz"
+
+
+def load_test_data(bundle_dir, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(x float32, y int64) from the bundle's test.npz, checked against the manifest."""
+    entry = manifest.get("test_data")
+    if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
+        raise HeroError(f"the manifest of {bundle_dir} has no test_data entry: rebuild the bundle with `hero bundle`")
+    path = verify_file(Path(bundle_dir), entry["path"], entry["sha256"])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HeroError(f"cannot read x and y from {path} ({exc}): rebuild the bundle") from None
+    shape = tuple(manifest.get("input_shape") or x.shape[1:])
+    if x.dtype != np.float32 or y.dtype != np.int64 or x.shape[1:] != shape or y.shape != (len(x),) or not len(x):
+        raise HeroError(f"{path} must hold float32 x of shape (N, {', '.join(map(str, shape))}) and int64 y of "
+                        f"shape (N,), got {x.dtype} {x.shape} and {y.dtype} {y.shape}: rebuild the bundle")
+    return x, y
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of samples on which both runs predict the same class."""
+    return float(np.mean(np.argmax(logits, axis=1) == np.argmax(reference, axis=1)))
+
+
+def _runtime_version(runtime: str) -> str:
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime.__version__
+    from exporters import tensorrt
+
+    return tensorrt.available()[1]
+
+
+def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *, latency_batch: int = 64,
+                    latency_repeats: int = 10, switch_repeats: int = 20) -> dict:
+    """The device report (schema in the module docstring) of every variant of the bundle."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    x, y = load_test_data(bundle_dir, manifest)
+    if None not in {v["bits"] for v in manifest["variants"]}:
+        raise HeroError(f"bundle {bundle_dir} has no float variant (bits null) to serve as the baseline: rebuild it")
+    switcher = PrecisionSwitcher(bundle_dir, runtime, providers)
+    rows, reasons, reference = [], [], None
+    for bits in switcher.precisions:  # float first: it is the reference for agreement
+        switcher.set_precision(bits)
+        variant = switcher.variant(bits)
+        logits = switcher.predict(x)
+        if reference is None:
+            reference = logits
+        if not np.all(np.isfinite(logits)):
+            reasons.append(f"{variant['name']}: the runtime produced non-finite logits on this device")
+        rows.append({
+            "name": variant["name"], "bits": bits, "symmetric": variant["symmetric"],
+            "per_channel": variant["per_channel"], "act_bits": variant["act_bits"], "runtime": runtime,
+            "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
+            "runtime_accuracy": top1_accuracy(logits, y), "agreement": top1_agreement(logits, reference),
+            "latency_ms": median_ms(lambda: switcher.predict(x[:latency_batch]), latency_repeats),
+            "file_bytes": variant.get("file_bytes"), "artifact": variant["artifact"], "sha256": variant["sha256"],
+        })
+    baseline = dict(rows[0], accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
+    variants = [dict(r, drop=baseline["accuracy"] - r["runtime_accuracy"],
+                     drop_points=100.0 * (baseline["accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
+    meta = {
+        "bundle": str(bundle_dir), "model": manifest.get("model"), "dataset": manifest.get("dataset"),
+        "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
+        "runtime_version": _runtime_version(runtime), "providers": list(switcher.providers),
+        "switch_latency": measure_switch_latency(switcher, switch_repeats), "latency_batch": latency_batch,
+        "host": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+        "numpy": np.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"meta": meta, "baseline": baseline, "variants": variants,
+            "gate": {"passed": not reasons, "reasons": reasons}}
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    for r in [report["baseline"], *report["variants"]]:
+        host = r.get("host_accuracy")
+        host_text = "" if host is None else f" (host {100 * host:.2f}%)"
+        lines.append(f"{r['name']}: accuracy {100 * r['runtime_accuracy']:.2f}%{host_text}, agreement with float "
+                     f"{r['agreement']:.4f}, {r['latency_ms']:.2f} ms per batch")
+    switch = report["meta"]["switch_latency"]
+    lines.append(f"precision switch: median {switch['median_ms']:.4f} ms, max {switch['max_ms']:.4f} ms "
+                 f"over {switch['switches']} switches")
+    lines += [f"FAIL {reason}" for reason in report["gate"]["reasons"]]
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m exporters.validate_bundle",
+                                     description="Validate a hero-deploy precision-switch bundle on this device.")
+    parser.add_argument("bundle", help="the bundle folder written by `hero bundle`")
+    parser.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    parser.add_argument("--out", default="device_report.json", help="the device report to write")
+    parser.add_argument("--providers", default=None,
+                        help="ONNX Runtime execution providers, comma-separated, in priority order")
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--switch-repeats", type=int, default=20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    try:
+        report = validate_bundle(args.bundle, args.runtime, providers, latency_batch=args.latency_batch,
+                                 latency_repeats=args.latency_repeats, switch_repeats=args.switch_repeats)
+        write_atomic(args.out, json.dumps(report, indent=2))
+    except HeroError as exc:
+        print(f"validate_bundle: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(report)))
+    print(f"device report: {args.out}")
+    return 0 if report["gate"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

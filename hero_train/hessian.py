@@ -1,0 +1,363 @@
+"""Curvature diagnostics of a trained network: the quantities HERO's paper plots and bounds.
+
+HERO (Yang et al., DAC 2022, arXiv 2111.11986) argues that a small top Hessian eigenvalue makes a
+model robust to bounded weight perturbations such as quantization. This module measures that:
+
+- ``hvp``: exact Hessian-vector products by double backpropagation (Pearlmutter 1994);
+- ``hz_norm``: ||H z|| with z the perturbation of Eq. 11 (the paper's Figure 2a);
+- ``top_eigenvalue`` (power iteration) and ``hutchinson_trace`` (Hutchinson 1990);
+- ``loss_contour``: the loss on a plane through W along two filter-normalised random directions
+  (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018; the paper's Figure 3);
+- ``theorem3_bounds`` and ``quantization_safety``: Theorem 3's lower bounds on the perturbation
+  that raises the loss by c, against the perturbation a given quantizer actually applies.
+
+A ``loss_fn(model, batch) -> scalar tensor`` defines the loss; the Hessian is taken over every
+parameter with ``requires_grad``, in ``model.parameters()`` order (vectors are lists of tensors in
+that order), and over a list of batches it is the Hessian of the mean of the batch losses.
+
+BatchNorm: by default the model is put in eval mode, so BatchNorm uses its running statistics and
+the loss is a deterministic function of the weights, the loss of the very model that is quantized
+and deployed (what Theorem 3 is applied to here). ``train_bn=True`` uses batch statistics instead,
+the loss the optimizer sees during training. Either way every buffer (running statistics included)
+and the model's train/eval mode are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exporters.errors import HeroError
+from exporters.quantize import dequantize, quantize_tensor, quantized_layers
+from hero_train.optim import perturbation_paper
+
+Tensors = list[Tensor]
+LossFn = Callable[[nn.Module, object], Tensor]
+
+
+def cross_entropy_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The training loss of the classifiers here: mean cross-entropy of (images, labels)."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+def _params(model: nn.Module) -> Tensors:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _landscape(model: nn.Module, train_bn: bool) -> Iterator[None]:
+    """Eval (or train) mode for the measurement; buffers and the previous mode restored after."""
+    was_training = model.training
+    saved = [b.detach().clone() for b in model.buffers()]
+    model.train(train_bn)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+        model.train(was_training)
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def _norm(a: Sequence[Tensor]) -> float:
+    return math.sqrt(_dot(a, a))
+
+
+def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[[Tensors], Tensors]
+                  ) -> tuple[Tensors, Tensors]:
+    """g = grad L on the batch and H·v(g), from one forward pass (v may depend on g, as z does)."""
+    params = _params(model)
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
+        v = v_of_grad(g)
+        # A gradient that does not depend on the weights (or is absent) has a zero Hessian block.
+        live = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
+        hv = [torch.zeros_like(p) for p in params]
+        if live:
+            parts = torch.autograd.grad([grads[i] for i in live], params,
+                                        grad_outputs=[v[i] for i in live], allow_unused=True)
+            hv = [h if part is None else part.detach() for h, part in zip(hv, parts)]
+    return g, hv
+
+
+def _mean_hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence, v: Tensors) -> Tensors:
+    total = [torch.zeros_like(t) for t in v]
+    for batch in batches:
+        _, hv = _grad_and_hvp(model, loss_fn, batch, lambda g: v)
+        total = [t + h for t, h in zip(total, hv)]
+    return [t / len(batches) for t in total]
+
+
+def _check_batches(batches: Sequence) -> Sequence:
+    batches = list(batches)
+    if not batches:
+        raise HeroError("the curvature diagnostics need at least one batch of data")
+    return batches
+
+
+# --------------------------------------------------------------------------- Hessian products
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, batch, v: Sequence[Tensor], *, train_bn: bool = False) -> Tensors:
+    """Exact H·v of loss_fn on one batch by double backprop: the gradient of <grad L, v>
+    (Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation 1994)."""
+    v = list(v)
+    with _landscape(model, train_bn):
+        return _grad_and_hvp(model, loss_fn, batch, lambda g: v)[1]
+
+
+def gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence, *, train_bn: bool = False) -> Tensors:
+    """grad of the mean batch loss over `batches` (the g that enters Theorem 3)."""
+    batches = _check_batches(batches)
+    params = _params(model)
+    total = [torch.zeros_like(p) for p in params]
+    with _landscape(model, train_bn), torch.enable_grad():
+        for batch in batches:
+            grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
+            total = [t if gr is None else t + gr for t, gr in zip(total, grads)]
+    return [t / len(batches) for t in total]
+
+
+def hz_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence, h: float = 1.0, *,
+            train_bn: bool = False) -> float:
+    """||H·(h z)||_2 with z of Eq. 11 (per-tensor (W⊙W)/||W|| ⊙ g/||g||, g the batch gradient),
+    the quantity of the HERO paper's Figure 2a; the mean over `batches` of the per-batch norms."""
+    batches = _check_batches(batches)
+    weights = [p.detach() for p in _params(model)]
+    norms = []
+    with _landscape(model, train_bn):
+        for batch in batches:
+            _, hz = _grad_and_hvp(model, loss_fn, batch, lambda g: perturbation_paper(weights, g, h))
+            norms.append(_norm(hz))
+    return sum(norms) / len(norms)
+
+
+def record_hz_norm(model: nn.Module, train_data: tuple[Tensor, Tensor], config, n_batches: int) -> float:
+    """||H z|| (h = 1, so runs with different h compare) on the first `n_batches` unaugmented
+    training batches of `config.batch_size`, for a per-epoch record of Figure 2a.
+
+    Measured with BatchNorm in train mode, the loss the optimizer penalises during training;
+    the running statistics are left as they were.
+    """
+    if n_batches < 1:
+        raise HeroError(f"the number of batches for ||Hz|| must be >= 1 (got {n_batches})")
+    images, labels = train_data
+    batches = [(images[s : s + config.batch_size].to(config.device), labels[s : s + config.batch_size].to(config.device))
+               for s in range(0, min(len(labels), n_batches * config.batch_size), config.batch_size)]
+    return hz_norm(model, cross_entropy_loss, batches, h=1.0, train_bn=True)
+
+
+def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence, iters: int = 20, tol: float = 1e-3,
+                   seed: int = 0, *, train_bn: bool = False) -> tuple[float, Tensors]:
+    """The dominant eigenvalue of H (largest in magnitude; the top one for a trained network) and
+    its unit eigenvector, by power iteration on exact HVPs with the Rayleigh quotient v'Hv
+    (Golub & Van Loan, Matrix Computations, Sec. 7.3.1), as PyHessian does (Yao et al. 2020).
+    Stops after `iters` products or when the estimate moves by less than tol·|estimate|."""
+    batches = _check_batches(batches)
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(model)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+    scale = _norm(v)
+    v = [t / scale for t in v]
+    eigenvalue = 0.0
+    with _landscape(model, train_bn):
+        for step in range(iters):
+            hv = _mean_hvp(model, loss_fn, batches, v)
+            estimate = _dot(v, hv)
+            hv_norm = _norm(hv)
+            if hv_norm == 0.0:
+                return 0.0, v
+            v = [t / hv_norm for t in hv]
+            converged = step > 0 and abs(estimate - eigenvalue) <= tol * abs(estimate)
+            eigenvalue = estimate
+            if converged:
+                break
+    return eigenvalue, v
+
+
+def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> Tensors:
+    """Independent ±1 entries with probability 1/2 each, shaped like `params`."""
+    return [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.dtype).to(p.device) for p in params]
+
+
+def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence, samples: int = 20, seed: int = 0, *,
+                     train_bn: bool = False) -> float:
+    """tr(H) ≈ mean over Rademacher probes v of v'Hv (Hutchinson, "A stochastic estimator of the
+    trace of the influence matrix", 1990): unbiased since E[vv'] = I; exact when H is diagonal."""
+    batches = _check_batches(batches)
+    if samples < 1:
+        raise HeroError(f"Hutchinson's estimator needs at least one probe (got {samples})")
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with _landscape(model, train_bn):
+        for _ in range(samples):
+            v = rademacher_like(_params(model), gen)
+            total += _dot(v, _mean_hvp(model, loss_fn, batches, v))
+    return total / samples
+
+
+# --------------------------------------------------------------------------- loss landscape
+
+
+class Contour(NamedTuple):
+    """losses[i][j] is the mean loss at W + alphas[i]·d1 + betas[j]·d2."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    losses: np.ndarray
+
+
+def filter_normalized_direction(params: Sequence[Tensor], generator: torch.Generator) -> Tensors:
+    """Li et al. 2018, Sec. 4 ("filter normalization"): a Gaussian direction d with every filter
+    d_i (slice along the output axis 0) rescaled to ||W_i||, the norm of the matching filter of W;
+    1-D tensors (biases, BatchNorm) get d = 0, as the authors do."""
+    out = []
+    for p in params:
+        if p.dim() <= 1:
+            out.append(torch.zeros_like(p))
+            continue
+        d = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        w_norms = p.detach().reshape(p.shape[0], -1).norm(dim=1)
+        d_norms = d.reshape(p.shape[0], -1).norm(dim=1)
+        ratio = torch.where(d_norms > 0, w_norms / d_norms, torch.zeros_like(d_norms))
+        out.append(d * ratio.reshape([-1] + [1] * (p.dim() - 1)))
+    return out
+
+
+def grid_axis(steps: int, span: float) -> np.ndarray:
+    """`steps` evenly spaced points on [-span, span]; the middle one is exactly 0 for odd steps."""
+    return np.array([span * (2 * i / (steps - 1) - 1) for i in range(steps)])
+
+
+@torch.no_grad()
+def loss_contour(model: nn.Module, loss_fn: LossFn, batches: Sequence, steps: int = 21, span: float = 1.0,
+                 seed: int = 0, *, train_bn: bool = False) -> Contour:
+    """The mean loss over `batches` on a steps × steps grid of the plane W + a·d1 + b·d2, d1 and d2
+    filter-normalised random directions (Li et al. 2018, Sec. 5), a and b in [-span, span]
+    (the HERO paper's Figure 3). The weights are restored bit for bit afterwards."""
+    batches = _check_batches(batches)
+    if steps < 2 or span <= 0:
+        raise HeroError(f"the contour needs steps >= 2 and span > 0 (got steps={steps}, span={span})")
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(model)
+    saved = [p.detach().clone() for p in params]
+    d1 = filter_normalized_direction(saved, gen)
+    d2 = filter_normalized_direction(saved, gen)
+    alphas, betas = grid_axis(steps, span), grid_axis(steps, span)
+    losses = np.zeros((steps, steps))
+    try:
+        with _landscape(model, train_bn):
+            for i, a in enumerate(alphas):
+                for j, b in enumerate(betas):
+                    for p, w, u, v in zip(params, saved, d1, d2):
+                        p.copy_(w + float(a) * u + float(b) * v)
+                    losses[i, j] = sum(float(loss_fn(model, batch)) for batch in batches) / len(batches)
+    finally:
+        for p, w in zip(params, saved):
+            p.copy_(w)
+    return Contour(alphas, betas, losses)
+
+
+def plot_loss_contour(result: Contour, path, title: str = "loss contour"):
+    """Contour lines of `result` with the trained weights marked at the centre (Figure 3)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines = ax.contour(result.alphas, result.betas, result.losses.T, levels=15, cmap="viridis")
+    ax.clabel(lines, inline=True, fontsize=7, fmt="%.2f")
+    ax.plot([0.0], [0.0], marker="*", color="red", markersize=10)
+    ax.set(xlabel="direction 1", ylabel="direction 2", title=title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# --------------------------------------------------------------------------- Theorem 3
+
+
+def theorem3_bounds(grad_norm: float, lambda_max: float, c: float, n_params: int) -> dict[str, float]:
+    """Lower bounds on the smallest weight perturbation δ that raises the loss by c
+    (HERO paper, Theorem 3, Eqs. 6 and 7), derived here from the second-order model
+    L(W+δ) ≈ L(W) + g'δ + ½·δ'Hδ ≤ L(W) + ||g||·||δ|| + ½·λ_max·||δ||²
+    (Cauchy-Schwarz and δ'Hδ ≤ λ_max·||δ||²), because the paper's text could not be retrieved
+    when this was written; check the constants against Eqs. 6-7. A loss increase of c needs
+
+        Eq. 6:  ||δ||_2 ≥ (sqrt(||g||² + 2·λ_max·c) − ||g||) / λ_max = 2c / (||g|| + sqrt(||g||² + 2·λ_max·c))
+        Eq. 7:  ||δ||_∞ ≥ that / sqrt(n), since ||δ||_2 ≤ sqrt(n)·||δ||_∞ for n parameters.
+
+    The second form of Eq. 6 is used: it is the same number, stable as λ_max → 0 (where it is
+    c/||g||). When λ_max ≤ 0 and c exceeds the model's largest increase ||g||²/(2|λ_max|), no
+    perturbation reaches c under the model and both bounds are infinite.
+    """
+    if c <= 0 or n_params < 1 or grad_norm < 0:
+        raise HeroError(f"Theorem 3 needs c > 0, n_params >= 1 and ||g|| >= 0 "
+                        f"(got c={c}, n_params={n_params}, ||g||={grad_norm})")
+    disc = grad_norm**2 + 2.0 * lambda_max * c
+    denom = grad_norm + math.sqrt(disc) if disc >= 0 else 0.0
+    l2 = 2.0 * c / denom if denom > 0 else math.inf
+    return {"l2": l2, "linf": l2 / math.sqrt(n_params)}
+
+
+def quantization_perturbation(model: nn.Module, bits: int, symmetric: bool = True,
+                              per_channel: bool = True) -> dict[str, float]:
+    """The perturbation δ = Q(W) − W that fake quantization (no BatchNorm folding, so δ lives in
+    the parameter space of the Hessian) applies to every Conv/Linear weight: ``half_step`` is
+    the largest Δ/2 (Δ the scale of exporters.quantize; |δ_i| ≤ Δ/2 for round-to-nearest
+    without clipping, HERO paper Theorem 2), ``linf`` the largest |δ_i| actually applied
+    (it can exceed Δ/2 only where the asymmetric grid clips), ``l2`` = ||δ||_2 over all of them."""
+    half_step, linf, sq = 0.0, 0.0, 0.0
+    for _, layer in quantized_layers(model):
+        w = layer.weight.detach().to(torch.float32)
+        q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=0)
+        delta = (dequantize(q, scale, zero_point, axis=0) - w).double()
+        half_step = max(half_step, float(scale.max()) / 2.0)
+        linf = max(linf, float(delta.abs().max()))
+        sq += float((delta * delta).sum())
+    return {"half_step": half_step, "linf": linf, "l2": math.sqrt(sq)}
+
+
+def quantization_safety(model: nn.Module, bounds: dict[str, float], bits_list: Sequence[int],
+                        symmetric: bool = True, per_channel: bool = True) -> list[dict]:
+    """One row per bit width: the quantization perturbation against Theorem 3's bounds.
+
+    A perturbation smaller than a bound cannot raise the loss by c (under the theorem's
+    second-order model), so "safe" is a sufficient condition; "not guaranteed" says only that
+    the theorem gives no guarantee. The l-inf check uses max(Δ/2, largest |δ_i|).
+    """
+    rows = []
+    for bits in bits_list:
+        size = quantization_perturbation(model, bits, symmetric, per_channel)
+        safe_linf = max(size["half_step"], size["linf"]) < bounds["linf"]
+        safe_l2 = size["l2"] < bounds["l2"]
+        rows.append({"bits": int(bits), **size, "bound_linf": bounds["linf"], "bound_l2": bounds["l2"],
+                     "safe_linf": safe_linf, "safe_l2": safe_l2,
+                     "verdict": "safe" if safe_linf or safe_l2 else "not guaranteed"})
+    return rows
+
+
+def safety_table(rows: Sequence[dict]) -> str:
+    """The rows of `quantization_safety` as a fixed-width text table."""
+    lines = [f"{'bits':>4} | {'Δ/2 (l-inf)':>11} | {'||δ||2':>10} | {'bound l-inf':>11} | {'bound l2':>10} | verdict"]
+    for r in rows:
+        lines.append(f"{r['bits']:>4} | {max(r['half_step'], r['linf']):>11.4g} | {r['l2']:>10.4g} | "
+                     f"{r['bound_linf']:>11.4g} | {r['bound_l2']:>10.4g} | {r['verdict']}")
+    return "\n".join(lines)

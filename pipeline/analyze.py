@@ -1,0 +1,152 @@
+"""``hero analyze``: the curvature of a trained checkpoint and what it says about quantization.
+
+Measured on the first ``--batches`` batches of the checkpoint's training split (clean labels, no
+augmentation, BatchNorm in eval mode: the loss of the model that gets quantized), over every
+parameter. Writes ``analysis.json`` to ``--out`` (default: ``analysis/`` next to the checkpoint),
+and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
+
+- ``checkpoint``, ``sha256``, ``model``, ``dataset``, ``optimizer``: what was analysed
+- ``data``: ``{"split", "batches", "batch_size", "samples", "bn_mode"}``
+- ``loss``, ``grad_norm``, ``n_params``: mean loss, ||g||_2 of its gradient, parameter count
+- ``top_eigenvalue``, ``hessian_trace``, ``hz_norm``: power iteration, Hutchinson, ||Hz|| (h = 1)
+- ``theorem3``: ``{"loss_increase", "lambda_max", "l2", "linf"}``, the bounds of Eqs. 6-7
+- ``quantization``: ``{"symmetric", "per_channel", "rows": [...]}``, rows of
+  ``hero_train.hessian.quantization_safety``
+- ``contour``: ``null`` or ``{"file", "steps", "span", "alphas", "betas", "losses"}``
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from exporters.errors import HeroError
+from hero_train import hessian
+from pipeline import stages
+
+ANALYSIS = "analysis.json"
+CONTOUR = "loss_contour.png"
+
+
+def training_batches(loaded: stages.Loaded, n_batches: int, batch_size: int, data_root: str | None,
+                     device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first n_batches · batch_size training samples, normalised as in training."""
+    if n_batches < 1 or batch_size < 1:
+        raise HeroError(f"--batches and --batch-size must be >= 1 (got {n_batches}, {batch_size})")
+    x, y = stages.eval_data(loaded, "train", n_batches * batch_size, data_root)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    return [(x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)) for s in range(0, len(y), batch_size)]
+
+
+def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple[int, ...], symmetric: bool,
+            per_channel: bool, iters: int, samples: int, seed: int, contour: tuple[int, float] | None) -> dict:
+    """Every diagnostic on `batches`; returns the analysis.json dict (contour file left to the caller)."""
+    model, loss_fn = loaded.model, hessian.cross_entropy_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    with torch.no_grad():
+        loss = sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+    grad_norm = float(torch.linalg.vector_norm(torch.stack(
+        [g.double().norm() for g in hessian.gradient(model, loss_fn, batches)])))
+    eigenvalue, _ = hessian.top_eigenvalue(model, loss_fn, batches, iters=iters, seed=seed)
+    # Power iteration finds the eigenvalue largest in magnitude; |it| bounds λ_max from above,
+    # so the bounds stay valid (if loose) should it come out negative.
+    lambda_max = abs(eigenvalue)
+    n_params = sum(p.numel() for p in params)
+    bounds = hessian.theorem3_bounds(grad_norm, lambda_max, loss_increase, n_params)
+    config = loaded.ckpt.get("config", {})
+    result = {
+        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": loaded.ckpt["model"]["name"],
+        "dataset": loaded.ckpt["dataset"], "optimizer": config.get("optimizer"),
+        "data": {"split": "train", "batches": len(batches), "batch_size": len(batches[0][1]),
+                 "samples": sum(len(b[1]) for b in batches), "bn_mode": "eval"},
+        "loss": loss, "grad_norm": grad_norm, "n_params": n_params,
+        "top_eigenvalue": eigenvalue,
+        "hessian_trace": hessian.hutchinson_trace(model, loss_fn, batches, samples=samples, seed=seed),
+        "hz_norm": hessian.hz_norm(model, loss_fn, batches, h=1.0),
+        "theorem3": {"loss_increase": loss_increase, "lambda_max": lambda_max, **bounds},
+        "quantization": {"symmetric": symmetric, "per_channel": per_channel,
+                         "rows": hessian.quantization_safety(model, bounds, bits, symmetric, per_channel)},
+        "contour": None,
+    }
+    if contour is not None:
+        steps, span = contour
+        grid = hessian.loss_contour(model, loss_fn, batches, steps=steps, span=span, seed=seed)
+        result["contour"] = {"file": CONTOUR, "steps": steps, "span": span, "alphas": grid.alphas.tolist(),
+                             "betas": grid.betas.tolist(), "losses": grid.losses.tolist()}
+    return result
+
+
+def summary(result: dict) -> str:
+    """The human-readable report printed by ``hero analyze``."""
+    t, d = result["theorem3"], result["data"]
+    lines = [
+        f"{result['model']} on {result['dataset']} ({result['optimizer']}), {d['samples']} training samples "
+        f"in {d['batches']} batch(es), BatchNorm in {d['bn_mode']} mode",
+        f"  loss {result['loss']:.4f}   ||g|| {result['grad_norm']:.4g}   parameters {result['n_params']}",
+        f"  top Hessian eigenvalue {result['top_eigenvalue']:.4g}   trace (Hutchinson) {result['hessian_trace']:.4g}"
+        f"   ||Hz|| {result['hz_norm']:.4g}",
+        f"Theorem 3: raising the loss by c = {t['loss_increase']:g} takes ||δ||2 >= {t['l2']:.4g} "
+        f"and ||δ||inf >= {t['linf']:.4g}",
+        f"Weight quantization ({'symmetric' if result['quantization']['symmetric'] else 'asymmetric'}, "
+        f"{'per-channel' if result['quantization']['per_channel'] else 'per-tensor'}, no BN folding):",
+        hessian.safety_table(result["quantization"]["rows"]),
+        "  safe: smaller than a bound, so it cannot raise the loss by c (Theorem 3, second-order model);",
+        "  not guaranteed: the theorem says nothing either way.",
+    ]
+    return "\n".join(lines)
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    from exporters.quantize import check_bits
+    from pipeline.cli import _bits_list  # imported here: pipeline.cli imports this module
+
+    return tuple(check_bits(b) for b in _bits_list(text) or ())
+
+
+@click.command("analyze")
+@click.argument("checkpoint")
+@click.option("--batches", type=int, default=4, show_default=True, help="training batches the Hessian is taken over")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--loss-increase", type=float, default=0.1, show_default=True, help="c of Theorem 3")
+@click.option("--bits", default="2-8", show_default=True, help="bit widths to check, e.g. 2-8 or 4,8")
+@click.option("--asymmetric", is_flag=True)
+@click.option("--per-tensor", is_flag=True)
+@click.option("--iters", type=int, default=20, show_default=True, help="power iterations")
+@click.option("--samples", type=int, default=20, show_default=True, help="Hutchinson probes")
+@click.option("--contour", is_flag=True, help="also plot the loss contour (steps² loss evaluations)")
+@click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
+@click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-root", default=None, help="folder holding the dataset files")
+@click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
+@click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
+def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymmetric, per_tensor, iters, samples,
+                    contour, steps, span, seed, data_root, device, out_dir):
+    """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
+    if loss_increase <= 0:
+        raise HeroError(f"--loss-increase must be > 0 (got {loss_increase})")
+    if iters < 1 or samples < 1:
+        raise HeroError(f"--iters and --samples must be >= 1 (got {iters}, {samples})")
+    if contour and (steps < 2 or span <= 0):
+        raise HeroError(f"--steps must be >= 2 and --span > 0 (got {steps}, {span})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
+    loaded = stages.load_stage(Path(checkpoint))
+    loaded.model.to(device)
+    data = training_batches(loaded, batches, batch_size, data_root, device)
+    result = analyze(loaded, data, loss_increase=loss_increase, bits=_bits(bits), symmetric=not asymmetric,
+                     per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
+                     contour=(steps, span) if contour else None)
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    if result["contour"] is not None:
+        grid = hessian.Contour(*(np.array(result["contour"][k]) for k in ("alphas", "betas", "losses")))
+        hessian.plot_loss_contour(grid, out / CONTOUR, f"{result['model']} ({result['optimizer']}) training loss")
+    (out / ANALYSIS).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(summary(result))
+    click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))

@@ -1,0 +1,244 @@
+"""The precision-switch bundle: every variant of one model in one folder, ready to copy to a device.
+
+Layout (read on the device by `exporters.switch` and `exporters.validate_bundle`)::
+
+    manifest.json       below
+    artifacts/<name>.onnx
+    test.npz            x: the first `bundle.test_samples` test images, preprocessed as in training
+                        (float32, N x C x H x W); y: their labels (int64)
+    host_report.json    `exporters.validate_bundle` run on this host on this very bundle: the
+                        baseline for ``hero check DEVICE_REPORT --baseline host_report.json``
+
+manifest.json::
+
+    {"format": "hero-deploy-bundle", "format_version": 1, "tool_version": str, "created": str,
+     "model": str, "dataset": str, "num_classes": int, "input_shape": [C, H, W],
+     "normalization": {"mean": [...], "std": [...]}, "source_sha256": str (the checkpoint's),
+     "inputs_key": str (what the bundle was built from; an unchanged rebuild is skipped),
+     "test_data": {"path": "test.npz", "sha256": str, "samples": int},
+     "host_report": "host_report.json",
+     "variants": [{"name": str, "bits": int|null, "symmetric": bool, "per_channel": bool,
+                   "act_bits": int|null, "runtime": str (validated with on the host),
+                   "artifact": str (relative path), "sha256": str, "file_bytes": int,
+                   "refit_group": str (see refit_group), "torch_accuracy": float,
+                   "report_accuracy": float (runtime_accuracy in the run's report.json, on its
+                   validation samples), "host_accuracy": float (runtime accuracy on test.npz on
+                   this host: what the device's should match)}, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+
+from exporters.errors import HeroError
+from exporters.files import sha256_file, write_atomic
+from exporters.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
+from exporters.validate_bundle import TEST_DATA, validate_bundle
+from pipeline import stages
+from pipeline.cache import input_key
+from pipeline.config import DeployConfig
+from pipeline.gate import read_report
+
+HOST_REPORT = "host_report.json"
+_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits")
+_TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleOptions:
+    """How to build a bundle: test samples to ship (None = the whole test split), where the data
+    lives, and how the host run that produces host_report.json is done."""
+
+    test_samples: int | None = 1000
+    data_root: str | None = None
+    providers: tuple[str, ...] | None = None
+    latency_batch: int = 64
+    latency_repeats: int = 10
+
+
+def refit_group(onnx_path) -> str:
+    """sha256 of everything in an ONNX graph that a TensorRT refit cannot change: the nodes and every
+    initializer's name, type and shape, and the values of every initializer but the weights (the
+    weight and bias inputs of Conv/Gemm/MatMul and the integer input of DequantizeLinear). Variants
+    with the same group differ in weight values only, so one refittable engine serves them all
+    (TensorRT 10 IRefitter: refit weights keep their count and type; refitting Q/DQ scales is not
+    documented)."""
+    graph = onnx.load(os.fspath(onnx_path)).graph
+    weights = set()
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            weights.add(node.input[0])
+        elif node.op_type in ("Conv", "Gemm", "MatMul"):
+            weights.update(node.input[1:3])
+    for tensor in graph.initializer:
+        if tensor.name in weights:
+            for field in _TENSOR_DATA_FIELDS:
+                tensor.ClearField(field)
+    return hashlib.sha256(graph.SerializeToString()).hexdigest()
+
+
+def _host_entries(rows: list[dict], paths: dict[str, Path]) -> list[dict]:
+    """Validation rows joined with their artifact files, checked: one float variant, a file per row."""
+    if sum(r["bits"] is None for r in rows) != 1:
+        raise HeroError("a bundle needs exactly one float variant (bits null) as its baseline")
+    missing = [r["name"] for r in rows if r["name"] not in paths]
+    if missing:
+        raise HeroError(f"no artifact for variants {missing}: export them before bundling")
+    return [dict(r, path=paths[r["name"]]) for r in rows]
+
+
+def _copy_checked(entry: dict, folder: Path) -> str:
+    """Copy the entry's artifact into `folder`; the copy must hash to the validated sha256."""
+    target = folder / "artifacts" / entry["path"].name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(entry["path"], target)
+    if sha256_file(target) != entry["sha256"]:
+        raise HeroError(f"{entry['path']} changed after it was validated: rerun `hero run` before bundling")
+    return target.relative_to(folder).as_posix()
+
+
+def _manifest(loaded: stages.Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
+    ckpt = loaded.ckpt
+    variants = []
+    for e in entries:
+        artifact = _copy_checked(e, folder)
+        variants.append({
+            "name": e["name"], **{k: e[k] for k in _IDENTITY}, "runtime": e["runtime"], "artifact": artifact,
+            "sha256": e["sha256"], "file_bytes": (folder / artifact).stat().st_size,
+            "refit_group": refit_group(folder / artifact), "torch_accuracy": e["torch_accuracy"],
+            "report_accuracy": e["runtime_accuracy"], "host_accuracy": None,
+        })
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": stages.TOOL_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": ckpt["model"]["name"], "dataset": ckpt["dataset"], "num_classes": ckpt["model"]["num_classes"],
+        "input_shape": list(ckpt["input_shape"]), "normalization": ckpt["normalization"],
+        "source_sha256": loaded.sha256, "inputs_key": key,
+        "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
+        "host_report": HOST_REPORT, "variants": variants,
+    }
+
+
+def _unchanged(out_dir: Path, key: str) -> bool:
+    """True when `out_dir` is a complete bundle built from the same inputs."""
+    try:
+        manifest = read_manifest(out_dir)
+        for v in manifest["variants"]:
+            verify_file(out_dir, v["artifact"], v["sha256"])
+        verify_file(out_dir, manifest["test_data"]["path"], manifest["test_data"]["sha256"])
+    except (HeroError, KeyError, TypeError):
+        return False
+    return manifest.get("inputs_key") == key and (out_dir / HOST_REPORT).is_file()
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())):
+        raise HeroError(f"{out_dir} exists and is not a bundle: choose a new or empty folder for the bundle")
+
+
+def _swap_in(built: Path, out_dir: Path) -> None:
+    """Replace `out_dir` (an earlier bundle or nothing) by `built`, so no stale file survives."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.replace(out_dir, old / "bundle")
+    os.replace(built, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_bundle(loaded: stages.Loaded, rows: list[dict], paths: dict[str, Path], out_dir,
+                 options: BundleOptions) -> Path:
+    """Write the bundle of `rows` (report.json variant rows; `paths` maps their names to artifact
+    files) to `out_dir`, replacing an earlier bundle there; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    entries = _host_entries(rows, paths)
+    key = input_key(format=FORMAT_VERSION, tool=stages.TOOL_VERSION, source=loaded.sha256,
+                    options=dataclasses.asdict(options),
+                    variants=[{k: e[k] for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy",
+                                                 "runtime_accuracy")} for e in entries])
+    _check_replaceable(out_dir)
+    if _unchanged(out_dir, key):
+        return out_dir
+    x, y = stages.eval_data(loaded, "test", options.test_samples, options.data_root)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
+    try:
+        np.savez_compressed(built / TEST_DATA, x=x.astype(np.float32), y=y.astype(np.int64))
+        manifest = _manifest(loaded, entries, built, key, len(x))
+        write_atomic(built / MANIFEST, json.dumps(manifest, indent=2))
+        providers = list(options.providers) if options.providers else None
+        host = validate_bundle(built, "onnxruntime", providers, latency_batch=options.latency_batch,
+                               latency_repeats=options.latency_repeats)
+        host["meta"].update(bundle=str(out_dir), role="host")
+        accuracy = {r["name"]: r["runtime_accuracy"] for r in [host["baseline"], *host["variants"]]}
+        for v in manifest["variants"]:
+            v["host_accuracy"] = accuracy[v["name"]]
+        write_atomic(built / MANIFEST, json.dumps(manifest, indent=2))
+        write_atomic(built / HOST_REPORT, json.dumps(host, indent=2))
+        _swap_in(built, out_dir)
+    finally:
+        if built.exists():
+            shutil.rmtree(built)
+    return out_dir
+
+
+def bundle_stage(loaded: stages.Loaded, artifacts: list[stages.Artifact], rows: list[dict],
+                 config: DeployConfig, out_dir, data_root: str | None = None) -> Path:
+    """`hero run`'s bundle stage: the validated artifacts and their rows (from validate_stage) in one
+    bundle at `out_dir`, built with config.bundle, config.runtime and config.validate."""
+    options = BundleOptions(test_samples=config.bundle.test_samples, data_root=data_root,
+                            providers=tuple(config.runtime.providers) if config.runtime.providers else None,
+                            latency_batch=config.validate_.latency_batch,
+                            latency_repeats=config.validate_.latency_repeats)
+    return write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, out_dir, options)
+
+
+def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions()) -> Path:
+    """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint."""
+    run_dir = Path(run_dir)
+    report = read_report(run_dir / "report.json")
+    meta = report.get("meta") or {}
+    checkpoint = Path(checkpoint or meta.get("checkpoint") or "")
+    if not checkpoint.is_file():
+        raise HeroError(f"the checkpoint of {run_dir} ({checkpoint}) is not there: pass --checkpoint")
+    loaded = stages.load_stage(checkpoint)
+    if meta.get("checkpoint_sha256") not in (None, loaded.sha256):
+        raise HeroError(f"{checkpoint} is not the checkpoint {run_dir} was deployed from (sha256 differs): "
+                        "pass the right --checkpoint or rerun `hero run`")
+    rows = [report["baseline"], *report["variants"]]
+    missing = [k for k in ("name", "artifact", "sha256", "torch_accuracy", "runtime") if any(k not in r for r in rows)]
+    if missing:
+        raise HeroError(f"{run_dir / 'report.json'} lacks {', '.join(missing)} in its rows: rerun `hero run`")
+    paths = {r["name"]: run_dir / r["artifact"] for r in rows}
+    out = Path(out_dir) if out_dir is not None else run_dir / "bundle"
+    return write_bundle(loaded, rows, paths, out, options)
+
+
+@click.command("bundle")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default=None, help="bundle folder (default RUN_DIR/bundle)")
+@click.option("--checkpoint", default=None, help="the run's checkpoint, if it moved since the run")
+@click.option("--test-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="test images to ship for on-device validation")
+@click.option("--data-root", default=None, help="folder holding the dataset files")
+@click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
+def bundle_command(run_dir, out_dir, checkpoint, test_samples, data_root, providers):
+    """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
+    chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
+    path = bundle_run(run_dir, out_dir, checkpoint,
+                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen))
+    click.echo(f"bundle: {path}")
+    click.echo(f"on the device: python -m exporters.validate_bundle {path} --out device_report.json, then "
+               f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")

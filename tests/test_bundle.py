@@ -1,0 +1,157 @@
+"""pipeline.bundle: the bundle's files and manifest, its test data, refit groups, rebuilds, `hero bundle`."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from bundle_helpers import CPU, TEST_SAMPLES, built_bundle
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.errors import HeroError
+from exporters.files import sha256_file
+from exporters.runtime import OnnxRuntimeRunner
+from pipeline import bundle as bundle_module
+from pipeline import stages
+from pipeline.bundle import bundle_command, bundle_stage, refit_group, write_bundle
+from pipeline.config import DeployConfig
+from pipeline.report import build_report
+
+
+@pytest.fixture
+def tiny(tmp_path_factory):
+    return built_bundle(tmp_path_factory)
+
+
+def _paths(tiny):
+    return {a.variant.name: a.path for a in tiny["artifacts"]}
+
+
+def test_manifest_lists_every_variant_with_checksums_and_host_accuracy(tiny):
+    bundle = tiny["bundle"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (manifest["format"], manifest["format_version"]) == ("hero-deploy-bundle", 1)
+    assert (manifest["model"], manifest["dataset"], manifest["num_classes"]) == ("tiny-conv", "fashion-mnist", 10)
+    assert manifest["input_shape"] == [1, 28, 28] and manifest["normalization"]["std"] == [0.3530]
+    assert manifest["source_sha256"] == tiny["loaded"].sha256
+    with np.load(bundle / "test.npz") as data:
+        x, y = data["x"], data["y"]
+    for entry, row, artifact in zip(manifest["variants"], tiny["rows"], tiny["artifacts"]):
+        assert {k: entry[k] for k in ("name", "bits", "symmetric", "per_channel", "act_bits", "runtime")} == \
+               {k: row[k] for k in ("name", "bits", "symmetric", "per_channel", "act_bits", "runtime")}
+        path = bundle / entry["artifact"]
+        assert entry["sha256"] == sha256_file(path) == artifact.sha256
+        assert entry["file_bytes"] == path.stat().st_size
+        assert entry["report_accuracy"] == row["runtime_accuracy"]
+        assert entry["torch_accuracy"] == row["torch_accuracy"]
+        pred = OnnxRuntimeRunner(path, CPU).predict(x).argmax(1)
+        assert entry["host_accuracy"] == pytest.approx(np.mean(pred == y))
+    assert [v["artifact"] for v in manifest["variants"]] == ["artifacts/fp32.onnx", "artifacts/w8.onnx",
+                                                             "artifacts/w4.onnx"]
+    host = json.loads((bundle / "host_report.json").read_text())
+    assert host["meta"]["role"] == "host" and [v["name"] for v in host["variants"]] == ["w8", "w4"]
+
+
+def test_test_data_is_the_first_preprocessed_test_samples(tiny):
+    manifest = json.loads((tiny["bundle"] / "manifest.json").read_text())
+    x_ref, y_ref = stages.eval_data(tiny["loaded"], "test", TEST_SAMPLES, tiny["options"].data_root)
+    with np.load(tiny["bundle"] / "test.npz") as data:
+        assert data["x"].dtype == np.float32 and data["y"].dtype == np.int64
+        np.testing.assert_array_equal(data["x"], x_ref)
+        np.testing.assert_array_equal(data["y"], y_ref)
+    assert manifest["test_data"] == {"path": "test.npz", "sha256": sha256_file(tiny["bundle"] / "test.npz"),
+                                     "samples": TEST_SAMPLES}
+
+
+def _dq_conv(path, weight_codes, scale, bias=0.0):
+    """input -> Conv(W = DequantizeLinear(codes, scale), bias) as an ONNX file."""
+    inits = [numpy_helper.from_array(np.asarray(weight_codes, np.int8).reshape(1, 1, 2, 2), "w_q"),
+             numpy_helper.from_array(np.float32(scale), "w_scale"),
+             numpy_helper.from_array(np.array([bias], np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]),
+         helper.make_node("Conv", ["input", "w", "b"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 3, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, 2, 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_refit_group_ignores_weight_values_but_not_scales(tmp_path):
+    base = refit_group(_dq_conv(tmp_path / "a.onnx", [1, 2, 3, 4], 0.1))
+    assert refit_group(_dq_conv(tmp_path / "b.onnx", [4, -3, 2, 1], 0.1, bias=2.0)) == base
+    assert refit_group(_dq_conv(tmp_path / "c.onnx", [1, 2, 3, 4], 0.2)) != base
+
+
+def test_unchanged_rebuild_is_skipped_and_a_changed_one_replaces_the_bundle(tiny, tmp_path):
+    config = DeployConfig.model_validate({"name": "t", "bundle": {"enabled": True, "test_samples": 10},
+                                         "runtime": {"providers": list(CPU)},
+                                         "validate": {"latency_batch": 4, "latency_repeats": 1}})
+    out = tmp_path / "bundle"
+    data_root = tiny["options"].data_root
+    assert bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root) == out
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    (out / "stale.onnx").write_bytes(b"left over")
+    bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # same inputs: nothing rewritten
+
+    config.bundle.test_samples = 6
+    bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root)
+    assert json.loads((out / "manifest.json").read_text())["test_data"]["samples"] == 6
+    assert not (out / "stale.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folders left behind
+
+
+def test_folder_that_is_not_a_bundle_is_left_alone(tiny, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(HeroError, match="not a bundle"):
+        write_bundle(tiny["loaded"], tiny["rows"], _paths(tiny), out, tiny["options"])
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_bundle_needs_exactly_one_float_variant(tiny, tmp_path):
+    rows = [r for r in tiny["rows"] if r["bits"] is not None]
+    with pytest.raises(HeroError, match="exactly one float variant"):
+        write_bundle(tiny["loaded"], rows, _paths(tiny), tmp_path / "b", tiny["options"])
+
+
+def test_artifact_changed_after_validation_is_refused(tiny, tmp_path):
+    paths = _paths(tiny)
+    paths["w8"] = tmp_path / "w8.onnx"
+    shutil.copyfile(tiny["artifacts"][2].path, paths["w8"])  # the w4 file in w8's place
+    with pytest.raises(HeroError, match="changed after it was validated"):
+        write_bundle(tiny["loaded"], tiny["rows"], paths, tmp_path / "b", tiny["options"])
+    assert not (tmp_path / "b").exists()
+
+
+def _finished_run(tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny["artifacts"][0].path.parent, run / "artifacts")
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(b"stands in for a checkpoint")
+    rows = [dict(r, file_bytes=1, packed_weight_bytes=0) for r in tiny["rows"]]
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": tiny["loaded"].sha256}
+    (run / "report.json").write_text(json.dumps(build_report(rows, meta)))
+    return run
+
+
+def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_module.stages, "load_stage", lambda path: tiny["loaded"])
+    run = _finished_run(tiny, tmp_path)
+    result = CliRunner().invoke(bundle_command, [str(run), "--test-samples", "8", "--data-root",
+                                                 tiny["options"].data_root, "--providers", CPU[0]])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["test_data"]["samples"] == 8 and len(manifest["variants"]) == 3
+    assert "host_report.json --max-regression" in result.output
+
+
+def test_bundle_command_refuses_another_checkpoint(tiny, tmp_path, monkeypatch):
+    other = stages.Loaded(tiny["loaded"].path, tiny["loaded"].ckpt, tiny["loaded"].model, "0" * 64)
+    monkeypatch.setattr(bundle_module.stages, "load_stage", lambda path: other)
+    result = CliRunner().invoke(bundle_command, [str(_finished_run(tiny, tmp_path))])
+    assert isinstance(result.exception, HeroError) and "sha256 differs" in str(result.exception)

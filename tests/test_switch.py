@@ -1,0 +1,106 @@
+"""PrecisionSwitcher: checks the bundle, switches between prepared sessions, measures the switch."""
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+from bundle_helpers import CPU, built_bundle, copy_bundle
+
+from exporters.errors import HeroError
+from exporters.runtime import OnnxRuntimeRunner
+from exporters.switch import PrecisionSwitcher, measure_switch_latency
+
+
+@pytest.fixture
+def tiny(tmp_path_factory):
+    return built_bundle(tmp_path_factory)
+
+
+@pytest.fixture
+def images(tiny):
+    with np.load(tiny["bundle"] / "test.npz") as data:
+        return data["x"][:10]
+
+
+def test_each_precision_predicts_like_a_fresh_runner_on_its_artifact(tiny, images):
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU)
+    assert switcher.precisions == [None, 8, 4] and switcher.precision is None
+    outputs = {}
+    for bits in (4, None, 8, 4):
+        switcher.set_precision(bits)
+        fresh = OnnxRuntimeRunner(tiny["bundle"] / switcher.variant(bits)["artifact"], CPU)
+        outputs[bits] = switcher.predict(images)
+        np.testing.assert_allclose(outputs[bits], fresh.predict(images), rtol=0, atol=1e-6)
+    assert switcher.precision == 4
+    assert not np.allclose(outputs[4], outputs[None], atol=1e-4)  # the switch really changed the model
+
+
+def test_switching_creates_no_new_session(tiny, images, monkeypatch):
+    created = []
+    original = onnxruntime.InferenceSession
+
+    def counting(*args, **kwargs):
+        created.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU)
+    assert len(created) == 3
+    for bits in [8, 4, None] * 5:
+        switcher.set_precision(bits)
+        switcher.predict(images[:2])
+    assert len(created) == 3
+
+
+def test_tampered_artifact_is_refused_naming_the_file(tiny, tmp_path):
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    path = bundle / "artifacts" / "w4.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(HeroError, match="artifacts/w4.onnx in bundle .* but the manifest says"):
+        PrecisionSwitcher(bundle, providers=CPU)
+
+
+def test_manifest_path_leaving_the_bundle_is_refused(tiny, tmp_path):
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"][1]["artifact"] = "../w8.onnx"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HeroError, match="not a relative path inside the bundle"):
+        PrecisionSwitcher(bundle, providers=CPU)
+
+
+@pytest.mark.parametrize("problem, message", [("no_folder", "does not exist"), ("no_manifest", "no manifest.json"),
+                                              ("not_json", "not valid JSON"), ("other_format", "not a hero-deploy")])
+def test_unusable_bundle_folder_is_a_hero_error(tmp_path, problem, message):
+    bundle = tmp_path / "bundle"
+    if problem != "no_folder":
+        bundle.mkdir()
+    if problem == "not_json":
+        (bundle / "manifest.json").write_text("{")
+    if problem == "other_format":
+        (bundle / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(HeroError, match=message):
+        PrecisionSwitcher(bundle)
+
+
+def test_unknown_precision_is_refused_listing_the_choices(tiny):
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU)
+    with pytest.raises(HeroError, match="no 6-bit variant: choose one of float, 8, 4"):
+        switcher.set_precision(6)
+    assert switcher.precision is None
+
+
+def test_measure_switch_latency_switches_every_time_and_ends_where_it_began(tiny, monkeypatch):
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU)
+    switcher.set_precision(8)
+    visited = []
+    original = switcher.set_precision
+    monkeypatch.setattr(switcher, "set_precision", lambda bits: (visited.append(bits), original(bits)))
+    result = measure_switch_latency(switcher, repeats=4)
+    assert result["switches"] == len(visited) == 12
+    assert all(a != b for a, b in zip([8, *visited], visited))  # never "switches" to the active one
+    assert switcher.precision == 8 and sorted(set(visited), key=str) == sorted({None, 8, 4}, key=str)
+    assert 0 <= result["median_ms"] <= result["max_ms"] < 50  # a prepared session is only selected

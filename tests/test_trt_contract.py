@@ -1,0 +1,160 @@
+"""The TensorRT engine contract and exporters.tensorrt's behaviour without TensorRT; runs anywhere."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters import tensorrt as trt_module
+from exporters.errors import HeroError
+from exporters.trt_contract import (
+    EngineConfig,
+    batch_chunks,
+    build_flags,
+    check_refit_weights,
+    check_sidecar,
+    profile_shapes,
+    read_sidecar,
+    unrefittable_changes,
+    weight_digest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+@pytest.mark.parametrize("kwargs", [{"precision": "int4"}, {"precision": "fp16", "min_batch": 0},
+                                    {"precision": "fp16", "opt_batch": 512}, {"precision": "fp32", "workspace_mb": 0}])
+def test_engine_config_rejects_bad_values(kwargs):
+    with pytest.raises(HeroError):
+        EngineConfig(**kwargs)
+
+
+def test_int8_builds_strongly_typed_without_precision_flags():
+    assert build_flags(EngineConfig("int8")) == {"strongly_typed": True, "set": [], "clear": []}
+
+
+def test_float_precisions_use_weak_typing_and_fp32_clears_tf32():
+    assert build_flags(EngineConfig("fp16")) == {"strongly_typed": False, "set": ["FP16"], "clear": []}
+    assert build_flags(EngineConfig("fp32")) == {"strongly_typed": False, "set": [], "clear": ["TF32"]}
+
+
+def test_refit_and_weight_stripping_flags():
+    assert build_flags(EngineConfig("int8", refit=True))["set"] == ["REFIT"]
+    assert build_flags(EngineConfig("int8", strip_weights=True))["set"] == ["STRIP_PLAN", "REFIT_IDENTICAL"]
+    # REFIT_IDENTICAL with different weights is undefined behaviour, so a switchable stripped plan uses REFIT.
+    assert build_flags(EngineConfig("int8", refit=True, strip_weights=True))["set"] == ["REFIT", "STRIP_PLAN"]
+
+
+def test_profile_spans_the_dynamic_batch_axis_only():
+    shapes = profile_shapes((-1, 3, 32, 32), EngineConfig("fp32", min_batch=1, opt_batch=8, max_batch=64))
+    assert shapes == {"min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [64, 3, 32, 32]}
+
+
+def test_profile_rejects_fixed_batch_and_dynamic_sample_dims():
+    with pytest.raises(HeroError, match="dynamic batch axis"):
+        profile_shapes((8, 3, 32, 32), EngineConfig("fp32"))
+    with pytest.raises(HeroError, match="beyond the batch axis"):
+        profile_shapes((-1, 3, -1, 32), EngineConfig("fp32"))
+
+
+def test_batch_chunks_cover_every_row_in_order():
+    assert batch_chunks(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert batch_chunks(0, 4) == []
+
+
+def test_missing_or_corrupt_sidecar_tells_to_rebuild(tmp_path):
+    engine = tmp_path / "model.engine"
+    with pytest.raises(HeroError, match="hero export --runtime tensorrt"):
+        read_sidecar(engine)
+    (tmp_path / "model.engine.json").write_text("{not json")
+    with pytest.raises(HeroError, match="hero export --runtime tensorrt"):
+        read_sidecar(engine)
+
+
+def test_sidecar_round_trips_and_matches_its_device(tmp_path):
+    (tmp_path / "model.engine.json").write_text(json.dumps(DEVICE))
+    check_sidecar(read_sidecar(tmp_path / "model.engine"), DEVICE)
+
+
+@pytest.mark.parametrize("key, built", [("tensorrt_version", "10.0.1"), ("gpu_name", "Orin"), ("compute_capability", "8.7")])
+def test_sidecar_mismatch_names_both_values_and_the_fix(key, built):
+    with pytest.raises(HeroError) as info:
+        check_sidecar({**DEVICE, key: built}, DEVICE)
+    message = str(info.value)
+    assert built in message and DEVICE[key] in message and "hero export --runtime tensorrt" in message
+
+
+CODES = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+PROTOTYPES = {"w": (np.dtype(np.int8), 12), "b": (np.dtype(np.float32), 3)}
+MANIFEST = {"w": {"shape": [3, 4], "dtype": "int8", "sha256": weight_digest(CODES)}}
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"w": np.zeros(5, np.int8)}, "5 elements"),
+    ({"w": CODES.astype(np.float32)}, "float32"),
+    ({"w": CODES.reshape(4, 3)}, "shape"),
+    ({"conv.weight": CODES}, "no refittable weights"),
+])
+def test_refit_weights_must_match_engine_count_dtype_shape_and_names(weights, match):
+    with pytest.raises(HeroError, match=match):
+        check_refit_weights(weights, PROTOTYPES, MANIFEST, identical_only=False)
+
+
+def test_refit_weights_of_matching_layout_pass_even_when_values_change():
+    check_refit_weights({"w": -CODES, "b": np.ones(3, np.float32)}, PROTOTYPES, MANIFEST, identical_only=False)
+
+
+def test_refit_identical_engine_accepts_only_build_time_values():
+    check_refit_weights({"w": CODES.copy()}, PROTOTYPES, MANIFEST, identical_only=True)
+    with pytest.raises(HeroError, match="REFIT_IDENTICAL"):
+        check_refit_weights({"w": -CODES}, PROTOTYPES, MANIFEST, identical_only=True)
+
+
+def test_prototype_without_numpy_dtype_checks_count_only():
+    check_refit_weights({"w4": np.zeros(8, np.int8)}, {"w4": (None, 8)}, None, identical_only=False)
+
+
+def test_changed_scales_the_engine_cannot_refit_are_reported():
+    scale = np.full(3, 0.01, np.float32)
+    manifest = {"scale": {"shape": [3], "dtype": "float32", "sha256": weight_digest(scale)}, **MANIFEST}
+    assert unrefittable_changes({"w": -CODES, "scale": scale}, {"w"}, manifest) == []
+    assert unrefittable_changes({"w": -CODES, "scale": 2 * scale}, {"w"}, manifest) == ["scale"]
+    assert unrefittable_changes({"w": -CODES, "scale": 2 * scale}, {"w", "scale"}, manifest) == []
+    assert unrefittable_changes({"scale": scale}, {"w"}, manifest) == ["w"]
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+
+
+def test_available_reports_missing_tensorrt(no_tensorrt):
+    ok, reason = trt_module.available()
+    assert ok is False and reason == trt_module.TRT_INSTALL_HINT
+
+
+def test_tensorrt_calls_without_tensorrt_raise_the_install_hint(no_tensorrt, tmp_path):
+    hint = r"pip install 'hero-deploy\[tensorrt\]' on an NVIDIA machine"
+    with pytest.raises(HeroError, match=hint):
+        trt_module.TensorRTRunner(tmp_path / "model.engine")
+    with pytest.raises(HeroError, match=hint):
+        trt_module.build_engine(tmp_path / "model.onnx", tmp_path / "model.engine", EngineConfig("int8"))
+    with pytest.raises(HeroError, match=hint):
+        trt_module.load_engine(tmp_path / "model.engine")
+
+
+def test_modules_import_without_tensorrt_cuda_onnx_or_torch():
+    code = (
+        "import sys\n"
+        "for name in ('tensorrt', 'cuda', 'onnx', 'torch'):\n"
+        "    sys.modules[name] = None\n"
+        "import exporters.tensorrt, exporters.trt_contract, exporters.nested_grid\n"
+        "print(exporters.tensorrt.available()[0])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
