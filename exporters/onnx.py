@@ -15,8 +15,12 @@ stores float16 weights and computes in float16; input and output stay float32 vi
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
+import warnings
 import copy
 import importlib.metadata
+import json
 import numbers
 import os
 import tempfile
@@ -98,7 +102,8 @@ def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec
     if fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
-    for key, value in {**_hero_metadata(spec, fp16, int4_storage), **dict(metadata or {})}.items():
+    extra = {"hero.act_scales": json.dumps(dict(act_scales), sort_keys=True)} if act_scales is not None else {}
+    for key, value in {**_hero_metadata(spec, fp16, int4_storage), **extra, **dict(metadata or {})}.items():
         proto.metadata_props.add(key=str(key), value=str(value))
     onnx.checker.check_model(proto, full_check=True)
     return _save_atomic(proto, Path(path))
@@ -143,6 +148,21 @@ def _choose_opset(bits: int | None, int4_storage: bool, opset: int | None) -> in
     return opset
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter logs a warning per torchvision op it cannot register (torchvision is an
+    optional extra here) and a FutureWarning from pytree: noise for our users, not problems."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelProto:
     """The float ONNX graph of eval-mode `model` from torch's dynamo exporter, with constants
     folded and weights as initializers named after their parameters. The exporter's own optimizer
@@ -153,7 +173,7 @@ def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelP
                         f"got {input_shape!r}")
     shape = tuple(int(d) for d in shape)
     example = torch.zeros((2, *shape))  # batch 2: torch.export would specialise a batch of 1
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=False, verbose=False,
                                     opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},))

@@ -217,7 +217,7 @@ def _prepared_engine(tensorrt, onnx_path: Path, variant: dict, engine_dir: Path,
         if engine.is_file() and sidecar.get("onnx_sha256") == variant["sha256"] \
                 and ("REFIT" in sidecar["flags"]["set"]) == refit:
             return engine
-    except HeroError:
+    except (HeroError, KeyError, TypeError):
         pass  # no usable cached engine: build one below
     precision = "fp32" if variant["bits"] is None else "int8"
     tensorrt.build_engine(onnx_path, engine, EngineConfig(precision=precision, refit=refit))

@@ -130,6 +130,7 @@ def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymme
     """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
     if loss_increase <= 0:
         raise HeroError(f"--loss-increase must be > 0 (got {loss_increase})")
+    bit_widths = _bits(bits)
     if iters < 1 or samples < 1:
         raise HeroError(f"--iters and --samples must be >= 1 (got {iters}, {samples})")
     if contour and (steps < 2 or span <= 0):
@@ -139,7 +140,7 @@ def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymme
     loaded = stages.load_stage(Path(checkpoint))
     loaded.model.to(device)
     data = training_batches(loaded, batches, batch_size, data_root, device)
-    result = analyze(loaded, data, loss_increase=loss_increase, bits=_bits(bits), symmetric=not asymmetric,
+    result = analyze(loaded, data, loss_increase=loss_increase, bits=bit_widths, symmetric=not asymmetric,
                      per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
                      contour=(steps, span) if contour else None)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"

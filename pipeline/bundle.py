@@ -36,19 +36,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
-import onnx
 
 from exporters.errors import HeroError
 from exporters.files import sha256_file, write_atomic
 from exporters.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
 from exporters.validate_bundle import TEST_DATA, validate_bundle
-from pipeline import stages
 from pipeline.cache import input_key
-from pipeline.config import DeployConfig
 from pipeline.gate import read_report
+
+if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `hero --help` stays fast
+    from pipeline.config import DeployConfig
+    from pipeline.stages import Artifact, Loaded
 
 HOST_REPORT = "host_report.json"
 _IDENTITY = ("bits", "symmetric", "per_channel", "act_bits")
@@ -74,6 +76,8 @@ def refit_group(onnx_path) -> str:
     with the same group differ in weight values only, so one refittable engine serves them all
     (TensorRT 10 IRefitter: refit weights keep their count and type; refitting Q/DQ scales is not
     documented)."""
+    import onnx
+
     graph = onnx.load(os.fspath(onnx_path)).graph
     weights = set()
     for node in graph.node:
@@ -92,9 +96,9 @@ def _host_entries(rows: list[dict], paths: dict[str, Path]) -> list[dict]:
     """Validation rows joined with their artifact files, checked: one float variant, a file per row."""
     if sum(r["bits"] is None for r in rows) != 1:
         raise HeroError("a bundle needs exactly one float variant (bits null) as its baseline")
-    missing = [r["name"] for r in rows if r["name"] not in paths]
+    missing = [r["name"] for r in rows if r["name"] not in paths or not Path(paths[r["name"]]).is_file()]
     if missing:
-        raise HeroError(f"no artifact for variants {missing}: export them before bundling")
+        raise HeroError(f"no artifact file for variants {missing}: export them (rerun `hero run`) before bundling")
     return [dict(r, path=paths[r["name"]]) for r in rows]
 
 
@@ -108,7 +112,9 @@ def _copy_checked(entry: dict, folder: Path) -> str:
     return target.relative_to(folder).as_posix()
 
 
-def _manifest(loaded: stages.Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
+def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
+    from pipeline.stages import TOOL_VERSION
+
     ckpt = loaded.ckpt
     variants = []
     for e in entries:
@@ -120,7 +126,7 @@ def _manifest(loaded: stages.Loaded, entries: list[dict], folder: Path, key: str
             "report_accuracy": e["runtime_accuracy"], "host_accuracy": None,
         })
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": stages.TOOL_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": TOOL_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": ckpt["model"]["name"], "dataset": ckpt["dataset"], "num_classes": ckpt["model"]["num_classes"],
         "input_shape": list(ckpt["input_shape"]), "normalization": ckpt["normalization"],
@@ -158,10 +164,12 @@ def _swap_in(built: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_bundle(loaded: stages.Loaded, rows: list[dict], paths: dict[str, Path], out_dir,
+def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_dir,
                  options: BundleOptions) -> Path:
     """Write the bundle of `rows` (report.json variant rows; `paths` maps their names to artifact
     files) to `out_dir`, replacing an earlier bundle there; returns `out_dir`."""
+    from pipeline import stages
+
     out_dir = Path(out_dir)
     entries = _host_entries(rows, paths)
     key = input_key(format=FORMAT_VERSION, tool=stages.TOOL_VERSION, source=loaded.sha256,
@@ -194,7 +202,7 @@ def write_bundle(loaded: stages.Loaded, rows: list[dict], paths: dict[str, Path]
     return out_dir
 
 
-def bundle_stage(loaded: stages.Loaded, artifacts: list[stages.Artifact], rows: list[dict],
+def bundle_stage(loaded: Loaded, artifacts: list[Artifact], rows: list[dict],
                  config: DeployConfig, out_dir, data_root: str | None = None) -> Path:
     """`hero run`'s bundle stage: the validated artifacts and their rows (from validate_stage) in one
     bundle at `out_dir`, built with config.bundle, config.runtime and config.validate."""
@@ -207,6 +215,8 @@ def bundle_stage(loaded: stages.Loaded, artifacts: list[stages.Artifact], rows: 
 
 def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions()) -> Path:
     """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint."""
+    from pipeline import stages
+
     run_dir = Path(run_dir)
     report = read_report(run_dir / "report.json")
     meta = report.get("meta") or {}

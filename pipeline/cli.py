@@ -39,6 +39,7 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only)")
+@click.option("--sync-bn", is_flag=True, help="BatchNorm statistics over all torchrun ranks (CUDA only)")
 @click.option("--limit-train", type=int, default=None, help="train on the first N samples only")
 @click.option("--limit-test", type=int, default=None, help="evaluate on the first N test samples only")
 @click.option("--no-augment", is_flag=True, help="no random crop and flip")
@@ -160,6 +161,45 @@ def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold
                        act_scales=scales, int4_storage=int4_storage, fp16=fp16,
                        metadata={"hero.source_sha256": loaded.sha256})
     click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
+@click.option("--limit-test", type=int, default=None, help="validate on the first N test samples")
+@click.option("--json", "json_out", default=None, help="also write the result row to this file")
+def validate(artifact, checkpoint, limit_test, json_out):
+    """Run one exported artifact in ONNX Runtime and compare it with its PyTorch emulation."""
+    import json
+    from pathlib import Path
+
+    from exporters.files import write_atomic
+    from pipeline import stages
+    from pipeline.config import DeployConfig
+
+    loaded = stages.load_stage(checkpoint)
+    art, scales = stages.artifact_from_file(Path(artifact), loaded)
+    config = DeployConfig.model_validate({"name": "validate", "validate": {"limit_test": limit_test}})
+    x, y = stages.eval_data(loaded, "test", limit_test)
+    row = {"name": art.variant.name, "bits": art.variant.spec.bits,
+           **stages.validate_artifact(loaded, art, scales, x, y, config)}
+    if json_out:
+        write_atomic(json_out, json.dumps(row, indent=2))
+    for key in ("name", "bits", "torch_accuracy", "runtime_accuracy", "agreement", "max_logit_diff",
+                "agreement_unoptimized", "latency_ms", "consistent"):
+        click.echo(f"{key:>22}: {row[key]}")
+    return 0 if row["consistent"] else 1
+
+
+def _register_stage_commands() -> None:
+    from pipeline.analyze import analyze_command
+    from pipeline.bundle import bundle_command
+
+    cli.add_command(analyze_command)
+    cli.add_command(bundle_command)
+
+
+_register_stage_commands()
 
 
 def main(argv: list[str] | None = None) -> int:

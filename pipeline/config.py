@@ -70,6 +70,7 @@ class ValidateSection(_Section):
     batch_size: int = Field(256, ge=1)
     latency_batch: int = Field(64, ge=1)
     latency_repeats: int = Field(10, ge=1)
+    unoptimized_samples: int | None = Field(1000, ge=1, description="test samples also run with ORT optimisations off")
     logit_atol: float = Field(1e-3, gt=0)
     min_agreement: float = Field(0.999, ge=0, le=1)
 

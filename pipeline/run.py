@@ -11,6 +11,7 @@ import torch
 
 from exporters.errors import HeroError
 from pipeline import stages
+from pipeline.bundle import bundle_stage
 from pipeline.config import DeployConfig
 from pipeline.gate import GateCriteria, evaluate_gate
 from pipeline.report import build_report, markdown_table, write_report
@@ -45,12 +46,15 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
         "config": config.name, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
         "model": loaded.ckpt["model"]["name"], "dataset": loaded.ckpt["dataset"],
         "train_optimizer": loaded.ckpt["config"].get("optimizer"),
-        "test_samples": config.validate_.limit_test, "target": config.target.model_dump(),
+        "test_samples": config.validate_.limit_test, "data_root": data_root, "target": config.target.model_dump(),
         "tool_version": stages.TOOL_VERSION, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "host": platform.platform(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     report = build_report(rows, meta)
+    if config.bundle.enabled:
+        log(f"[4b] bundle every precision for the device: {run_dir / 'bundle'}")
+        bundle_stage(loaded, artifacts, rows, config, run_dir / "bundle", data_root)
     log("[5/6] gate")
     result = evaluate_gate(report, criteria_from(config))
     report["gate"] = {"passed": result["passed"], "reasons": result["reasons"]}

@@ -13,7 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters.errors import HeroError
 from exporters.files import sha256_file
 from exporters.runtime import OnnxRuntimeRunner
-from pipeline import bundle as bundle_module
 from pipeline import stages
 from pipeline.bundle import bundle_command, bundle_stage, refit_group, write_bundle
 from pipeline.config import DeployConfig
@@ -38,7 +37,7 @@ def test_manifest_lists_every_variant_with_checksums_and_host_accuracy(tiny):
     assert manifest["source_sha256"] == tiny["loaded"].sha256
     with np.load(bundle / "test.npz") as data:
         x, y = data["x"], data["y"]
-    for entry, row, artifact in zip(manifest["variants"], tiny["rows"], tiny["artifacts"]):
+    for entry, row, artifact in zip(manifest["variants"], tiny["rows"], tiny["artifacts"], strict=True):
         assert {k: entry[k] for k in ("name", "bits", "symmetric", "per_channel", "act_bits", "runtime")} == \
                {k: row[k] for k in ("name", "bits", "symmetric", "per_channel", "act_bits", "runtime")}
         path = bundle / entry["artifact"]
@@ -119,6 +118,12 @@ def test_bundle_needs_exactly_one_float_variant(tiny, tmp_path):
         write_bundle(tiny["loaded"], rows, _paths(tiny), tmp_path / "b", tiny["options"])
 
 
+def test_missing_artifact_file_is_refused(tiny, tmp_path):
+    paths = dict(_paths(tiny), w4=tmp_path / "gone.onnx")
+    with pytest.raises(HeroError, match=r"no artifact file for variants \['w4'\]"):
+        write_bundle(tiny["loaded"], tiny["rows"], paths, tmp_path / "b", tiny["options"])
+
+
 def test_artifact_changed_after_validation_is_refused(tiny, tmp_path):
     paths = _paths(tiny)
     paths["w8"] = tmp_path / "w8.onnx"
@@ -140,7 +145,7 @@ def _finished_run(tiny, tmp_path):
 
 
 def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module.stages, "load_stage", lambda path: tiny["loaded"])
+    monkeypatch.setattr(stages, "load_stage", lambda path: tiny["loaded"])
     run = _finished_run(tiny, tmp_path)
     result = CliRunner().invoke(bundle_command, [str(run), "--test-samples", "8", "--data-root",
                                                  tiny["options"].data_root, "--providers", CPU[0]])
@@ -152,6 +157,6 @@ def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, monkeypatch):
 
 def test_bundle_command_refuses_another_checkpoint(tiny, tmp_path, monkeypatch):
     other = stages.Loaded(tiny["loaded"].path, tiny["loaded"].ckpt, tiny["loaded"].model, "0" * 64)
-    monkeypatch.setattr(bundle_module.stages, "load_stage", lambda path: other)
+    monkeypatch.setattr(stages, "load_stage", lambda path: other)
     result = CliRunner().invoke(bundle_command, [str(_finished_run(tiny, tmp_path))])
     assert isinstance(result.exception, HeroError) and "sha256 differs" in str(result.exception)

@@ -1,15 +1,20 @@
-"""PrecisionSwitcher: checks the bundle, switches between prepared sessions, measures the switch."""
+"""PrecisionSwitcher: checks the bundle, switches between prepared sessions or refits, measures the switch."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import pytest
 from bundle_helpers import CPU, built_bundle, copy_bundle
 
+import exporters
 from exporters.errors import HeroError
+from exporters.files import sha256_file
 from exporters.runtime import OnnxRuntimeRunner
 from exporters.switch import PrecisionSwitcher, measure_switch_latency
+from exporters.trt_contract import build_flags, sidecar_path
 
 
 @pytest.fixture
@@ -101,6 +106,56 @@ def test_measure_switch_latency_switches_every_time_and_ends_where_it_began(tiny
     monkeypatch.setattr(switcher, "set_precision", lambda bits: (visited.append(bits), original(bits)))
     result = measure_switch_latency(switcher, repeats=4)
     assert result["switches"] == len(visited) == 12
-    assert all(a != b for a, b in zip([8, *visited], visited))  # never "switches" to the active one
+    assert all(a != b for a, b in zip([8, *visited[:-1]], visited, strict=True))  # never "switches" to the active one
     assert switcher.precision == 8 and sorted(set(visited), key=str) == sorted({None, 8, 4}, key=str)
     assert 0 <= result["median_ms"] <= result["max_ms"] < 50  # a prepared session is only selected
+
+
+class _FakeTensorRT:
+    """Stands in for exporters.tensorrt (no GPU here): records engine builds and refits."""
+
+    def __init__(self):
+        self.builds, self.refits = [], []
+
+    def available(self):
+        return True, "10.0-fake"
+
+    def device_identity(self):
+        return {"tensorrt_version": "10.0-fake", "gpu_name": "fake GPU", "compute_capability": "0.0"}
+
+    def build_engine(self, onnx_path, engine_path, config):
+        self.builds.append((Path(onnx_path).name, config.precision, config.refit))
+        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(engine_path).write_bytes(b"plan")
+        sidecar = {**self.device_identity(), "onnx_sha256": sha256_file(onnx_path), "flags": build_flags(config)}
+        Path(sidecar_path(engine_path)).write_text(json.dumps(sidecar))
+
+    def TensorRTRunner(self, engine_path):  # noqa: N802 - mirrors the class it stands in for
+        fake = self
+
+        class Runner:
+            def refit_from_onnx(self, onnx_path):
+                fake.refits.append(Path(onnx_path).name)
+
+            def predict(self, x):
+                return np.zeros((len(x), 10), np.float32)
+
+        return Runner()
+
+
+def test_tensorrt_switch_refits_one_engine_within_a_refit_group(tiny, tmp_path, monkeypatch):
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "exporters.tensorrt", fake)
+    monkeypatch.setattr(exporters, "tensorrt", fake, raising=False)
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]  # w4 refits w8's engine
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
+    assert fake.builds == [("fp32.onnx", "fp32", False), ("w8.onnx", "int8", True)]
+    for bits in (4, 8, None, 8, 4):
+        switcher.set_precision(bits)
+    assert fake.refits == ["w4.onnx", "w8.onnx", "w4.onnx"]  # float has its own engine: no refit
+    PrecisionSwitcher(bundle, runtime="tensorrt")
+    assert len(fake.builds) == 2  # engines built on this device are reused

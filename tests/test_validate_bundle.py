@@ -70,7 +70,7 @@ def test_device_report_numbers_follow_the_documented_definitions(tiny):
     baseline = report["baseline"]
     assert baseline["bits"] is None and baseline["agreement"] == 1.0
     assert baseline["accuracy"] == baseline["runtime_accuracy"] == pytest.approx(np.mean(float_pred == y))
-    for v, entry in zip(report["variants"], manifest["variants"][1:]):
+    for v, entry in zip(report["variants"], manifest["variants"][1:], strict=True):
         pred = OnnxRuntimeRunner(tiny["bundle"] / entry["artifact"], CPU).predict(x).argmax(1)
         assert v["runtime_accuracy"] == pytest.approx(np.mean(pred == y))
         assert v["agreement"] == pytest.approx(np.mean(pred == float_pred))
