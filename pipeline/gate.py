@@ -71,6 +71,9 @@ def variant_failures(v: dict, baseline_accuracy: float, c: GateCriteria, previou
     out = []
     if v.get("consistent") is False:
         out.append(f"{label}: runtime disagrees with the PyTorch emulation (agreement {v.get('agreement')})")
+    if v.get("target_runtime") == "tensorrt" and v.get("trt_lint"):
+        out.append(f"{label}: breaks TensorRT's explicit-quantization rules: {v['trt_lint'][0]}"
+                   + (f" (+{len(v['trt_lint']) - 1} more)" if len(v["trt_lint"]) > 1 else ""))
     drop = 100.0 * (baseline_accuracy - acc)
     if c.max_drop is not None and drop > c.max_drop:
         out.append(f"{label}: accuracy {100 * acc:.2f}% dropped {drop:.2f} pts from the baseline "

@@ -21,6 +21,7 @@ from exporters.errors import HeroError
 from exporters.files import sha256_file
 from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
+from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
 from hero_train.train import train
@@ -195,9 +196,11 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], act_scales, config
             measured = validate_artifact(loaded, art, act_scales, *data, config)
             cache.put("validate", art.variant.name, key, measured)
         spec = art.variant.spec
+        # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
+        lint = lint_explicit_quantization(str(art.path)) if spec.bits is not None else []
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
-               "per_channel": spec.per_channel, "act_bits": spec.act_bits, "runtime": config.runtime.name,
-               **measured, "file_bytes": art.file_bytes, "packed_weight_bytes": art.packed_weight_bytes,
+               "per_channel": spec.per_channel, "act_bits": spec.act_bits, "runtime": "onnxruntime",
+               "target_runtime": config.runtime.name, "trt_lint": lint, **measured, "file_bytes": art.file_bytes, "packed_weight_bytes": art.packed_weight_bytes,
                "artifact": str(art.path.relative_to(run_dir)), "sha256": art.sha256}
         if not row["consistent"]:
             print(f"hero: {art.variant.name}: the runtime disagrees with the PyTorch emulation "

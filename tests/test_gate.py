@@ -78,3 +78,12 @@ def test_junit_has_one_case_per_variant_with_failures(tmp_path):
     assert suite.get("tests") == "2" and suite.get("failures") == "1"
     failed = [c.get("name") for c in suite if c.find("failure") is not None]
     assert failed == ["w4 (sym/ch)"]
+
+
+def test_trt_lint_findings_fail_only_tensorrt_targets(tmp_path, capsys):
+    rep = report({4: 0.89})
+    rep["variants"][0].update(trt_lint=["INT4 weights feed Conv"], target_runtime="onnxruntime")
+    assert main(["check", write(tmp_path, "ort.json", rep)]) == 0
+    rep["variants"][0]["target_runtime"] = "tensorrt"
+    assert main(["check", write(tmp_path, "trt.json", rep)]) == 1
+    assert "TensorRT's explicit-quantization rules: INT4 weights feed Conv" in capsys.readouterr().out

@@ -36,6 +36,7 @@ def test_hero_run_end_to_end_then_rerun_skips_work(tiny_fmnist, tmp_path, capsys
         assert v["agreement"] >= 0.999 and (out / v["artifact"]).is_file()
         assert v["file_bytes"] == (out / v["artifact"]).stat().st_size
     w8, w4 = report["variants"]
+    assert w8["trt_lint"] == [] and any("INT4" in issue for issue in w4["trt_lint"])
     assert w4["packed_weight_bytes"] * 2 == w8["packed_weight_bytes"]
     assert w4["file_bytes"] < w8["file_bytes"] < report["baseline"]["file_bytes"]
     assert (out / "report.md").read_text().count("\n| w") == 2
