@@ -4,6 +4,10 @@ Per epoch it writes one JSON line to ``metrics.jsonl`` and an atomic ``checkpoin
 continues from that checkpoint. The batch order and augmentation of epoch k come from a generator
 seeded by (seed, k), and the checkpoint holds the optimizer and scheduler state, so a resumed run
 ends with the same weights as an uninterrupted one.
+
+Under torchrun the same loop runs on every rank (see ``hero_train.distributed``): the model is
+wrapped in DDP, each rank trains on its rows of every global batch, and rank 0 alone evaluates,
+logs and writes the checkpoint (of the unwrapped model) and the metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from exporters.errors import HeroError
 from hero_train import data as hdata
+from hero_train import distributed
 from hero_train.checkpoint import load_checkpoint, save_checkpoint
 from hero_train.models import MODELS, build_model
 from hero_train.optim import HVP_MODES, HERO, VARIANTS, FirstOrder, GradL1
@@ -57,6 +62,7 @@ class TrainConfig:
     limit_test: int | None = None
     data_root: str | None = None
     augment: bool = True
+    sync_bn: bool = False
 
     def __post_init__(self):
         checks = [
@@ -79,10 +85,21 @@ class TrainConfig:
             (not self.bf16 or self.device.startswith("cuda"), "bf16 autocast needs --device cuda"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
             (self.limit_test is None or self.limit_test >= 1, "--limit-test must be >= 1"),
+            (not self.sync_bn or self.device.startswith("cuda"),
+             "--sync-bn needs --device cuda: torch's SyncBatchNorm runs on GPUs only"),
+            (not (self.sync_bn and self.exact_hvp),
+             "--sync-bn cannot take an exact Hessian-vector product (SyncBatchNorm's backward has no "
+             "derivative): add --hvp finite-difference"),
         ]
         for ok, message in checks:
             if not ok:
                 raise HeroError(message)
+
+    @property
+    def exact_hvp(self) -> bool:
+        """Whether a step differentiates through a backward pass (double backprop)."""
+        penalty = (self.optimizer == "hero" and self.gamma > 0) or (self.optimizer == "gradl1" and self.lam > 0)
+        return penalty and self.hvp == "exact"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,10 +119,14 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
                 hvp=config.hvp, model=model, **base)
 
 
-def take_step(optimizer: torch.optim.Optimizer, closure) -> torch.Tensor:
-    """One step of any optimizer here: wrappers take the closure, plain SGD backpropagates."""
+def take_step(optimizer: torch.optim.Optimizer, closure, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """One step of any optimizer here: wrappers take the closure, plain SGD backpropagates.
+
+    The wrappers average their own gradients over ranks, so DDP's reducer stays off for them.
+    """
     if isinstance(optimizer, (HERO, GradL1)):
-        return optimizer.step(closure)
+        with distributed.reducer_off(model):
+            return optimizer.step(closure)
     optimizer.zero_grad(set_to_none=True)
     loss = closure()
     loss.backward()
@@ -151,7 +172,9 @@ def _autocast(config: TrainConfig):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: int) -> dict:
+def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: int,
+                    replica: distributed.Replica | None = None) -> dict:
+    replica = replica or distributed.Replica(device=config.device)
     images, labels = train_data
     gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     if isinstance(optimizer, HERO):
@@ -160,12 +183,13 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
     seen, loss_sum, correct = 0, 0.0, 0
     batches = hdata.iterate_batches(len(labels), config.batch_size, shuffle=True, generator=gen)
     bar = tqdm(batches, total=math.ceil(len(labels) / config.batch_size), leave=False,
-               desc=f"epoch {epoch + 1}/{config.epochs}", disable=None)
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if replica.is_main else True)
     for idx in bar:
         x = images[idx]
         if config.augment:
             x = hdata.augment(x, gen)
-        x, y = x.to(config.device), labels[idx].to(config.device)
+        rows = replica.rows(len(idx))  # this rank's share of the global batch, augmented as one
+        x, y = x[rows].to(replica.device), labels[idx[rows]].to(replica.device)
         outputs = []
 
         def closure():
@@ -174,11 +198,12 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
             outputs.append(logits.detach())
             return F.cross_entropy(logits.float(), y)
 
-        loss = take_step(optimizer, closure)
+        loss = take_step(optimizer, closure, model)
         seen += len(y)
         loss_sum += float(loss) * len(y)
         correct += int((outputs[0].argmax(1) == y).sum())
         bar.set_postfix(loss=f"{float(loss):.3f}")
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], replica)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
@@ -187,7 +212,7 @@ def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     ckpt = load_checkpoint(path)
-    old = ckpt["config"]
+    old = {**TrainConfig().to_dict(), **ckpt["config"]}  # options added since then take their defaults
     differ = [k for k, v in config.to_dict().items() if k != "epochs" and old.get(k) != v]
     if differ:
         raise HeroError(f"cannot resume {path}: the config differs in {', '.join(differ)}; "
@@ -198,20 +223,39 @@ def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
     return ckpt
 
 
-def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
-    """Train a model; returns the path of the final checkpoint."""
-    out_dir = Path(out_dir)
+def _prepare_out_dir(out_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
+    """The output folder's side of a start: refuse to overwrite a run, read the checkpoint to resume
+    (returned, or None), and keep exactly the metrics lines of the epochs that checkpoint holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
     state = _resume_state(out_dir, config) if resume else None
     if not resume and (out_dir / CHECKPOINT).exists():
         raise HeroError(f"{out_dir / CHECKPOINT} exists: pass --resume to continue it or choose another --out")
+    start = state["epoch"] if state is not None else 0
+    metrics_path = out_dir / METRICS
+    if metrics_path.exists():
+        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    return state
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
+    """Train a model; returns the path of the final checkpoint. Under torchrun, this rank's part."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
+    with distributed.process_group(config.device) as replica:
+        return _train(config, Path(out_dir), resume, replica)
+
+
+def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distributed.Replica) -> Path:
+    distributed.local_batch_size(config.batch_size, replica)  # refuses a batch that does not split evenly
+    state = distributed.on_main(lambda: _prepare_out_dir(out_dir, config, resume), replica)
     train_set, train_data, test_data = prepare_data(config)
     torch.manual_seed(config.seed)
     in_channels = train_set.images.shape[1]
     model = build_model(config.model, num_classes=train_set.num_classes, in_channels=in_channels)
-    model.to(config.device)
+    if config.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm
+    model.to(replica.device)
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     start = 0
@@ -220,10 +264,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
-    metrics_path = out_dir / METRICS
-    if metrics_path.exists():  # keep exactly the lines of the epochs the checkpoint holds
-        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    net = distributed.wrap(model, replica)  # DDP under torchrun; `model` stays the plain module
     payload = {
         "model": {"name": config.model, "num_classes": train_set.num_classes, "in_channels": in_channels},
         "input_shape": list(train_set.images.shape[1:]),
@@ -231,16 +272,18 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> 
         "normalization": {"mean": list(train_set.mean), "std": list(train_set.std)},
         "config": config.to_dict(),
     }
-    if state is None and config.epochs == 0:
+    if replica.is_main and state is None and config.epochs == 0:
         save_checkpoint(dict(payload, epoch=0, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                              scheduler=scheduler.state_dict(), metrics={}), out_dir / CHECKPOINT)
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
-        line = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, train_data, config, epoch)}
+        line = {"epoch": epoch + 1, **train_one_epoch(net, optimizer, train_data, config, epoch, replica)}
         scheduler.step()
-        line["test_loss"], line["test_accuracy"] = evaluate(model, *test_data, device=config.device)
+        if not replica.is_main:
+            continue
+        line["test_loss"], line["test_accuracy"] = evaluate(model, *test_data, device=replica.device)
         line["seconds"] = round(time.perf_counter() - began, 3)
-        with metrics_path.open("a") as fh:
+        with (out_dir / METRICS).open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         print(f"epoch {epoch + 1}/{config.epochs}: train loss {line['train_loss']:.4f} "
               f"acc {line['train_accuracy']:.4f} | test loss {line['test_loss']:.4f} "
@@ -248,4 +291,5 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> 
         save_checkpoint(dict(payload, epoch=epoch + 1, state_dict=model.state_dict(),
                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                              metrics=line), out_dir / CHECKPOINT)
+    distributed.barrier()
     return out_dir / CHECKPOINT

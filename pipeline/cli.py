@@ -6,6 +6,7 @@ code 2; ``hero check`` and ``hero run`` exit 1 when the gate fails.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -51,7 +52,8 @@ def train(out_dir, resume, no_augment, **options):
 
     config = TrainConfig(augment=not no_augment, **options)
     path = run_training(config, out_dir, resume=resume)
-    click.echo(f"checkpoint: {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        click.echo(f"checkpoint: {path}")
 
 
 def _bits_list(text: str | None) -> tuple[int, ...] | None:
