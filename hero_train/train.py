@@ -28,6 +28,7 @@ from exporters.errors import HeroError
 from hero_train import data as hdata
 from hero_train import distributed
 from hero_train.checkpoint import load_checkpoint, save_checkpoint
+from hero_train.hessian import record_hz_norm
 from hero_train.models import MODELS, build_model
 from hero_train.optim import HVP_MODES, HERO, VARIANTS, FirstOrder, GradL1
 
@@ -63,6 +64,7 @@ class TrainConfig:
     data_root: str | None = None
     augment: bool = True
     sync_bn: bool = False
+    record_hz: int | None = None  # batches for a per-epoch ||Hz|| (Figure 2a); None: not recorded
 
     def __post_init__(self):
         checks = [
@@ -85,6 +87,7 @@ class TrainConfig:
             (not self.bf16 or self.device.startswith("cuda"), "bf16 autocast needs --device cuda"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
             (self.limit_test is None or self.limit_test >= 1, "--limit-test must be >= 1"),
+            (self.record_hz is None or self.record_hz >= 1, "--record-hz must be >= 1 batches"),
             (not self.sync_bn or self.device.startswith("cuda"),
              "--sync-bn needs --device cuda: torch's SyncBatchNorm runs on GPUs only"),
             (not (self.sync_bn and self.exact_hvp),
@@ -282,6 +285,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
         if not replica.is_main:
             continue
         line["test_loss"], line["test_accuracy"] = evaluate(model, *test_data, device=replica.device)
+        if config.record_hz:
+            line["hz_norm"] = record_hz_norm(model, train_data, config, config.record_hz)
         line["seconds"] = round(time.perf_counter() - began, 3)
         with (out_dir / METRICS).open("a") as fh:
             fh.write(json.dumps(line) + "\n")

@@ -44,6 +44,7 @@ def cli():
 @click.option("--limit-train", type=int, default=None, help="train on the first N samples only")
 @click.option("--limit-test", type=int, default=None, help="evaluate on the first N test samples only")
 @click.option("--no-augment", is_flag=True, help="no random crop and flip")
+@click.option("--record-hz", type=int, default=None, help="record ||Hz|| (Eq. 11's z) per epoch on N batches")
 @click.option("--out", "out_dir", default="runs/train", show_default=True, help="output directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
 def train(out_dir, resume, no_augment, **options):

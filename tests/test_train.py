@@ -113,3 +113,10 @@ def test_cli_trains_and_writes_checkpoint(tiny_fmnist, tmp_path, capsys):
     assert main(["train", "--data-root", str(tiny_fmnist), "--epochs", "1", "--batch-size", "48",
                  "--optimizer", "first-order", "--out", str(out)]) == 0
     assert (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").exists()
+
+
+def test_record_hz_adds_a_positive_hz_norm_per_epoch(tiny_fmnist, tmp_path):
+    train(config(tiny_fmnist, epochs=2, optimizer="sgd", record_hz=1), tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(l["hz_norm"] > 0 for l in lines)
+    assert lines[0]["hz_norm"] != lines[1]["hz_norm"]
