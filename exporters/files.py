@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from exporters.errors import HeroError
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -29,3 +32,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def read_json(path: str | os.PathLike, what: str, missing_hint: str, broken_hint: str = ""):
+    """Parse a JSON file; a missing or broken one is a HeroError whose message says what to do."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HeroError(f"{what} {path} does not exist{missing_hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise HeroError(f"{what} {path} is not valid JSON ({exc}){broken_hint}") from None

@@ -98,7 +98,7 @@ def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec
     if spec.bits is not None:
         _quantize_weights(proto, uses, float_model, spec, int4_storage)
     if act_scales is not None:
-        _quantize_activations(proto, uses, _checked_act_scales(float_model, act_scales))
+        _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, act_scales))
     if fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
@@ -283,18 +283,6 @@ def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], model: nn.
     nodes = dq_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _checked_act_scales(model: nn.Module, act_scales: Mapping[str, float]) -> dict[str, float]:
-    names = {name for name, _ in quantize.quantized_layers(model)}
-    missing, unknown = sorted(names - act_scales.keys()), sorted(act_scales.keys() - names)
-    if missing or unknown:
-        raise HeroError(f"activation scales do not match the model's Conv/Linear layers (missing: {missing}, "
-                        f"unknown: {unknown}): calibrate with calibrate_activations on the model you export")
-    bad = {k: v for k, v in act_scales.items() if not (np.isfinite(v) and v > 0)}
-    if bad:
-        raise HeroError(f"activation scales must be positive and finite, got {bad}: recalibrate")
-    return {name: float(act_scales[name]) for name in names}
 
 
 def _quantize_activations(proto: onnx.ModelProto, uses: list[_WeightUse], scales: dict[str, float]) -> None:

@@ -267,7 +267,8 @@ def activation_scales(model: nn.Module) -> dict[str, float]:
     return {name: float(m.act_quant.scale) for name, m in quantized_layers(model) if hasattr(m, "act_quant")}
 
 
-def _checked_act_scales(model: nn.Module, act_scales: dict[str, float]) -> dict[str, float]:
+def checked_act_scales(model: nn.Module, act_scales: dict[str, float]) -> dict[str, float]:
+    """The scales for exactly the model's Conv/Linear layers, each positive and finite, or a HeroError."""
     names = {name for name, _ in quantized_layers(model)}
     missing, unknown = sorted(names - act_scales.keys()), sorted(act_scales.keys() - names)
     if missing or unknown:
@@ -298,7 +299,7 @@ def quantize_model(model: nn.Module, bits_or_spec: int | QuantSpec | None, *, sy
         spec = QuantSpec(bits=bits_or_spec, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
                          act_bits=None if act_scales is None else ACT_BITS)
     quantized = _fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()
-    scales = None if act_scales is None else _checked_act_scales(quantized, act_scales)
+    scales = None if act_scales is None else checked_act_scales(quantized, act_scales)
     with torch.no_grad():
         for name, layer in quantized_layers(quantized):
             if spec.bits is not None:

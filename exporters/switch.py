@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from exporters.errors import HeroError
-from exporters.files import sha256_file
+from exporters.files import read_json, sha256_file
 
 FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
@@ -78,12 +78,9 @@ def read_manifest(bundle_dir) -> dict:
     if not bundle_dir.is_dir():
         raise HeroError(f"bundle folder {bundle_dir} does not exist: pass the folder `hero bundle` wrote")
     path = bundle_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HeroError(f"{bundle_dir} has no {MANIFEST}: is it a bundle written by `hero bundle`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise HeroError(f"{path} is not valid JSON ({exc}): copy the bundle again") from None
+    if not path.is_file():
+        raise HeroError(f"{bundle_dir} has no {MANIFEST}: is it a bundle written by `hero bundle`?")
+    manifest = read_json(path, "manifest", "", ": copy the bundle again")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HeroError(f"{path} is not a {FORMAT} manifest: pass the folder `hero bundle` wrote")
     if manifest.get("format_version") != FORMAT_VERSION:

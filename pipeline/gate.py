@@ -7,14 +7,13 @@ than ``max_regression`` points against the same variant of an earlier (or the ho
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from exporters.errors import HeroError
-from exporters.files import write_atomic
+from exporters.files import read_json, write_atomic
 
 REQUIRED = ("bits", "symmetric", "per_channel", "act_bits", "runtime_accuracy")
 
@@ -31,12 +30,7 @@ class GateCriteria:
 def read_report(path: str | Path) -> dict:
     """Load and check a report.json; anything unusable is a HeroError (exit 2)."""
     path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HeroError(f"report {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise HeroError(f"report {path} is not valid JSON ({exc})") from None
+    report = read_json(path, "report", "")
     if not isinstance(report, dict) or not isinstance(report.get("variants"), list) \
             or not isinstance(report.get("baseline"), dict):
         raise HeroError(f"report {path} lacks 'baseline' and 'variants': is it a hero report.json?")
