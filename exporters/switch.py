@@ -34,7 +34,6 @@ numpy and the runtime only (onnxruntime or TensorRT, imported when used): this r
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path, PurePosixPath
