@@ -1,0 +1,354 @@
+"""Run the HERO paper's experiments as resumable cells (see ``plan.py`` for which cells and why).
+
+Every cell trains with ``hero_train.train.train(config, <cell>/train, resume=True)`` (a finished
+cell, whose checkpoint holds all its epochs, is skipped) and then, unless it only feeds the
+label-noise table, runs the real deploy pipeline on the final checkpoint
+(``pipeline.run.run_pipeline``: fp32 and 8..2-bit ONNX artifacts, each validated in ONNX Runtime;
+cached per stage). An invocation starts no cell that its measured cost estimate says would end past
+``--budget-minutes``, so each invocation is a resumable piece; it prints what remains.
+
+    python benchmarks/paper/driver.py --dry-run                  # the plan and its time estimate
+    python benchmarks/paper/driver.py --budget-minutes 55        # one piece; repeat until done
+    python benchmarks/paper/aggregate.py                         # tables, figures, RESULTS.md
+    python benchmarks/paper/driver.py --scale full --device cuda --budget-minutes 600
+
+The estimate comes from the step cost measured at the start of each invocation (three interleaved
+rounds of one optimizer step of every method in the plan on random data of the plan's shape, and
+an eval forward pass), rescaled during the run by how long the finished cells really took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the repository root makes benchmarks.paper importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import click
+import torch
+import torch.nn.functional as F
+
+from benchmarks.paper import plan as P
+from exporters.errors import HeroError
+from exporters.files import sha256_file, write_atomic
+from hero_train.checkpoint import load_checkpoint
+from hero_train.data import DATASETS
+from hero_train.models import build_model
+from hero_train.train import CHECKPOINT, TrainConfig, make_optimizer, take_step, train
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "runs"
+PLAN_FILE = "plan.json"
+INVOCATIONS_FILE = "invocations.jsonl"
+TIMING_FILE = "timing.json"
+
+
+# --------------------------------------------------------------------------- cost measurement
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _model_and_batch(config: TrainConfig, n: int):
+    shape = P.DATA_SHAPES[config.dataset]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build_model(config.model, num_classes=DATASETS[config.dataset].num_classes, in_channels=shape.image[0])
+    x = torch.randn((n, *shape.image), generator=gen).to(config.device)
+    y = torch.randint(0, DATASETS[config.dataset].num_classes, (n,), generator=gen).to(config.device)
+    return model.to(config.device), x, y
+
+
+def make_stepper(config: TrainConfig):
+    """A zero-argument callable: one optimizer step of `config` on random data of its shape."""
+    model, x, y = _model_and_batch(config, config.batch_size)
+    model.train()
+    optimizer = make_optimizer(config, model)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    return lambda: take_step(optimizer, closure, model)
+
+
+def make_forward(config: TrainConfig):
+    """A zero-argument callable: an eval-mode forward pass over 500 images."""
+    model, x, _ = _model_and_batch(config, 500)
+    model.eval()
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    return forward
+
+
+def time_round_robin(calls: dict[str, callable], rounds: int, device: str) -> dict[str, float]:
+    """Fastest seconds of each call over `rounds` rounds of one call each, after one warm-up round.
+    Interleaving spreads a burst of load from other processes over all calls, and the fastest
+    round is the cost on an otherwise idle machine."""
+    for call in calls.values():
+        call()
+    best = {key: float("inf") for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            _sync(device)
+            began = time.perf_counter()
+            call()
+            _sync(device)
+            best[key] = min(best[key], time.perf_counter() - began)
+    return best
+
+
+def measure_costs(cells: list[P.Cell], rounds: int = 3) -> P.Costs:
+    """Time every step kind the cells use (their own, HERO's warm-up, SGD's for the ||Hz|| estimate)
+    and the eval forward pass of every dataset/model."""
+    kinds: dict[str, TrainConfig] = {}
+    forwards: dict[str, TrainConfig] = {}
+    for cell in cells:
+        c = cell.config
+        needed = [c, dataclasses.replace(c, optimizer="sgd")]
+        if P.warmup_kind(c) is not None:
+            needed.append(dataclasses.replace(c, optimizer="first-order"))
+        for config in needed:
+            kinds.setdefault(P.step_kind(config), config)
+        forwards.setdefault(f"{c.dataset}/{c.model}", c)
+    device = cells[0].config.device if cells else "cpu"
+    calls = {kind: make_stepper(config) for kind, config in kinds.items()}
+    calls.update({f"forward:{key}": make_forward(config) for key, config in forwards.items()})
+    best = time_round_robin(calls, rounds, device)
+    return P.Costs({k: best[k] for k in kinds}, {k: 2 * best[f"forward:{k}"] for k in forwards})
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class CellStatus:
+    epochs_done: int
+    ptq_done: bool
+
+    def done(self, cell: P.Cell) -> bool:
+        return self.epochs_done >= cell.config.epochs and (self.ptq_done or not cell.ptq)
+
+
+def checkpoint_path(cell: P.Cell, out_root: Path) -> Path:
+    return out_root / cell.name / "train" / CHECKPOINT
+
+
+def cell_status(cell: P.Cell, out_root: Path) -> CellStatus:
+    """How far a cell got: the epochs its checkpoint holds, and whether its PTQ report belongs to
+    that checkpoint."""
+    ckpt = checkpoint_path(cell, out_root)
+    if not ckpt.is_file():
+        return CellStatus(0, False)
+    epochs = int(load_checkpoint(ckpt)["epoch"])
+    report = out_root / cell.name / "ptq" / "report.json"
+    ptq_done = False
+    if epochs >= cell.config.epochs and report.is_file():
+        meta = json.loads(report.read_text()).get("meta", {})
+        ptq_done = meta.get("checkpoint_sha256") == sha256_file(ckpt)
+    return CellStatus(epochs, ptq_done)
+
+
+def deploy_config(cell: P.Cell):
+    """The deploy config of a cell's PTQ evaluation: every bit width of the paper's Figure 1."""
+    from pipeline.config import DeployConfig
+
+    return DeployConfig.model_validate({
+        "name": cell.name.replace("/", "_"),
+        "train": {"data_root": cell.config.data_root} if cell.config.data_root else None,
+        "quantize": {"bits": list(P.PTQ_BITS), "symmetric": True, "per_channel": cell.ptq_per_channel},
+        "runtime": {"name": "onnxruntime"},
+        "validate": {"limit_test": cell.ptq_limit_test, **P.PTQ_VALIDATE},
+    })
+
+
+def machine() -> dict:
+    return {"host": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
+    """Train (or finish training) one cell, then evaluate it at every precision; records wall times."""
+    from pipeline.run import run_pipeline
+
+    cell_dir = out_root / cell.name
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(cell_dir / "cell.json", json.dumps(cell.to_dict(), indent=1))
+    timing_path = cell_dir / TIMING_FILE
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    status = cell_status(cell, out_root)
+    if status.epochs_done < cell.config.epochs:
+        began = time.perf_counter()
+        train(cell.config, cell_dir / "train", resume=True)
+        timing["train_wall_seconds"] = timing.get("train_wall_seconds", 0.0) + time.perf_counter() - began
+    if cell.ptq and not cell_status(cell, out_root).ptq_done:
+        began = time.perf_counter()
+        run_pipeline(deploy_config(cell), cell_dir / "ptq", checkpoint_path(cell, out_root), log=log)
+        timing["ptq_wall_seconds"] = timing.get("ptq_wall_seconds", 0.0) + time.perf_counter() - began
+    write_atomic(timing_path, json.dumps({**timing, "machine": machine()}, indent=1))
+    return cell_status(cell, out_root)
+
+
+def run_plan(cells: list[P.Cell], out_root: Path, budget_seconds: float, costs: P.Costs,
+             started: float | None = None, log=print) -> list[P.Cell]:
+    """Run unfinished cells in order until the next one would end past the budget (the first
+    unfinished cell always runs); returns the cells still unfinished.
+
+    Estimates are rescaled by how long the cells run so far actually took against their estimates,
+    so a machine busier (or idler) than during the step timing still keeps the piece in budget.
+    """
+    started = time.monotonic() if started is None else started
+    ran, estimated, actual = 0, 0.0, 0.0
+    for i, cell in enumerate(cells):
+        status = cell_status(cell, out_root)
+        if status.done(cell):
+            continue
+        raw = P.estimate_cell_seconds(cell, costs, status.epochs_done, status.ptq_done)
+        estimate = raw * (actual / estimated if estimated > 0 else 1.0)
+        elapsed = time.monotonic() - started
+        if ran and elapsed + estimate > budget_seconds:
+            log(f"budget: {elapsed / 60:.1f} min used; {cell.name} (~{estimate / 60:.1f} min) would end past "
+                f"{budget_seconds / 60:.0f} min, so this piece stops here")
+            break
+        log(f"=== [{i + 1}/{len(cells)}] {cell.name} (priority {cell.priority}; ~{estimate / 60:.1f} min; "
+            f"feeds {', '.join(cell.tables)})")
+        began = time.monotonic()
+        run_cell(cell, out_root, log)
+        estimated, actual, ran = estimated + raw, actual + time.monotonic() - began, ran + 1
+    return [c for c in cells if not cell_status(c, out_root).done(c)]
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def plan_lines(cells: list[P.Cell], out_root: Path, costs: P.Costs, budget_seconds: float) -> list[str]:
+    """The plan as a table (status and estimated minutes per cell), its total and its pieces."""
+    lines = [f"{'#':>3} {'prio':>4} {'status':<10} {'est min':>7}  {'cell':<66} feeds"]
+    todo, estimates = [], []
+    for i, cell in enumerate(cells):
+        status = cell_status(cell, out_root)
+        est = 0.0 if status.done(cell) else P.estimate_cell_seconds(cell, costs, status.epochs_done, status.ptq_done)
+        label = ("done" if status.done(cell) else
+                 f"{status.epochs_done}/{cell.config.epochs} ep" if status.epochs_done else "pending")
+        lines.append(f"{i + 1:>3} {cell.priority:>4} {label:<10} {est / 60:>7.1f}  {cell.name:<66} "
+                     f"{','.join(cell.tables)}")
+        if est > 0:
+            todo.append(i + 1)
+            estimates.append(est)
+    total = sum(estimates)
+    lines.append(f"remaining: {len(todo)} of {len(cells)} cells, about {total / 60:.0f} min "
+                 f"({total / 3600:.2f} h) at the measured step cost")
+    for n, piece in enumerate(P.split_into_pieces(estimates, budget_seconds), 1):
+        minutes = sum(estimates[j] for j in piece) / 60
+        lines.append(f"  piece {n}: cells {todo[piece[0]]}-{todo[piece[-1]]} (~{minutes:.0f} min)")
+    return lines
+
+
+def cost_lines(costs: P.Costs) -> list[str]:
+    lines = ["measured cost (fastest of 3 interleaved rounds after a warm-up round; random data of the plan's "
+             "shape; on a shared machine the real runs are slower by the load):"]
+    for kind, seconds in costs.step_seconds.items():
+        sgd = costs.step_seconds.get("/".join(kind.split("/")[:3] + ["sgd"]))
+        ratio = f"  ({seconds / sgd:.2f}x SGD)" if sgd else ""
+        lines.append(f"  {kind:<58} {seconds:7.3f} s/step{ratio}")
+    for key, seconds in costs.forward_1000_seconds.items():
+        lines.append(f"  {key + ' eval forward':<58} {seconds:7.3f} s/1000 images")
+    return lines
+
+
+def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path) -> None:
+    """plan.json: the scale and every cell, for aggregate.py."""
+    write_atomic(out_root / PLAN_FILE, json.dumps(P.plan_document(scale, cells), indent=1))
+
+
+def log_invocation(out_root: Path, record: dict) -> None:
+    out_root.mkdir(parents=True, exist_ok=True)
+    with (out_root / INVOCATIONS_FILE).open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def make_scale(name: str, device: str | None, gamma: float | None, epochs: int | None, noise_epochs: int | None,
+               limit_train: int | None, data_root: str | None) -> P.Scale:
+    """A preset with the command line's overrides applied."""
+    overrides = dict(device=device, gamma=gamma, epochs=epochs, noise_epochs=noise_epochs,
+                     limit_train=limit_train, data_root=data_root)
+    scale = dataclasses.replace(P.SCALES[name], **{k: v for k, v in overrides.items() if v is not None})
+    if gamma is not None and gamma not in scale.gamma_grid:
+        scale = dataclasses.replace(scale, gamma_grid=tuple(sorted(scale.gamma_grid + (gamma,))))
+    return scale
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in (text or "").split(",") if t.strip())
+    unknown = [n for n in names if n not in P.TABLES]
+    if unknown:
+        raise HeroError(f"--only {','.join(unknown)}: not a table or figure; choose from {','.join(P.TABLES)}")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--scale", "scale_name", type=click.Choice(sorted(P.SCALES)), default="small", show_default=True)
+@click.option("--only", default=None, help=f"comma-separated subset of {','.join(P.TABLES)}")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="runs go to OUT/SCALE/<cell>")
+@click.option("--budget-minutes", type=float, default=55.0, show_default=True,
+              help="start no cell estimated to end past this many minutes")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scale's")
+@click.option("--gamma", type=float, default=None, help="HERO's gamma outside the grid (default: the scale's)")
+@click.option("--epochs", type=int, default=None, help="override the scale's epochs (clean labels)")
+@click.option("--noise-epochs", type=int, default=None, help="override the scale's epochs under label noise")
+@click.option("--limit-train", type=int, default=None, help="override the scale's training subset")
+@click.option("--data-root", default=None, help="folder holding the datasets (default: hero_train's search)")
+@click.option("--dry-run", is_flag=True, help="print the plan and the time estimate; train nothing")
+def main(scale_name, only, out, budget_minutes, device, gamma, epochs, noise_epochs, limit_train, data_root,
+         dry_run):
+    """Train and evaluate the cells of the HERO paper's tables and figures, in priority order."""
+    started = time.monotonic()
+    try:
+        if (device or P.SCALES[scale_name].device).startswith("cuda") and not torch.cuda.is_available():
+            raise HeroError("this scale runs on --device cuda, but this torch has no CUDA device: "
+                            "pass --device cpu to run it here")
+        scale = make_scale(scale_name, device, gamma, epochs, noise_epochs, limit_train, data_root)
+        cells = P.select(P.build_plan(scale), parse_only(only))
+        out_root = out / scale.name
+        if not P.hz_supported():
+            click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
+                       "Figure 2 will show the generalization gap only")
+        click.echo(f"scale {scale.name}: {len(cells)} cells; measuring the step cost ...")
+        costs = measure_costs(cells)
+        click.echo("\n".join(cost_lines(costs)))
+        click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
+        if dry_run:
+            return
+        write_plan(scale, P.build_plan(scale), out_root)
+        began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started)
+        log_invocation(out_root, {"argv": sys.argv[1:], "started": began, "minutes": (time.monotonic() - started) / 60,
+                                  "remaining": len(remaining), "machine": machine()})
+        if remaining:
+            click.echo(f"{len(remaining)} cells remain; run the same command again to continue:")
+            click.echo("\n".join(plan_lines(remaining, out_root, costs, budget_minutes * 60)))
+        else:
+            click.echo(f"every cell is done: python benchmarks/paper/aggregate.py --scale {scale.name} --out {out}")
+    except HeroError as exc:
+        click.echo(f"driver: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

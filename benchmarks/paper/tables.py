@@ -1,0 +1,257 @@
+"""Finished cells in, the paper's tables out (markdown), all numbers read from the run folders.
+
+A cell's folder (see driver.py) holds ``cell.json``, ``train/metrics.jsonl`` (one line per epoch:
+train_loss, train_accuracy, test_loss, test_accuracy, seconds and, when recorded, hz_norm),
+``ptq/report.json`` (pipeline.report's schema) and ``timing.json`` (wall seconds of training and
+of the PTQ evaluation, and the machine). Accuracies here are fractions; tables print percent.
+
+"Final" is the accuracy after the last epoch, the number we report. "Best" is the highest test
+accuracy over the epochs, what the authors' script prints: it selects an epoch on the test set, so
+it is shown only labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.paper.plan import SCALES, build_plan, method_label, plan_document
+
+MISSING = "—"
+BEST_NOTE = "best over epochs (selects on the test set, as the authors' script does)"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_cell(cell: dict, out_root: Path) -> dict:
+    """A plan cell (plan.json's form) with what its folder holds; ``finished`` when every epoch ran."""
+    folder = out_root / cell["name"]
+    metrics = json_lines(folder / "train" / "metrics.jsonl")
+    finished = bool(metrics) and metrics[-1]["epoch"] == cell["config"]["epochs"]
+    return dict(cell, folder=str(folder), metrics=metrics, finished=finished,
+                report=_json(folder / "ptq" / "report.json"), timing=_json(folder / "timing.json") or {})
+
+
+def load_results(out_root: Path, scale: str | None = None) -> tuple[dict, list[dict]]:
+    """plan.json's header and every planned cell with its results (finished or not). Before the
+    driver has written plan.json, the preset `scale`'s plan stands in (every cell pending)."""
+    plan = _json(out_root / "plan.json")
+    if plan is None and scale is not None:
+        preset = SCALES[scale]
+        plan = plan_document(preset, build_plan(preset))
+    if plan is None:
+        from exporters.errors import HeroError
+        raise HeroError(f"{out_root / 'plan.json'} does not exist: run benchmarks/paper/driver.py first")
+    return plan, [load_cell(c, out_root) for c in plan["cells"]]
+
+
+# --------------------------------------------------------------------------- per-cell numbers
+
+
+def final_accuracy(cell: dict) -> float | None:
+    return cell["metrics"][-1]["test_accuracy"] if cell["finished"] else None
+
+
+def best_accuracy(cell: dict) -> float | None:
+    return max(m["test_accuracy"] for m in cell["metrics"]) if cell["finished"] else None
+
+
+def ptq_accuracy(cell: dict, bits: int | None) -> float | None:
+    """Accuracy of the exported artifact in ONNX Runtime; bits None is the fp32 artifact."""
+    report = cell.get("report")
+    if not report:
+        return None
+    if bits is None:
+        return report["baseline"]["runtime_accuracy"]
+    return next((v["runtime_accuracy"] for v in report["variants"] if v["bits"] == bits), None)
+
+
+def seconds_per_epoch(cell: dict) -> float | None:
+    """Median wall seconds of an epoch (training and test evaluation), HERO's warm-up epochs left
+    out, since they take the cheaper first-order step."""
+    skip = cell["config"]["hero_warmup_epochs"] if cell["config"]["optimizer"] == "hero" else 0
+    seconds = [m["seconds"] for m in cell["metrics"] if m["epoch"] > skip]
+    return statistics.median(seconds) if seconds else None
+
+
+def train_seconds(cell: dict) -> float:
+    return sum(m["seconds"] for m in cell["metrics"])
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def pct(x: float | None) -> str:
+    return MISSING if x is None else f"{100 * x:.2f}"
+
+
+def mean_sd(values: list[float | None]) -> str:
+    """Mean ± sample standard deviation (n − 1) in percent, with the per-seed values; values of
+    unfinished cells are left out and a single value is printed alone."""
+    done = [v for v in values if v is not None]
+    if not done:
+        return MISSING
+    if len(done) == 1:
+        return pct(done[0])
+    per_seed = " / ".join(pct(v) for v in done)
+    return f"{100 * statistics.mean(done):.2f} ± {100 * statistics.stdev(done):.2f} ({per_seed})"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def group_of(cell: dict) -> str:
+    return f"{cell['config']['dataset']} / {cell['config']['model']}"
+
+
+def groups(cells: list[dict]) -> list[str]:
+    return list(dict.fromkeys(group_of(c) for c in cells))
+
+
+def pick(cells: list[dict], tag: str, group: str, **match) -> list[dict]:
+    """Cells feeding `tag` in `group` whose config has every `match` value, in seed order."""
+    chosen = [c for c in cells if tag in c["tables"] and group_of(c) == group
+              and all(c["config"].get(k) == v for k, v in match.items())]
+    return sorted(chosen, key=lambda c: c["config"]["seed"])
+
+
+def main_match(plan: dict, optimizer: str, label_noise: float = 0.0) -> dict:
+    """The config values of a method's main cells (HERO at the scale's gamma, fd or exact as planned)."""
+    scale = plan["scale"]
+    match = {"optimizer": optimizer, "label_noise": label_noise}
+    if optimizer == "hero":
+        match.update(gamma=scale["gamma"], variant="authors", hvp=scale["hvp"])
+    return match
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table1(plan: dict, cells: list[dict]) -> str:
+    """Test accuracy (%) of SGD, Gradient-L1 and HERO after the last epoch, per seed and mean."""
+    seeds = plan["scale"]["seeds"]
+    header = ["dataset / model", "method"] + [f"final, seed {s}" for s in seeds] + ["final, mean ± sd",
+                                                                                    "best over epochs†", "paper"]
+    rows = []
+    for group in groups(cells):
+        for optimizer in ("sgd", "gradl1", "hero"):
+            chosen = pick(cells, "table1", group, **main_match(plan, optimizer))
+            by_seed = {c["config"]["seed"]: c for c in chosen}
+            finals = [final_accuracy(by_seed[s]) if s in by_seed else None for s in seeds]
+            rows.append([group, method_label({"optimizer": optimizer})] + [pct(f) for f in finals]
+                        + [mean_sd(finals), mean_sd([best_accuracy(c) for c in chosen]), "not retrieved"])
+    return markdown(header, rows) + f"\n\n† {BEST_NOTE}."
+
+
+def table2(plan: dict, cells: list[dict]) -> str:
+    """Test accuracy (%) under symmetric label noise: final (best†) per noise ratio, seed 0."""
+    ratios = plan["scale"]["noise_ratios"]
+    header = ["dataset / model", "method"] + [f"{round(100 * r)}% noise" for r in ratios] + ["paper"]
+    rows = []
+    for group in groups(cells):
+        for optimizer in ("sgd", "gradl1", "hero"):
+            row = [group, method_label({"optimizer": optimizer})]
+            for ratio in ratios:
+                chosen = pick(cells, "table2", group, **main_match(plan, optimizer, ratio))
+                cell = chosen[0] if chosen else None
+                row.append(MISSING if cell is None or not cell["finished"]
+                           else f"{pct(final_accuracy(cell))} ({pct(best_accuracy(cell))}†)")
+            rows.append(row + ["not retrieved"])
+    epochs = plan["scale"]["noise_epochs"]
+    return (markdown(header, rows) + f"\n\nFinal accuracy after {epochs} epochs on the clean test set; "
+            f"in brackets the {BEST_NOTE}.")
+
+
+def table3(plan: dict, cells: list[dict], bits_list=(4, 6, 8)) -> str:
+    """Post-training quantization: runtime accuracy (%) of HERO, first-order only and SGD at 4, 6
+    and 8 bits and full precision, mean ± sd over the seeds."""
+    header = ["dataset / model", "method"] + [f"{b}-bit" for b in bits_list] + ["full precision", "paper"]
+    rows = []
+    for group in groups(cells):
+        for optimizer in ("hero", "first-order", "sgd"):
+            chosen = pick(cells, "table3", group, **main_match(plan, optimizer))
+            rows.append([group, method_label({"optimizer": optimizer})]
+                        + [mean_sd([ptq_accuracy(c, b) for c in chosen]) for b in (*bits_list, None)]
+                        + ["not retrieved"])
+    return markdown(header, rows)
+
+
+def ptq_curve_table(plan: dict, cells: list[dict], bits_list=(8, 7, 6, 5, 4, 3, 2)) -> str:
+    """Figure 1's numbers: runtime accuracy (%) at every bit width, seed 0, every method."""
+    seed = plan["scale"]["seeds"][0]
+    header = ["dataset / model", "method", "fp32"] + [f"w{b}" for b in bits_list]
+    rows = []
+    for group in groups(cells):
+        for optimizer in ("sgd", "gradl1", "first-order", "hero"):
+            chosen = pick(cells, "fig1", group, seed=seed, **main_match(plan, optimizer))
+            cell = chosen[0] if chosen else {}
+            rows.append([group, method_label({"optimizer": optimizer})]
+                        + [pct(ptq_accuracy(cell, b)) if cell else MISSING for b in (None, *bits_list)])
+    return markdown(header, rows)
+
+
+def variants_table(plan: dict, cells: list[dict]) -> str:
+    """HERO's own choices at full precision and 4 bits, with their training cost against SGD's."""
+    seed = plan["scale"]["seeds"][0]
+    header = ["dataset / model", "HERO variant", "hvp", "gamma", "final test acc", "fp32 (ORT)", "4-bit (ORT)",
+              "s / epoch", "x SGD"]
+    rows = []
+    for group in groups(cells):
+        sgd = pick(cells, "table1", group, seed=seed, **main_match(plan, "sgd"))
+        sgd_s = seconds_per_epoch(sgd[0]) if sgd else None
+        for cell in pick(cells, "variants", group, seed=seed):
+            c = cell["config"]
+            s = seconds_per_epoch(cell)
+            rows.append([group, c["variant"], c["hvp"], f"{c['gamma']:g}", pct(final_accuracy(cell)),
+                         pct(ptq_accuracy(cell, None)), pct(ptq_accuracy(cell, 4)),
+                         MISSING if s is None else f"{s:.1f}",
+                         MISSING if s is None or not sgd_s else f"{s / sgd_s:.2f}"])
+    return (markdown(header, rows) + "\n\ns / epoch: median wall seconds of an epoch (training and test "
+            "evaluation) after HERO's warm-up epoch, on the machine below.")
+
+
+def gamma_table(plan: dict, cells: list[dict]) -> str:
+    """HERO (authors' variant, seed 0) at each gamma of the grid."""
+    seed = plan["scale"]["seeds"][0]
+    header = ["dataset / model", "gamma", "final test acc", "best†", "fp32 (ORT)", "4-bit", "3-bit", "2-bit"]
+    rows = []
+    for group in groups(cells):
+        for cell in sorted(pick(cells, "gamma", group, seed=seed), key=lambda c: c["config"]["gamma"]):
+            main = " (main)" if cell["config"]["gamma"] == plan["scale"]["gamma"] else ""
+            rows.append([group, f"{cell['config']['gamma']:g}{main}", pct(final_accuracy(cell)),
+                         pct(best_accuracy(cell))] + [pct(ptq_accuracy(cell, b)) for b in (None, 4, 3, 2)])
+    return markdown(header, rows) + f"\n\n† {BEST_NOTE}."
+
+
+def wall_time_table(cells: list[dict]) -> str:
+    """Per cell: epochs run, wall minutes of training (from timing.json, else the metrics' sum) and PTQ."""
+    header = ["cell", "epochs", "train min", "PTQ min"]
+    rows, train_total, ptq_total = [], 0.0, 0.0
+    for cell in cells:
+        if not cell["metrics"]:
+            continue
+        train_s = cell["timing"].get("train_wall_seconds") or train_seconds(cell)
+        ptq_s = cell["timing"].get("ptq_wall_seconds", 0.0)
+        train_total, ptq_total = train_total + train_s, ptq_total + ptq_s
+        rows.append([cell["name"], f"{cell['metrics'][-1]['epoch']}/{cell['config']['epochs']}",
+                     f"{train_s / 60:.1f}", f"{ptq_s / 60:.1f}" if ptq_s else MISSING])
+    rows.append(["**total**", "", f"{train_total / 60:.1f}", f"{ptq_total / 60:.1f}"])
+    return markdown(header, rows)
