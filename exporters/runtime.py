@@ -24,6 +24,16 @@ _OPTIMIZATION_LEVELS = {
 # quantizes the activations to int8 as well and so no longer computes the graph as written;
 # level 1 keeps float32 activations (onnxruntime_session_options_config_keys.h).
 _MATMUL_NBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+# ORT keeps DequantizeLinear on constant weights for its QDQ fusions into int8 kernels. Our graphs
+# give it none to fuse (weight-only, or activation Q/DQ without a Q on the op output), so the
+# dequantization ran on every inference and blocked weight prepacking (about half FP32 speed on
+# ResNet20, benchmarks/runtime_speed.py). With QDQ handling off, constant folding turns those DequantizeLinear nodes into float
+# initializers, computed by the same DequantizeLinear kernel (onnxruntime_session_options_config_keys.h,
+# kOrtSessionOptionsDisableQuantQDQ); activation Q/DQ still run as written.
+_DISABLE_QDQ_FUSION = ("session.disable_quant_qdq", "1")
+WEIGHT_DEQUANT_MODES = ("auto", "folded", "runtime")
+# Folding is measured on the CPU EP only; TensorRT and the NPU EPs read Q/DQ themselves and must see them.
+_FOLDING_PROVIDERS = {"CPUExecutionProvider"}
 _UNUSABLE_PROVIDERS = ("AzureExecutionProvider",)  # remote inference, not a local device
 _LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
                 ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException, ort_errors.EPFail)
@@ -51,27 +61,40 @@ def _checked_providers(providers) -> list[str]:
 class OnnxRuntimeRunner:
     """An ONNX Runtime session on one exported model with a single input and output.
 
-    `optimization` is "default" (ORT_ENABLE_ALL, ORT's default) or "disabled" (ORT_DISABLE_ALL);
-    `providers` default to `default_providers()`. `input_shape` is one sample's shape (dims
-    without the batch one; a symbolic dim is its name), `metadata` the model's metadata_props.
+    `optimization` is "default" (ORT_ENABLE_ALL, ORT's default) or "disabled" (ORT_DISABLE_ALL,
+    which runs the literal graph); `providers` default to `default_providers()`.
+
+    `weight_dequant` says how DequantizeLinear on constant weights runs under "default":
+    "folded" folds it into float weights when the session is built (ORT's QDQ fusions off),
+    "runtime" leaves ORT's QDQ handling on, so it runs every inference unless ORT fuses it into an
+    int8 kernel; "auto" folds for hero artifacts with quantized weights (metadata hero.bits) when
+    the CPU is the only provider, and is "runtime" otherwise. Either way the outputs equal the literal graph's
+    up to float rounding. The attribute `weight_dequant` is the mode the session runs in.
+
+    `input_shape` is one sample's shape (dims without the batch one; a symbolic dim is its name),
+    `metadata` the model's metadata_props.
     """
 
-    def __init__(self, path, providers=None, *, optimization: str = "default", intra_op_threads: int | None = None):
+    def __init__(self, path, providers=None, *, optimization: str = "default", intra_op_threads: int | None = None,
+                 weight_dequant: str = "auto"):
         self.path = Path(path)
         if optimization not in _OPTIMIZATION_LEVELS:
             raise HeroError(f"unknown optimization {optimization!r}: use one of {', '.join(_OPTIMIZATION_LEVELS)}")
+        if weight_dequant not in WEIGHT_DEQUANT_MODES:
+            raise HeroError(f"unknown weight_dequant {weight_dequant!r}: use one of {', '.join(WEIGHT_DEQUANT_MODES)}")
+        if weight_dequant == "folded" and optimization == "disabled":
+            raise HeroError("weight_dequant='folded' needs optimization='default': 'disabled' runs the literal graph")
         if not self.path.is_file():
             raise HeroError(f"ONNX model {self.path} does not exist: export it first or fix the path")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
-        options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = int(intra_op_threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=_checked_providers(providers))
-        except _LOAD_ERRORS as exc:
-            raise HeroError(f"ONNX Runtime cannot load {self.path} ({exc}): the file is corrupt or not an ONNX "
-                            "model this runtime supports; export it again") from None
+        providers = _checked_providers(providers)
+        fold = weight_dequant == "folded" or (weight_dequant == "auto" and optimization == "default"
+                                              and set(providers) <= _FOLDING_PROVIDERS)
+        self.session = self._open(providers, optimization, intra_op_threads, fold)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        if fold and weight_dequant == "auto" and self.metadata.get("hero.bits", "none") == "none":
+            fold = False  # float or foreign: leave ORT's QDQ fusions as they are
+            self.session = self._open(providers, optimization, intra_op_threads, fold)
+        self.weight_dequant = "folded" if fold else "runtime"
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise HeroError(f"{self.path} has {len(inputs)} inputs and {len(outputs)} outputs; "
@@ -81,8 +104,22 @@ class OnnxRuntimeRunner:
         self.input_dtype = _ELEMENT_TYPES.get(inputs[0].type)
         if self.input_dtype is None:
             raise HeroError(f"{self.path} takes {inputs[0].type} input; the runner feeds float images")
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers = self.session.get_providers()
+
+    def _open(self, providers: list[str], optimization: str, intra_op_threads: int | None,
+              fold: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+        options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
+        if fold:
+            options.add_session_config_entry(*_DISABLE_QDQ_FUSION)
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=providers)
+        except _LOAD_ERRORS as exc:
+            raise HeroError(f"ONNX Runtime cannot load {self.path} ({exc}): the file is corrupt or not an ONNX "
+                            "model this runtime supports; export it again") from None
 
     def predict(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """float32 logits for the samples of `x` (any count), run `batch_size` at a time with x
