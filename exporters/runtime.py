@@ -47,15 +47,20 @@ def default_providers() -> list[str]:
 
 
 def _checked_providers(providers) -> list[str]:
+    """The requested providers this build of ONNX Runtime has, in the requested order.
+
+    A deploy config names the device's providers in priority order (TensorRT, CUDA, CPU); those a
+    build lacks are skipped, as on a host without a GPU. A name ONNX Runtime does not know at all is
+    a typo, and an error."""
     if providers is None:
         return default_providers()
     providers = [providers] if isinstance(providers, str) else list(providers)
-    available = ort.get_available_providers()
-    unknown = [p for p in providers if p not in available]
-    if unknown or not providers:
+    unknown = [p for p in providers if p not in ort.get_all_providers()]
+    usable = [p for p in providers if p in ort.get_available_providers()]
+    if unknown or not usable:
         raise HeroError(f"execution providers {unknown or providers} are not available in this ONNX Runtime: "
-                        f"choose from {', '.join(available)}")
-    return providers
+                        f"choose from {', '.join(ort.get_available_providers())}")
+    return usable
 
 
 class OnnxRuntimeRunner:

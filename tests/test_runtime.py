@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -144,3 +145,11 @@ def test_bad_predict_input_raises_hero_error(linear_path, x, message):
 def test_labels_of_wrong_length_raise_hero_error(linear_path):
     with pytest.raises(HeroError, match="one label per image"):
         evaluate_accuracy(OnnxRuntimeRunner(linear_path, CPU), np.zeros((3, 4), np.float32), np.zeros(2))
+
+
+def test_providers_this_build_lacks_are_skipped_in_order(linear_path):
+    runner = OnnxRuntimeRunner(linear_path, providers=["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                       "CPUExecutionProvider"])
+    expected = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+                if p in onnxruntime.get_available_providers()]
+    assert runner.providers == expected and runner.providers[-1] == "CPUExecutionProvider"
