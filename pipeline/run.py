@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import time
 from pathlib import Path
 
 import onnxruntime
@@ -27,6 +28,8 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
                  log=print) -> dict:
     """Run every stage; returns the report (also written to ``run_dir``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    began, say = time.perf_counter(), log
+    log = lambda message: say(f"{message}  [{time.perf_counter() - began:.0f}s]")  # noqa: E731
     data_root = (config.train or {}).get("data_root")
     if checkpoint is None:
         log("[1/6] train")
