@@ -237,3 +237,26 @@ def test_bad_options_are_clear_errors(kwargs):
     net, _, _ = tanh_net(torch.float32)
     with pytest.raises(HeroError):
         HERO(net.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def strided_grouped_net(dtype):
+    """Stride 2, groups, 1x1 and dilated convolutions, BatchNorm1d: the cases the fast kernels special-case."""
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False), nn.BatchNorm2d(4), nn.Tanh(),
+        nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3),
+    ).to(dtype)
+    return net, torch.randn(8, 2, 9, 9, dtype=dtype), torch.randint(0, 3, (8,))
+
+
+@pytest.mark.parametrize("variant", ["authors", "paper"])
+def test_hero_exact_matches_pytorch_double_backward_on_strided_grouped_convs(variant):
+    net, x, y = strided_grouped_net(torch.float64)
+    gamma = 50.0 if variant == "authors" else 1.0
+    ref = reference_hero(net, x, y, variant, h=0.5, gamma=gamma)
+    first = reference_hero(net, x, y, variant, h=0.5, gamma=0.0)
+    got = direction_of(lambda m: HERO(m.parameters(), torch.optim.SGD, h=0.5, gamma=gamma, variant=variant,
+                                      model=m, lr=1.0), net, x, y)
+    assert rel_err(got - first, ref - first) < 1e-8
