@@ -54,7 +54,7 @@ class TrainConfig:
     variant: str = "authors"
     hvp: str = "exact"
     hero_warmup_epochs: int = 1
-    lam: float = 0.01
+    lam: float = 5e-4  # 0.01 makes lam·||grad L||_1 exceed the loss at init: training from scratch collapses
     label_noise: float = 0.0
     seed: int = 0
     device: str = "cpu"
