@@ -210,13 +210,23 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
+METHOD_OPTIONS = {"sgd": set(), "first-order": {"h", "variant"}, "gradl1": {"lam", "hvp"},
+                  "hero": {"h", "gamma", "variant", "hvp", "hero_warmup_epochs"}}
+
+
+def unused_options(optimizer: str) -> set[str]:
+    """The method options `optimizer` never reads: they may differ when a run is resumed."""
+    return set().union(*METHOD_OPTIONS.values()) - METHOD_OPTIONS[optimizer]
+
+
 def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
     path = out_dir / CHECKPOINT
     if not path.exists():
         return None
     ckpt = load_checkpoint(path)
     old = {**TrainConfig().to_dict(), **ckpt["config"]}  # options added since then take their defaults
-    differ = [k for k, v in config.to_dict().items() if k != "epochs" and old.get(k) != v]
+    inert = {"epochs"} | unused_options(config.optimizer)
+    differ = [k for k, v in config.to_dict().items() if k not in inert and old.get(k) != v]
     if differ:
         raise HeroError(f"cannot resume {path}: the config differs in {', '.join(differ)}; "
                         "use the same options or another --out directory")

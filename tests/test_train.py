@@ -87,6 +87,15 @@ def test_resume_with_a_different_config_is_refused(tiny_fmnist, tmp_path):
         train(config(tiny_fmnist, epochs=1, optimizer="sgd", lr=0.5), tmp_path / "run", resume=True)
 
 
+def test_resume_ignores_options_the_method_never_reads(tiny_fmnist, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny_fmnist, epochs=1, optimizer="sgd", lam=0.01, gamma=0.1), run)
+    # SGD reads neither lam nor gamma: changing them must not block the resume
+    train(config(tiny_fmnist, epochs=1, optimizer="sgd", lam=5e-4, gamma=5.0), run, resume=True)
+    with pytest.raises(HeroError, match="differs in optimizer, gamma"):
+        train(config(tiny_fmnist, epochs=1, optimizer="hero", lam=5e-4, gamma=5.0), run, resume=True)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--epochs", "-1"], "epochs must be >= 0"),
     (["--model", "resnet9000"], "unknown model"),
