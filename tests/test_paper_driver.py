@@ -95,6 +95,16 @@ def test_only_selects_the_cells_feeding_the_named_tables():
         D.parse_only("table1,table9")
 
 
+def test_match_picks_cells_by_name_in_the_given_order():
+    cells = P.build_plan(P.SMALL)
+    picked = P.match(cells, ("noise80", "noise40", "hero-authors-h1-fd-g5-noise80"))
+    assert [c.name.split("/")[1] for c in picked] == [
+        "sgd-noise80-n10000-e5-s0", "gradl1-fd-lam0.0005-noise80-n10000-e5-s0",
+        "hero-authors-h1-fd-g5-noise80-n10000-e5-s0", "sgd-noise40-n10000-e5-s0",
+        "gradl1-fd-lam0.0005-noise40-n10000-e5-s0", "hero-authors-h1-fd-g5-noise40-n10000-e5-s0"]
+    assert P.match(cells, ("no-such-cell",)) == []
+
+
 def test_full_scale_is_the_papers_protocol():
     cells = P.build_plan(P.FULL)
     assert {(c.config.dataset, c.config.model) for c in cells} == {

@@ -304,6 +304,9 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scale", "scale_name", type=click.Choice(sorted(P.SCALES)), default="small", show_default=True)
 @click.option("--only", default=None, help=f"comma-separated subset of {','.join(P.TABLES)}")
+@click.option("--match", "matches", multiple=True,
+              help="only the cells whose name contains this text (repeatable; in this order): "
+                   "split the plan between processes, or run the most wanted cells first")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="runs go to OUT/SCALE/<cell>")
 @click.option("--budget-minutes", type=float, default=55.0, show_default=True,
@@ -315,7 +318,7 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 @click.option("--limit-train", type=int, default=None, help="override the scale's training subset")
 @click.option("--data-root", default=None, help="folder holding the datasets (default: hero_train's search)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the time estimate; train nothing")
-def main(scale_name, only, out, budget_minutes, device, gamma, epochs, noise_epochs, limit_train, data_root,
+def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, noise_epochs, limit_train, data_root,
          dry_run):
     """Train and evaluate the cells of the HERO paper's tables and figures, in priority order."""
     started = time.monotonic()
@@ -325,6 +328,10 @@ def main(scale_name, only, out, budget_minutes, device, gamma, epochs, noise_epo
                             "pass --device cpu to run it here")
         scale = make_scale(scale_name, device, gamma, epochs, noise_epochs, limit_train, data_root)
         cells = P.select(P.build_plan(scale), parse_only(only))
+        if matches:
+            cells = P.match(cells, matches)
+            if not cells:
+                raise HeroError(f"--match {' '.join(matches)}: no cell of the plan has that in its name")
         out_root = out / scale.name
         if not P.hz_supported():
             click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "

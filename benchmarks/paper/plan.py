@@ -228,6 +228,16 @@ def select(plan: list[Cell], only: tuple[str, ...] | None) -> list[Cell]:
     return [c for c in plan if not only or set(c.tables) & set(only)]
 
 
+def match(plan: list[Cell], patterns: tuple[str, ...]) -> list[Cell]:
+    """The cells whose name contains any of `patterns`, in the patterns' order, each cell once."""
+    picked: dict[str, Cell] = {}
+    for pattern in patterns:
+        for cell in plan:
+            if pattern in cell.name:
+                picked.setdefault(cell.name, cell)
+    return list(picked.values())
+
+
 # --------------------------------------------------------------------------- cost estimate
 
 
