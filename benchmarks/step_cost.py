@@ -3,7 +3,9 @@
 ResNet20 in train mode, batch 128 of random 3x32x32 images with random labels, cross-entropy,
 base SGD with lr 0.1, momentum 0.9, weight decay 1e-4 (the paper's CIFAR-10 setting). The methods
 run round-robin in one process (warm-up steps, then R rounds of one step of each method in turn),
-so machine noise hits all of them alike; the table reports the median. Peak memory is measured in
+so machine noise hits all of them alike; the table reports the median. One plain forward+backward
+pass is timed in the same rounds, and each method made of k sequential passes gets a "floor":
+k passes as a multiple of SGD's step, the ratio it would have with no overhead. Peak memory is measured in
 a fresh subprocess per method: on CPU the peak-RSS increase over the process after building the
 model and data, on CUDA the peak of torch.cuda.max_memory_allocated over the same baseline.
 
@@ -54,6 +56,11 @@ def _optimizer(method: str, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 METHODS = ("sgd", "first-order", "gradl1-exact", "gradl1-fd", "hero-exact", "hero-fd")
 CLOCKS = ("wall", "cpu")
+# One forward + backward (torch.autograd.grad over all parameters), no optimizer step: the unit
+# the wrappers are made of. Timed beside the methods, so each method's floor (its number of
+# sequential passes) can be read in the same run.
+PASS = "fwd+bwd"
+PASSES = {"sgd": 1, "first-order": 2, "gradl1-fd": 2, "hero-fd": 3}
 
 
 def _make_step(method: str, device: str, batch_size: int):
@@ -67,7 +74,12 @@ def _make_step(method: str, device: str, batch_size: int):
     def closure():
         return F.cross_entropy(model(x), y)
 
-    if method == "sgd":
+    if method == PASS:
+        params = list(model.parameters())
+
+        def step():
+            torch.autograd.grad(closure(), params)
+    elif method == "sgd":
         def step():
             opt.zero_grad(set_to_none=True)
             closure().backward()
@@ -89,12 +101,12 @@ def time_round_robin(device: str, batch_size: int, warmup: int, rounds: int) -> 
     CPU time is reported beside wall time because on a shared machine other processes stretch
     wall time but barely touch the CPU time this process spends.
     """
-    steps = {m: _make_step(m, device, batch_size) for m in METHODS}
+    steps = {m: _make_step(m, device, batch_size) for m in (*METHODS, PASS)}
     for _ in range(warmup):
         for step in steps.values():
             step()
     _sync(device)
-    times = {clock: {m: [] for m in METHODS} for clock in CLOCKS}
+    times = {clock: {m: [] for m in steps} for clock in CLOCKS}
     for _ in range(rounds):
         for m, step in steps.items():
             _sync(device)
@@ -155,18 +167,29 @@ def _memory_in_subprocess(method: str, device: str, batch_size: int, threads: in
 
 
 def summarise(times: dict[str, dict[str, list[float]]], memory: dict[str, int]) -> dict[str, dict]:
-    """Median ms per step on each clock, ratios to SGD's medians and peak memory, per method."""
+    """Median ms per step on each clock, ratios to SGD's medians and peak memory, per method.
+
+    For the methods made of k sequential forward+backward passes, `wall_floor_ratio` is
+    k × (median pass) / (median SGD step): the ratio that method would have with no overhead at all.
+    """
     out = {}
-    for m in METHODS:
+    for m in times["wall"]:
         row = {}
         for clock in CLOCKS:
             ms = statistics.median(times[clock][m]) * 1e3
             row[f"{clock}_ms"] = ms
             row[f"{clock}_ratio"] = ms / (statistics.median(times[clock]["sgd"]) * 1e3)
-        row.update(peak_bytes=memory[m], memory_ratio=memory[m] / memory["sgd"],
+        if m in PASSES:
+            row["wall_floor_ratio"] = PASSES[m] * _pass_ratio(times)
+        row.update(peak_bytes=memory.get(m), memory_ratio=memory[m] / memory["sgd"] if m in memory else None,
                    wall_samples_ms=[t * 1e3 for t in times["wall"][m]])
         out[m] = row
     return out
+
+
+def _pass_ratio(times: dict[str, dict[str, list[float]]]) -> float:
+    """Median forward+backward pass over median SGD step, wall clock."""
+    return statistics.median(times["wall"][PASS]) / statistics.median(times["wall"]["sgd"])
 
 
 def check_targets(summary: dict[str, dict], clock: str) -> list[dict]:
@@ -180,10 +203,15 @@ def check_targets(summary: dict[str, dict], clock: str) -> list[dict]:
 
 def _print_table(summary: dict[str, dict], checks: list[dict], header: str) -> None:
     click.echo(header)
-    click.echo(f"{'method':<14}{'wall ms':>9}{'x SGD':>7}{'cpu ms':>9}{'x SGD':>7}{'peak MiB':>10}{'x SGD':>7}")
+    click.echo(f"{'method':<14}{'wall ms':>9}{'x SGD':>7}{'floor':>7}{'cpu ms':>9}{'x SGD':>7}"
+               f"{'peak MiB':>10}{'x SGD':>7}")
     for m, row in summary.items():
-        click.echo(f"{m:<14}{row['wall_ms']:>9.0f}{row['wall_ratio']:>7.2f}{row['cpu_ms']:>9.0f}"
-                   f"{row['cpu_ratio']:>7.2f}{row['peak_bytes'] / 2**20:>10.1f}{row['memory_ratio']:>7.2f}")
+        floor = f"{row['wall_floor_ratio']:>7.2f}" if "wall_floor_ratio" in row else f"{'':>7}"
+        mem = (f"{row['peak_bytes'] / 2**20:>10.1f}{row['memory_ratio']:>7.2f}"
+               if row["peak_bytes"] is not None else "")
+        click.echo(f"{m:<14}{row['wall_ms']:>9.0f}{row['wall_ratio']:>7.2f}{floor}{row['cpu_ms']:>9.0f}"
+                   f"{row['cpu_ratio']:>7.2f}{mem}")
+    click.echo(f"floor: k sequential {PASS} passes (no overhead) as a multiple of SGD's step, same run")
     click.echo("targets:")
     for c in checks:
         click.echo(f"  {c['method']} {c['quantity']} <= {c['limit']}x SGD: {c['value']:.2f}x "

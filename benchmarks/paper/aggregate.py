@@ -132,7 +132,9 @@ def machine_lines(out_root: Path, cells: list[dict]) -> list[str]:
     total = sum(i.get("minutes", 0.0) for i in invocations)
     return [f"- Machine: {m.get('host', '—')}, {m.get('cpu_count', '—')} CPUs ({m.get('processor', '—')}), "
             f"GPU {m.get('cuda') or 'none'}, torch {m.get('torch', '—')}, Python {m.get('python', '—')}.",
-            f"- {len(invocations)} driver invocation(s), {total:.0f} min of wall time in all."]
+            f"- {len(invocations)} driver invocation(s) logged, {total:.0f} min of wall time summed over them "
+            f"(side-by-side invocations count twice; cells run before invocations were logged are not in "
+            f"it). The table gives each cell's own minutes."]
 
 
 def command_lines(plan: dict, out_root: Path) -> list[str]:
