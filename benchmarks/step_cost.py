@@ -26,6 +26,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from hero_train.allocator import keep_freed_memory
 from hero_train.models import build_model
 from hero_train.optim import HERO, FirstOrder, GradL1
 
@@ -226,21 +227,25 @@ def _print_table(summary: dict[str, dict], checks: list[dict], header: str) -> N
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="which median the time targets are checked on (cpu: this process's CPU time)")
+@click.option("--default-malloc", is_flag=True,
+              help="time with glibc's default malloc settings instead of those `hero train` sets on CPU")
 @click.option("--json", "json_out", default=None, help="also write the results to this JSON file")
 @click.option("--probe-memory", default=None, hidden=True, help="internal: print one method's peak bytes")
-def main(rounds, warmup, device, batch_size, threads, clock, json_out, probe_memory):
+def main(rounds, warmup, device, batch_size, threads, clock, default_malloc, json_out, probe_memory):
     """Time SGD, FirstOrder, GradL1 and HERO steps on ResNet20 and check HERO's cost targets."""
     if threads:
         torch.set_num_threads(threads)
     if probe_memory:
         click.echo(memory_probe(probe_memory, device, batch_size))
         return
+    kept = device == "cpu" and not default_malloc and keep_freed_memory()
     times = time_round_robin(device, batch_size, warmup, rounds)
     memory = {m: _memory_in_subprocess(m, device, batch_size, threads) for m in METHODS}
     summary = summarise(times, memory)
     checks = check_targets(summary, clock)
     header = (f"ResNet20, batch {batch_size}, {device}, {torch.get_num_threads()} threads, "
-              f"{rounds} rounds after {warmup} warm-up, torch {torch.__version__}")
+              f"{rounds} rounds after {warmup} warm-up, torch {torch.__version__}, "
+              f"malloc {'keeps freed blocks (as hero train)' if kept else 'default'}")
     _print_table(summary, checks, header)
     if json_out:
         with open(json_out, "w") as f:

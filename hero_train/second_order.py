@@ -2,7 +2,7 @@
 
 PyTorch's generic double backward is slow for convolution (its weight term runs as a convolution
 over swapped batch and channel axes) and for batch norm (some 35 full-size elementwise passes).
-While HERO builds the gradient graph at U, Conv and BatchNorm modules run through the Functions
+While HERO builds the gradient graph at U, Conv, BatchNorm and ReLU modules run through the Functions
 below: the same forward and backward kernels, and a backward of the backward built from ATen's
 own backward kernels. Same values; on CPU the double backward takes ~30% less time
 (benchmarks/step_cost.py).
@@ -51,6 +51,8 @@ def conv_grad_vjp(x, weight, grad_out, a, b, args, needs) -> tuple:
 def batchnorm_grad_vjp(x, weight, mean, invstd, eps, grad_out, g_sum, gx_sum, a, c, d) -> tuple:
     """Cotangents of (x, γ, gO) for train-mode batch norm's backward, given a, c, d of (gI, gγ, gβ).
 
+    Any of a, c, d may be None, meaning zero.
+
     Per channel, with M elements, s = invstd, x̂ = s·(x − μ), G = Σ gO and Gx = Σ gO·x̂, the backward
     (Ioffe & Szegedy 2015, Sec. 3) is gI = γs·(gO − G/M − x̂·Gx/M), gγ = Gx, gβ = G. Differentiating
     it once more, with A = Σ a, Ax = Σ a·x̂, K = Σ a·gO − (A·G + Ax·Gx)/M:
@@ -63,16 +65,23 @@ def batchnorm_grad_vjp(x, weight, mean, invstd, eps, grad_out, g_sum, gx_sum, a,
         return t.view(1, -1, *[1] * (x.dim() - 2))
 
     dims, m, s, gs = [0, *range(2, x.dim())], x.numel() // x.shape[1], invstd, weight * invstd
+    a = torch.zeros_like(x) if a is None else a
+    c_ = torch.zeros_like(mean) if c is None else c
     d_out, a_x, a_sum = torch.ops.aten.native_batch_norm_backward(
         a, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
     k = (a * grad_out).sum(dims) - (a_sum * g_sum + a_x * gx_sum) / m
-    f_sum = c * g_sum - gs * (gx_sum * a_sum + a_x * g_sum) / m
-    fx_sum = c * gx_sum - 2 * gs * a_x * gx_sum / m
+    f_sum = c_ * g_sum - gs * (gx_sum * a_sum + a_x * g_sum) / m
+    fx_sum = c_ * gx_sum - 2 * gs * a_x * gx_sum / m
     x_hat = torch.addcmul(channel(-mean * s), x, channel(s))
     d_x = torch.addcmul(channel(-s * f_sum / m), a, channel(-gs * s * gx_sum / m))
-    d_x.addcmul_(grad_out, channel(s * (c - gs * a_x / m)))
+    d_x.addcmul_(grad_out, channel(s * (c_ - gs * a_x / m)))
     d_x.addcmul_(x_hat, channel(-(s * fx_sum + gs * s * k) / m))
-    d_out.addcmul_(x_hat, channel(c)).add_(channel(d))
+    # None is zero: HERO's authors' penalty leaves γ and β out, so c and d are None there and two
+    # full-size passes are skipped.
+    if c is not None:
+        d_out.addcmul_(x_hat, channel(c))
+    if d is not None:
+        d_out.add_(channel(d))
     return d_x, s * k, d_out
 
 
@@ -129,14 +138,46 @@ class _BatchNormGrad(torch.autograd.Function):
             grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
         ctx.save_for_backward(x, weight, grad_out, mean, invstd, grads[1], grads[2])
         ctx.eps = eps
+        ctx.set_materialize_grads(False)
         return grads
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, c, d):
+        if a is None and c is None and d is None:
+            return None, None, None, None, None, None
         x, weight, grad_out, mean, invstd, gx_sum, g_sum = ctx.saved_tensors
         return (*batchnorm_grad_vjp(x, weight, mean, invstd, ctx.eps, grad_out, g_sum, gx_sum, a, c, d),
                 None, None, None)
+
+
+class _ReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = ctx.saved_tensors
+        return _ReLUGrad.apply(grad_out, y)
+
+
+class _ReLUGrad(torch.autograd.Function):
+    """ReLU's backward gI = gO·[y > 0]. Its derivative in y is zero almost everywhere: None here,
+    where ATen's threshold_backward hands back a full-size zero tensor for autograd to add."""
+
+    @staticmethod
+    def forward(ctx, grad_out, y):
+        ctx.save_for_backward(y)
+        return torch.ops.aten.threshold_backward(grad_out, y, 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, a):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(a, y, 0), None
 
 
 def _autocast_on(x: Tensor) -> bool:
@@ -160,9 +201,15 @@ def _batchnorm_forward(module, x):
     return _BatchNormTrain.apply(x, module.weight, module.bias, module.eps)
 
 
+def _relu_forward(module, x):
+    if module.inplace or _autocast_on(x):
+        return type(module).forward(module, x)
+    return _ReLU.apply(x)
+
+
 _KERNELS = {nn.Conv1d: _conv_forward, nn.Conv2d: _conv_forward, nn.Conv3d: _conv_forward,
             nn.BatchNorm1d: _batchnorm_forward, nn.BatchNorm2d: _batchnorm_forward,
-            nn.BatchNorm3d: _batchnorm_forward}
+            nn.BatchNorm3d: _batchnorm_forward, nn.ReLU: _relu_forward}
 
 
 class SecondOrderKernels:
