@@ -50,6 +50,15 @@ def test_plan_has_every_tables_cells():
     assert {c.config.optimizer for c in by_tag(cells, "fig3")} == {"sgd", "hero"}
 
 
+@pytest.mark.parametrize("scale", [P.SMALL, P.FULL])
+def test_gamma_grid_runs_at_the_scales_grid_seeds(scale):
+    cells = P.build_plan(scale)
+    pairs = {(c.config.dataset, c.config.model) for c in cells}
+    grid = {(c.config.dataset, c.config.model, c.config.gamma, c.config.seed) for c in by_tag(cells, "gamma")}
+    assert grid == {(*pair, g, s) for pair in pairs for g in scale.gamma_grid
+                    for s in scale.seeds[:scale.grid_seeds]}
+
+
 def test_cell_names_are_unique_and_a_shared_config_is_one_cell():
     cells = P.build_plan(P.SMALL)
     assert len({c.name for c in cells}) == len(cells)
@@ -248,8 +257,14 @@ def test_tables_are_built_from_the_run_files(tmp_path):
     assert "| 80.00 | 82.00 |" in sgd_row and expected in sgd_row and "85.00" in sgd_row
     table3 = T.table3(plan, cells)
     hero_row = next(line for line in table3.splitlines() if "| HERO |" in line)
-    assert hero_row.count("(") == 4 and "80.00 ± 1.41 (79.00 / 81.00)" in hero_row  # 4-bit: 0.83 - 0.04, 0.85 - 0.04
+    assert hero_row.count("(") == 5 and "80.00 ± 1.41 (79.00 / 81.00)" in hero_row  # 4-bit: 0.83 - 0.04, 0.85 - 0.04
+    assert "79.00 ± 1.41 (78.00 / 80.00)" in hero_row  # 3-bit: 0.83 - 0.05, 0.85 - 0.05
     assert "83.00 (88.00†)" in T.table2(plan, cells)
+    gamma_rows = [line for line in T.gamma_table(plan, cells).splitlines() if line.startswith("| fashion")]
+    # (gamma, seed) rows: the grid's non-main gamma and the main one, each at both seeds.
+    assert [line.split(" | ")[1:3] for line in gamma_rows] == [["1", "0"], ["1", "1"], ["5 (main)", "0"],
+                                                               ["5 (main)", "1"]]
+    assert "| 5 (main) | 1 | 85.00 |" in T.gamma_table(plan, cells)  # hero seed 1: 0.83 + 0.02
     lines = A.comparisons(plan, cells)
     assert any("4-bit accuracy (ORT), HERO − SGD: +3.00 (seed 0), +3.00 (seed 1)" in l and "ahead on every seed" in l
                for l in lines)
