@@ -15,8 +15,8 @@ The closure runs the forward pass on the current batch and returns the loss; the
 every gradient it needs with ``torch.autograd.grad``. Under an initialised torch.distributed
 process group each of those gradients is averaged across ranks here, since DDP's hooks fire only
 on ``backward()``. With ``model=`` BatchNorm running statistics move once per step, from the
-unperturbed pass only, and HERO's exact penalty runs its Conv and BatchNorm layers through faster
-second-order kernels (same values).
+unperturbed pass only, and the exact Hessian-vector products (HERO's and Gradient-L1's) run Conv,
+BatchNorm and ReLU layers through faster second-order kernels (same values).
 
 Notation: g = grad L(W) on the batch; U = W + e the perturbed weights; v = dP/d(grad L(U)) the
 weighting of the penalty, so that grad_U P(U) = H(U) v is one Hessian-vector product.
@@ -304,7 +304,7 @@ class GradL1(_Wrapper):
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         lam = self.param_groups[0]["lam"]
         exact = self.hvp == "exact" and lam > 0
-        with torch.enable_grad():
+        with torch.enable_grad(), SecondOrderKernels(self.model if exact else None):
             loss = closure()
             params = self._params()
             raw = torch.autograd.grad(loss, params, create_graph=exact, allow_unused=True)

@@ -116,11 +116,11 @@ class _ConvGrad(torch.autograd.Function):
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Batch norm on batch statistics; the running statistics are left alone."""
+    """Batch norm on batch statistics; running statistics (when given) move as nn.BatchNorm's do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         return y
@@ -128,7 +128,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
-        return (*_BatchNormGrad.apply(x, weight, grad_out, mean, invstd, ctx.eps), None)
+        return (*_BatchNormGrad.apply(x, weight, grad_out, mean, invstd, ctx.eps), None, None, None, None)
 
 
 class _BatchNormGrad(torch.autograd.Function):
@@ -198,7 +198,13 @@ def _conv_forward(module, x):
 def _batchnorm_forward(module, x):
     if not (module.training and module.affine) or x.dtype != module.weight.dtype or _autocast_on(x):
         return type(module).forward(module, x)
-    return _BatchNormTrain.apply(x, module.weight, module.bias, module.eps)
+    momentum = 0.0 if module.momentum is None else module.momentum
+    if module.track_running_stats and module.num_batches_tracked is not None:  # as nn.BatchNorm's forward
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            momentum = 1.0 / float(module.num_batches_tracked)
+    running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
+    return _BatchNormTrain.apply(x, module.weight, module.bias, *running, momentum, module.eps)
 
 
 def _relu_forward(module, x):
@@ -213,9 +219,9 @@ _KERNELS = {nn.Conv1d: _conv_forward, nn.Conv2d: _conv_forward, nn.Conv3d: _conv
 
 
 class SecondOrderKernels:
-    """Run the model's Conv and BatchNorm modules through the Functions above while active.
+    """Run the model's Conv, BatchNorm and ReLU modules through the Functions above while active.
 
-    Only inside _BatchNormFreeze: batch norm here does not update its running statistics.
+    Same values as the modules' own forward, running statistics included.
     """
 
     def __init__(self, model: torch.nn.Module | None):

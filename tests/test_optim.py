@@ -178,6 +178,7 @@ def test_zero_h_and_gamma_equal_the_base_optimizer_over_steps():
     lambda m: HERO(m.parameters(), torch.optim.SGD, gamma=1.0, model=m, lr=0.1),
     lambda m: HERO(m.parameters(), torch.optim.SGD, gamma=1.0, hvp="finite-difference", model=m, lr=0.1),
     lambda m: GradL1(m.parameters(), torch.optim.SGD, lam=0.1, hvp="finite-difference", model=m, lr=0.1),
+    lambda m: GradL1(m.parameters(), torch.optim.SGD, lam=0.1, model=m, lr=0.1),  # through the kernels
 ])
 def test_batchnorm_statistics_move_once_from_the_unperturbed_pass(make):
     net, x, y = conv_bn_net(torch.float32)
@@ -260,3 +261,27 @@ def test_hero_exact_matches_pytorch_double_backward_on_strided_grouped_convs(var
     got = direction_of(lambda m: HERO(m.parameters(), torch.optim.SGD, h=0.5, gamma=gamma, variant=variant,
                                       model=m, lr=1.0), net, x, y)
     assert rel_err(got - first, ref - first) < 1e-8
+
+
+def test_gradl1_exact_matches_pytorch_double_backward_through_the_kernels():
+    net, x, y = strided_grouped_net(torch.float64)
+    ref = reference_gradl1(net, x, y, lam=0.05)
+    got = direction_of(lambda m: GradL1(m.parameters(), torch.optim.SGD, lam=0.05, model=m, lr=1.0), net, x, y)
+    assert rel_err(got, ref) < 1e-8
+
+
+@pytest.mark.parametrize("bn", [dict(momentum=None), dict(momentum=0.3), dict(track_running_stats=False)])
+def test_second_order_kernels_move_batchnorm_statistics_as_the_module_does(bn):
+    from hero_train.second_order import SecondOrderKernels
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, **bn), nn.ReLU())
+    kernel = copy.deepcopy(plain)
+    for _ in range(2):
+        x = torch.randn(4, 2, 6, 6)
+        want = plain(x)
+        with SecondOrderKernels(kernel):
+            got = kernel(x)
+        assert torch.allclose(got, want, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), kernel.state_dict().values()))
+    assert "forward" not in vars(kernel[1])  # the patch is gone after the block
