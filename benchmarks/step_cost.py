@@ -4,8 +4,9 @@ ResNet20 in train mode, batch 128 of random 3x32x32 images with random labels, c
 base SGD with lr 0.1, momentum 0.9, weight decay 1e-4 (the paper's CIFAR-10 setting). The methods
 run round-robin in one process (warm-up steps, then R rounds of one step of each method in turn),
 so machine noise hits all of them alike; the table reports the median. One plain forward+backward
-pass is timed in the same rounds, and each method made of k sequential passes gets a "floor":
-k passes as a multiple of SGD's step, the ratio it would have with no overhead. Peak memory is measured in
+pass is timed in the same rounds, and each method gets a "floor": its k passes (sequential
+forward+backward passes; for the exact methods, passes of convolution work) as a multiple of
+SGD's step, the ratio it would have with no overhead. Peak memory is measured in
 a fresh subprocess per method: on CPU the peak-RSS increase over the process after building the
 model and data, on CUDA the peak of torch.cuda.max_memory_allocated over the same baseline.
 
@@ -61,7 +62,9 @@ CLOCKS = ("wall", "cpu")
 # the wrappers are made of. Timed beside the methods, so each method's floor (its number of
 # sequential passes) can be read in the same run.
 PASS = "fwd+bwd"
-PASSES = {"sgd": 1, "first-order": 2, "gradl1-fd": 2, "hero-fd": 3}
+# Passes of convolution work: a double backward runs two forward and two backward convolutions per
+# layer (hero_train/second_order.py), two passes' worth, on top of the pass that built its graph.
+PASSES = {"sgd": 1, "first-order": 2, "gradl1-fd": 2, "hero-fd": 3, "gradl1-exact": 3, "hero-exact": 4}
 
 
 def _make_step(method: str, device: str, batch_size: int):
@@ -170,8 +173,8 @@ def _memory_in_subprocess(method: str, device: str, batch_size: int, threads: in
 def summarise(times: dict[str, dict[str, list[float]]], memory: dict[str, int]) -> dict[str, dict]:
     """Median ms per step on each clock, ratios to SGD's medians and peak memory, per method.
 
-    For the methods made of k sequential forward+backward passes, `wall_floor_ratio` is
-    k × (median pass) / (median SGD step): the ratio that method would have with no overhead at all.
+    `wall_floor_ratio` is k × (median pass) / (median SGD step) for a method of k passes (PASSES):
+    the ratio that method would have with no overhead at all.
     """
     out = {}
     for m in times["wall"]:
@@ -212,7 +215,8 @@ def _print_table(summary: dict[str, dict], checks: list[dict], header: str) -> N
                if row["peak_bytes"] is not None else "")
         click.echo(f"{m:<14}{row['wall_ms']:>9.0f}{row['wall_ratio']:>7.2f}{floor}{row['cpu_ms']:>9.0f}"
                    f"{row['cpu_ratio']:>7.2f}{mem}")
-    click.echo(f"floor: k sequential {PASS} passes (no overhead) as a multiple of SGD's step, same run")
+    click.echo(f"floor: the method's k {PASS} passes (exact HVP: passes of convolution work), no overhead, "
+               "as a multiple of SGD's step in this run")
     click.echo("targets:")
     for c in checks:
         click.echo(f"  {c['method']} {c['quantity']} <= {c['limit']}x SGD: {c['value']:.2f}x "

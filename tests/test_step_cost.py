@@ -16,7 +16,8 @@ def test_summary_ratios_and_pass_floors():
     assert abs(summary["hero-fd"]["wall_ratio"] - 3.0) < 1e-9
     assert abs(summary["hero-fd"]["wall_floor_ratio"] - 3 * 0.9) < 1e-9
     assert abs(summary["first-order"]["wall_floor_ratio"] - 2 * 0.9) < 1e-9
-    assert "wall_floor_ratio" not in summary["hero-exact"]  # not made of whole passes
+    assert abs(summary["hero-exact"]["wall_floor_ratio"] - 4 * 0.9) < 1e-9  # two passes + a double backward
+    assert "wall_floor_ratio" not in summary[S.PASS]
     assert summary[S.PASS]["peak_bytes"] is None and summary["hero-fd"]["memory_ratio"] == 1.2
 
 
