@@ -6,7 +6,7 @@ precision through the deploy pipeline. Cells are listed in priority order, so an
 has the most important results first:
 
 1. seed 0, clean labels: SGD, HERO, first-order only, Gradient-L1 (Tables 1 and 3, Figures 1-3);
-2. the other seeds of SGD, first-order only and HERO (the spread of the headline 4-bit comparison);
+2. the other seeds of SGD, first-order only, HERO and Gradient-L1 (the spread of Tables 1 and 3);
 3. symmetric label noise (Table 2): SGD, Gradient-L1 and HERO at every ratio, seed 0;
 4. HERO's own choices: the paper's variant, and exact Hessian-vector products;
 5. the rest of the gamma grid (HERO; seeds 0 and 1 at the small scale, seed 0 at the full one).
@@ -202,7 +202,8 @@ def build_plan(scale: Scale) -> list[Cell]:
         for seed in others:
             specs += [(2, cfg("sgd", seed), ("table1", "table3"), True),
                       (2, cfg("first-order", seed), ("table3",), True),
-                      (2, cfg("hero", seed), ("table1", "table3"), True)]
+                      (2, cfg("hero", seed), ("table1", "table3"), True),
+                      (2, cfg("gradl1", seed), ("table1",), True)]
         for ratio in scale.noise_ratios:
             specs += [(3, cfg(opt, first, epochs=scale.noise_epochs, label_noise=ratio), ("table2",), False)
                       for opt in ("sgd", "gradl1", "hero")]
