@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from exporters.errors import HeroError
 from exporters.quantize import dequantize, quantize_tensor, quantized_layers
 from hero_train.optim import perturbation_paper
+from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]
 LossFn = Callable[[nn.Module, object], Tensor]
@@ -83,7 +84,8 @@ def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[
     """g = grad L on the batch and H·v(g), from one forward pass (v may depend on g, as z does)."""
     params = _params(model)
     with torch.enable_grad():
-        loss = loss_fn(model, batch)
+        with SecondOrderKernels(model):  # same values, a faster double backward (hero_train.optim)
+            loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
         v = v_of_grad(g)

@@ -205,3 +205,17 @@ def test_finer_bits_are_safer():
     assert verdicts[0] == "not guaranteed" and verdicts[-1] == "safe"
     assert verdicts == sorted(verdicts, key=lambda v: v == "safe")  # once safe, safe for every finer width
     assert "bits" in H.safety_table(rows).splitlines()[0]
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_hvp_through_the_second_order_kernels_matches_autograd_hessian(train_bn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(12, 3)).double()
+    model(torch.randn(8, 2, 4, 4, dtype=torch.float64))  # non-trivial running statistics for eval mode
+    gen = torch.Generator().manual_seed(3)
+    batch = torch.randn(6, 2, 4, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in model.parameters()]
+    hv = H.hvp(model, H.cross_entropy_loss, batch, v, train_bn=train_bn)
+    model.train(train_bn)
+    torch.testing.assert_close(flat(hv), full_hessian(model, batch) @ flat(v), rtol=1e-9, atol=1e-11)
