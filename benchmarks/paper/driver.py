@@ -42,6 +42,7 @@ from exporters.files import sha256_file, write_atomic
 from hero_train.checkpoint import load_checkpoint
 from hero_train.data import DATASETS
 from hero_train.models import build_model
+from hero_train.allocator import keep_freed_memory
 from hero_train.train import CHECKPOINT, TrainConfig, make_optimizer, take_step, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs"
@@ -337,6 +338,8 @@ def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, 
             click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
                        "Figure 2 will show the generalization gap only")
         click.echo(f"scale {scale.name}: {len(cells)} cells; measuring the step cost ...")
+        if scale.device == "cpu":
+            keep_freed_memory()  # as hero_train.train.train sets it: measure what the cells will run
         costs = measure_costs(cells)
         click.echo("\n".join(cost_lines(costs)))
         click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
