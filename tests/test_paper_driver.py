@@ -224,7 +224,7 @@ def fake_results(out_root, accuracy):
     """Metrics and PTQ reports for every clean, noise-free-or-not cell of the small plan, with
     accuracies from `accuracy(cell) -> (final, best, {bits: acc})`."""
     cells = P.build_plan(P.SMALL)
-    D.write_plan(P.SMALL, cells, out_root)
+    D.write_plan(P.SMALL, cells, out_root, fixed_costs(cells))
     for cell in cells:
         final, best, ptq = accuracy(cell)
         folder = out_root / cell.name
@@ -260,6 +260,11 @@ def test_tables_are_built_from_the_run_files(tmp_path):
     assert hero_row.count("(") == 5 and "80.00 ± 1.41 (79.00 / 81.00)" in hero_row  # 4-bit: 0.83 - 0.04, 0.85 - 0.04
     assert "79.00 ± 1.41 (78.00 / 80.00)" in hero_row  # 3-bit: 0.83 - 0.05, 0.85 - 0.05
     assert "83.00 (88.00†)" in T.table2(plan, cells)
+    variants = {line.split(" | ")[1] + "/" + line.split(" | ")[2]: line.split(" | ")[-1].rstrip(" |")
+                for line in T.variants_table(plan, cells).splitlines() if line.startswith("| fashion")}
+    # step x SGD from the driver's measured costs (MEASURED above): 0.77, 0.81 and 1.12 s against 0.20 s.
+    assert variants == {"authors/finite-difference": "3.85", "paper/finite-difference": "4.05",
+                        "authors/exact": "5.60"}
     gamma_rows = [line for line in T.gamma_table(plan, cells).splitlines() if line.startswith("| fashion")]
     # (gamma, seed) rows: the grid's non-main gamma and the main one, each at both seeds.
     assert [line.split(" | ")[1:3] for line in gamma_rows] == [["1", "0"], ["1", "1"], ["5 (main)", "0"],

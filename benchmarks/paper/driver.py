@@ -48,6 +48,7 @@ from hero_train.train import CHECKPOINT, TrainConfig, make_optimizer, take_step,
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs"
 PLAN_FILE = "plan.json"
 INVOCATIONS_FILE = "invocations.jsonl"
+COSTS_FILE = "step_costs.json"
 TIMING_FILE = "timing.json"
 
 
@@ -269,9 +270,13 @@ def cost_lines(costs: P.Costs) -> list[str]:
     return lines
 
 
-def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path) -> None:
-    """plan.json: the scale and every cell, for aggregate.py."""
+def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path, costs: P.Costs) -> None:
+    """plan.json (the scale and every cell) and step_costs.json (this invocation's measured step
+    costs, the comparable training cost of the variants table), for aggregate.py."""
     write_atomic(out_root / PLAN_FILE, json.dumps(P.plan_document(scale, cells), indent=1))
+    measured = dict(measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    **dataclasses.asdict(costs))
+    write_atomic(out_root / COSTS_FILE, json.dumps(measured, indent=1))
 
 
 def log_invocation(out_root: Path, record: dict) -> None:
@@ -345,7 +350,7 @@ def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, 
         click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
         if dry_run:
             return
-        write_plan(scale, P.build_plan(scale), out_root)
+        write_plan(scale, P.build_plan(scale), out_root, costs)
         began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started)
         log_invocation(out_root, {"argv": sys.argv[1:], "started": began, "minutes": (time.monotonic() - started) / 60,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
-from benchmarks.paper.plan import SCALES, build_plan, method_label, plan_document
+from benchmarks.paper.plan import SCALES, build_plan, method_label, plan_document, step_kind
 
 MISSING = "—"
 BEST_NOTE = "best over epochs (selects on the test set, as the authors' script does)"
@@ -54,6 +55,7 @@ def load_results(out_root: Path, scale: str | None = None) -> tuple[dict, list[d
     if plan is None:
         from exporters.errors import HeroError
         raise HeroError(f"{out_root / 'plan.json'} does not exist: run benchmarks/paper/driver.py first")
+    plan["step_costs"] = _json(out_root / "step_costs.json")  # the driver's last measurement, if any
     return plan, [load_cell(c, out_root) for c in plan["cells"]]
 
 
@@ -213,7 +215,8 @@ def variants_table(plan: dict, cells: list[dict]) -> str:
     """HERO's own choices at full precision and 4 bits, with their training cost against SGD's."""
     seed = plan["scale"]["seeds"][0]
     header = ["dataset / model", "HERO variant", "hvp", "gamma", "final test acc", "fp32 (ORT)", "4-bit (ORT)",
-              "s / epoch", "x SGD"]
+              "s / epoch", "x SGD", "step x SGD‡"]
+    steps = (plan.get("step_costs") or {}).get("step_seconds", {})
     rows = []
     for group in groups(cells):
         sgd = pick(cells, "table1", group, seed=seed, **main_match(plan, "sgd"))
@@ -221,12 +224,18 @@ def variants_table(plan: dict, cells: list[dict]) -> str:
         for cell in pick(cells, "variants", group, seed=seed):
             c = cell["config"]
             s = seconds_per_epoch(cell)
+            step, sgd_step = (steps.get(step_kind(SimpleNamespace(**dict(c, **o)))) for o in ({}, {"optimizer": "sgd"}))
             rows.append([group, c["variant"], c["hvp"], f"{c['gamma']:g}", pct(final_accuracy(cell)),
                          pct(ptq_accuracy(cell, None)), pct(ptq_accuracy(cell, 4)),
                          MISSING if s is None else f"{s:.1f}",
-                         MISSING if s is None or not sgd_s else f"{s / sgd_s:.2f}"])
+                         MISSING if s is None or not sgd_s else f"{s / sgd_s:.2f}",
+                         f"{step / sgd_step:.2f}" if step and sgd_step else MISSING])
+    measured = (plan.get("step_costs") or {}).get("measured", "never")
     return (markdown(header, rows) + "\n\ns / epoch: median wall seconds of an epoch (training and test "
-            "evaluation) after HERO's warm-up epoch, on the machine below.")
+            "evaluation) after HERO's warm-up epoch, on the machine below; runs that shared the machine "
+            "are slower, so compare this column only between cells run alike. ‡ one optimizer step against "
+            "SGD's, interleaved in one process on random data of the cells' shape, fastest of 3 rounds: the "
+            f"driver's measurement at its last invocation ({measured}), comparable across rows.")
 
 
 def gamma_table(plan: dict, cells: list[dict]) -> str:
