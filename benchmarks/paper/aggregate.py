@@ -116,8 +116,9 @@ def setup_lines(plan: dict) -> list[str]:
         f"loss at initialisation (||grad L||_1 ≈ 420 for ResNet20 on Fashion-MNIST; lambda 0.01 made the penalty "
         f"1.6× the loss and training from scratch collapsed to 30% test accuracy in a first run); the paper's own "
         f"values could not be retrieved; not tuned on the test set; same Hessian-vector product mode as HERO.",
-        f"- Seeds {list(s['seeds'])} for SGD, first-order only and HERO on clean labels; seed {s['seeds'][0]} "
-        "elsewhere; every method sees the same data order and initialisation per seed.",
+        f"- Seeds {list(s['seeds'])} for every method on clean labels (the gamma grid at the first "
+        f"{s.get('grid_seeds', 1)}); seed {s['seeds'][0]} under label noise and for HERO's variant/HVP choices; "
+        "every method sees the same data order and initialisation per seed.",
         f"- PTQ through `pipeline.run.run_pipeline`: symmetric, {'per-channel' if s['ptq_per_channel'] else 'per-tensor'} "
         f"weight quantization at 8..2 bits after BatchNorm folding, exported to ONNX and run in ONNX Runtime on "
         f"{ptq_test} test images; accuracies are the runtime's.",
