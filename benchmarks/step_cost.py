@@ -176,6 +176,7 @@ def summarise(times: dict[str, dict[str, list[float]]], memory: dict[str, int]) 
     `wall_floor_ratio` is k × (median pass) / (median SGD step) for a method of k passes (PASSES):
     the ratio that method would have with no overhead at all.
     """
+    pass_ratio = statistics.median(times["wall"][PASS]) / statistics.median(times["wall"]["sgd"])
     out = {}
     for m in times["wall"]:
         row = {}
@@ -184,16 +185,11 @@ def summarise(times: dict[str, dict[str, list[float]]], memory: dict[str, int]) 
             row[f"{clock}_ms"] = ms
             row[f"{clock}_ratio"] = ms / (statistics.median(times[clock]["sgd"]) * 1e3)
         if m in PASSES:
-            row["wall_floor_ratio"] = PASSES[m] * _pass_ratio(times)
+            row["wall_floor_ratio"] = PASSES[m] * pass_ratio
         row.update(peak_bytes=memory.get(m), memory_ratio=memory[m] / memory["sgd"] if m in memory else None,
                    wall_samples_ms=[t * 1e3 for t in times["wall"][m]])
         out[m] = row
     return out
-
-
-def _pass_ratio(times: dict[str, dict[str, list[float]]]) -> float:
-    """Median forward+backward pass over median SGD step, wall clock."""
-    return statistics.median(times["wall"][PASS]) / statistics.median(times["wall"]["sgd"])
 
 
 def check_targets(summary: dict[str, dict], clock: str) -> list[dict]:

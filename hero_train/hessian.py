@@ -84,7 +84,7 @@ def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[
     """g = grad L on the batch and H·v(g), from one forward pass (v may depend on g, as z does)."""
     params = _params(model)
     with torch.enable_grad():
-        with SecondOrderKernels(model):  # same values, a faster double backward (hero_train.optim)
+        with SecondOrderKernels(model):  # same values, a faster double backward
             loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from benchmarks.paper import plan as P
 from exporters.errors import HeroError
 from exporters.files import sha256_file, write_atomic
+from hero_train.allocator import keep_freed_memory
 from hero_train.checkpoint import load_checkpoint
 from hero_train.data import DATASETS
 from hero_train.models import build_model
-from hero_train.allocator import keep_freed_memory
 from hero_train.train import CHECKPOINT, TrainConfig, make_optimizer, take_step, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs"

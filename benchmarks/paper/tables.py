@@ -211,12 +211,19 @@ def ptq_curve_table(plan: dict, cells: list[dict], bits_list=(8, 7, 6, 5, 4, 3, 
     return markdown(header, rows)
 
 
+def step_ratio(step_seconds: dict[str, float], config: dict) -> float | None:
+    """One optimizer step of `config`'s method over one SGD step of the same shape, as measured."""
+    step = step_seconds.get(step_kind(SimpleNamespace(**config)))
+    sgd = step_seconds.get(step_kind(SimpleNamespace(**dict(config, optimizer="sgd"))))
+    return step / sgd if step and sgd else None
+
+
 def variants_table(plan: dict, cells: list[dict]) -> str:
     """HERO's own choices at full precision and 4 bits, with their training cost against SGD's."""
     seed = plan["scale"]["seeds"][0]
     header = ["dataset / model", "HERO variant", "hvp", "gamma", "final test acc", "fp32 (ORT)", "4-bit (ORT)",
               "s / epoch", "x SGD", "step x SGD‡"]
-    steps = (plan.get("step_costs") or {}).get("step_seconds", {})
+    costs = plan.get("step_costs") or {}
     rows = []
     for group in groups(cells):
         sgd = pick(cells, "table1", group, seed=seed, **main_match(plan, "sgd"))
@@ -224,13 +231,13 @@ def variants_table(plan: dict, cells: list[dict]) -> str:
         for cell in pick(cells, "variants", group, seed=seed):
             c = cell["config"]
             s = seconds_per_epoch(cell)
-            step, sgd_step = (steps.get(step_kind(SimpleNamespace(**dict(c, **o)))) for o in ({}, {"optimizer": "sgd"}))
+            ratio = step_ratio(costs.get("step_seconds", {}), c)
             rows.append([group, c["variant"], c["hvp"], f"{c['gamma']:g}", pct(final_accuracy(cell)),
                          pct(ptq_accuracy(cell, None)), pct(ptq_accuracy(cell, 4)),
                          MISSING if s is None else f"{s:.1f}",
                          MISSING if s is None or not sgd_s else f"{s / sgd_s:.2f}",
-                         f"{step / sgd_step:.2f}" if step and sgd_step else MISSING])
-    measured = (plan.get("step_costs") or {}).get("measured", "never")
+                         MISSING if ratio is None else f"{ratio:.2f}"])
+    measured = costs.get("measured", "never")
     return (markdown(header, rows) + "\n\ns / epoch: median wall seconds of an epoch (training and test "
             "evaluation) after HERO's warm-up epoch, on the machine below; runs that shared the machine "
             "are slower, so compare this column only between cells run alike. ‡ one optimizer step against "
