@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec, quantize_model, quantized_layers
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.runtime import OnnxRuntimeRunner
 from runtime_speed import Subject, load_subject
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

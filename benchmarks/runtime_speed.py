@@ -38,7 +38,7 @@ import torch
 
 from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec, calibrate_activations, fold_bn
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.runtime import OnnxRuntimeRunner
 from hero_train.models import build_model
 
 CPU = ["CPUExecutionProvider"]

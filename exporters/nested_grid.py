@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 INT8_MAX = 127
 

@@ -40,7 +40,7 @@ from onnxscript.rewriter.rules import common as rules
 from torch import nn
 
 from exporters import quantize
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 ACT_BITS = 8

@@ -40,7 +40,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 MIN_OPSET = 13
 MAX_OPSET = 20

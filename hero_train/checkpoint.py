@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train.models import build_model
 
 FORMAT = "hero-deploy-checkpoint"

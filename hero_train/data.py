@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 try:
     from numpy._core.multiarray import _reconstruct

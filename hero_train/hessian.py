@@ -8,8 +8,8 @@ model robust to bounded weight perturbations such as quantization. This module m
 - ``top_eigenvalue`` (power iteration) and ``hutchinson_trace`` (Hutchinson 1990);
 - ``loss_contour``: the loss on a plane through W along two filter-normalised random directions
   (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018; the paper's Figure 3);
-- ``theorem3_bounds`` and ``quantization_safety``: Theorem 3's lower bounds on the perturbation
-  that raises the loss by c, against the perturbation a given quantizer actually applies.
+- ``theorem3_bounds``: Theorem 3's lower bounds on the perturbation that raises the loss by c
+  (``pipeline.analyze`` holds them against the perturbation a quantizer applies).
 
 A ``loss_fn(model, batch) -> scalar tensor`` defines the loss; the Hessian is taken over every
 parameter with ``requires_grad``, in ``model.parameters()`` order (vectors are lists of tensors in
@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.errors import HeroError
-from exporters.quantize import dequantize, quantize_tensor, quantized_layers
+from exporters.device.errors import HeroError
 from hero_train.optim import perturbation_paper
 from hero_train.second_order import SecondOrderKernels
 
@@ -317,49 +316,3 @@ def theorem3_bounds(grad_norm: float, lambda_max: float, c: float, n_params: int
     denom = grad_norm + math.sqrt(disc) if disc >= 0 else 0.0
     l2 = 2.0 * c / denom if denom > 0 else math.inf
     return {"l2": l2, "linf": l2 / math.sqrt(n_params)}
-
-
-def quantization_perturbation(model: nn.Module, bits: int, symmetric: bool = True,
-                              per_channel: bool = True) -> dict[str, float]:
-    """The perturbation δ = Q(W) − W that fake quantization (no BatchNorm folding, so δ lives in
-    the parameter space of the Hessian) applies to every Conv/Linear weight: ``half_step`` is
-    the largest Δ/2 (Δ the scale of exporters.quantize; |δ_i| ≤ Δ/2 for round-to-nearest
-    without clipping, HERO paper Theorem 2), ``linf`` the largest |δ_i| actually applied
-    (it can exceed Δ/2 only where the asymmetric grid clips), ``l2`` = ||δ||_2 over all of them."""
-    half_step, linf, sq = 0.0, 0.0, 0.0
-    for _, layer in quantized_layers(model):
-        w = layer.weight.detach().to(torch.float32)
-        q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=0)
-        delta = (dequantize(q, scale, zero_point, axis=0) - w).double()
-        half_step = max(half_step, float(scale.max()) / 2.0)
-        linf = max(linf, float(delta.abs().max()))
-        sq += float((delta * delta).sum())
-    return {"half_step": half_step, "linf": linf, "l2": math.sqrt(sq)}
-
-
-def quantization_safety(model: nn.Module, bounds: dict[str, float], bits_list: Sequence[int],
-                        symmetric: bool = True, per_channel: bool = True) -> list[dict]:
-    """One row per bit width: the quantization perturbation against Theorem 3's bounds.
-
-    A perturbation smaller than a bound cannot raise the loss by c (under the theorem's
-    second-order model), so "safe" is a sufficient condition; "not guaranteed" says only that
-    the theorem gives no guarantee. The l-inf check uses max(Δ/2, largest |δ_i|).
-    """
-    rows = []
-    for bits in bits_list:
-        size = quantization_perturbation(model, bits, symmetric, per_channel)
-        safe_linf = max(size["half_step"], size["linf"]) < bounds["linf"]
-        safe_l2 = size["l2"] < bounds["l2"]
-        rows.append({"bits": int(bits), **size, "bound_linf": bounds["linf"], "bound_l2": bounds["l2"],
-                     "safe_linf": safe_linf, "safe_l2": safe_l2,
-                     "verdict": "safe" if safe_linf or safe_l2 else "not guaranteed"})
-    return rows
-
-
-def safety_table(rows: Sequence[dict]) -> str:
-    """The rows of `quantization_safety` as a fixed-width text table."""
-    lines = [f"{'bits':>4} | {'Δ/2 (l-inf)':>11} | {'||δ||2':>10} | {'bound l-inf':>11} | {'bound l2':>10} | verdict"]
-    for r in rows:
-        lines.append(f"{r['bits']:>4} | {max(r['half_step'], r['linf']):>11.4g} | {r['l2']:>10.4g} | "
-                     f"{r['bound_linf']:>11.4g} | {r['bound_l2']:>10.4g} | {r['verdict']}")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 
 def _conv_bn(in_planes: int, out_planes: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:

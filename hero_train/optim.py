@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train import data as hdata
 from hero_train import distributed
 from hero_train.allocator import keep_freed_memory

@@ -11,25 +11,74 @@ and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
 - ``top_eigenvalue``, ``hessian_trace``, ``hz_norm``: power iteration, Hutchinson, ||Hz|| (h = 1)
 - ``theorem3``: ``{"loss_increase", "lambda_max", "l2", "linf"}``, the bounds of Eqs. 6-7
 - ``quantization``: ``{"symmetric", "per_channel", "rows": [...]}``, rows of
-  ``hero_train.hessian.quantization_safety``
+  ``quantization_safety``
 - ``contour``: ``null`` or ``{"file", "steps", "span", "alphas", "betas", "losses"}``
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
+from exporters.quantize import dequantize, quantize_tensor, quantized_layers
 from hero_train import hessian
 from pipeline import stages
 
 ANALYSIS = "analysis.json"
 CONTOUR = "loss_contour.png"
+
+
+def quantization_perturbation(model: torch.nn.Module, bits: int, symmetric: bool = True,
+                              per_channel: bool = True) -> dict[str, float]:
+    """The perturbation δ = Q(W) − W that fake quantization (no BatchNorm folding, so δ lives in
+    the parameter space of the Hessian) applies to every Conv/Linear weight: ``half_step`` is
+    the largest Δ/2 (Δ the scale of exporters.quantize; |δ_i| ≤ Δ/2 for round-to-nearest
+    without clipping, HERO paper Theorem 2), ``linf`` the largest |δ_i| actually applied
+    (it can exceed Δ/2 only where the asymmetric grid clips), ``l2`` = ||δ||_2 over all of them."""
+    half_step, linf, sq = 0.0, 0.0, 0.0
+    for _, layer in quantized_layers(model):
+        w = layer.weight.detach().to(torch.float32)
+        q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=0)
+        delta = (dequantize(q, scale, zero_point, axis=0) - w).double()
+        half_step = max(half_step, float(scale.max()) / 2.0)
+        linf = max(linf, float(delta.abs().max()))
+        sq += float((delta * delta).sum())
+    return {"half_step": half_step, "linf": linf, "l2": math.sqrt(sq)}
+
+
+def quantization_safety(model: torch.nn.Module, bounds: dict[str, float], bits_list: Sequence[int],
+                        symmetric: bool = True, per_channel: bool = True) -> list[dict]:
+    """One row per bit width: the quantization perturbation against Theorem 3's bounds.
+
+    A perturbation smaller than a bound cannot raise the loss by c (under the theorem's
+    second-order model), so "safe" is a sufficient condition; "not guaranteed" says only that
+    the theorem gives no guarantee. The l-inf check uses max(Δ/2, largest |δ_i|).
+    """
+    rows = []
+    for bits in bits_list:
+        size = quantization_perturbation(model, bits, symmetric, per_channel)
+        safe_linf = max(size["half_step"], size["linf"]) < bounds["linf"]
+        safe_l2 = size["l2"] < bounds["l2"]
+        rows.append({"bits": int(bits), **size, "bound_linf": bounds["linf"], "bound_l2": bounds["l2"],
+                     "safe_linf": safe_linf, "safe_l2": safe_l2,
+                     "verdict": "safe" if safe_linf or safe_l2 else "not guaranteed"})
+    return rows
+
+
+def safety_table(rows: Sequence[dict]) -> str:
+    """The rows of `quantization_safety` as a fixed-width text table."""
+    lines = [f"{'bits':>4} | {'Δ/2 (l-inf)':>11} | {'||δ||2':>10} | {'bound l-inf':>11} | {'bound l2':>10} | verdict"]
+    for r in rows:
+        lines.append(f"{r['bits']:>4} | {max(r['half_step'], r['linf']):>11.4g} | {r['l2']:>10.4g} | "
+                     f"{r['bound_linf']:>11.4g} | {r['bound_l2']:>10.4g} | {r['verdict']}")
+    return "\n".join(lines)
 
 
 def training_batches(loaded: stages.Loaded, n_batches: int, batch_size: int, data_root: str | None,
@@ -70,7 +119,7 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
         "hz_norm": hessian.hz_norm(model, loss_fn, batches, h=1.0),
         "theorem3": {"loss_increase": loss_increase, "lambda_max": lambda_max, **bounds},
         "quantization": {"symmetric": symmetric, "per_channel": per_channel,
-                         "rows": hessian.quantization_safety(model, bounds, bits, symmetric, per_channel)},
+                         "rows": quantization_safety(model, bounds, bits, symmetric, per_channel)},
         "contour": None,
     }
     if contour is not None:
@@ -94,7 +143,7 @@ def summary(result: dict) -> str:
         f"and ||δ||inf >= {t['linf']:.4g}",
         f"Weight quantization ({'symmetric' if result['quantization']['symmetric'] else 'asymmetric'}, "
         f"{'per-channel' if result['quantization']['per_channel'] else 'per-tensor'}, no BN folding):",
-        hessian.safety_table(result["quantization"]["rows"]),
+        safety_table(result["quantization"]["rows"]),
         "  safe: smaller than a bound, so it cannot raise the loss by c (Theorem 3, second-order model);",
         "  not guaranteed: the theorem says nothing either way.",
     ]

@@ -1,12 +1,12 @@
 """The precision-switch bundle: every variant of one model in one folder, ready to copy to a device.
 
-Layout (read on the device by `exporters.switch` and `exporters.validate_bundle`)::
+Layout (read on the device by `exporters.device.switch` and `exporters.device.validate_bundle`)::
 
     manifest.json       below
     artifacts/<name>.onnx
     test.npz            x: the first `bundle.test_samples` test images, preprocessed as in training
                         (float32, N x C x H x W); y: their labels (int64)
-    host_report.json    `exporters.validate_bundle` run on this host on this very bundle: the
+    host_report.json    `exporters.device.validate_bundle` run on this host on this very bundle: the
                         baseline for ``hero check DEVICE_REPORT --baseline host_report.json``
 
 manifest.json::
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from exporters.errors import HeroError
-from exporters.files import sha256_file, write_atomic
-from exporters.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
-from exporters.validate_bundle import TEST_DATA, validate_bundle
+from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file, write_atomic
+from exporters.device.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
+from exporters.device.validate_bundle import TEST_DATA, validate_bundle
 from pipeline.cache import input_key
 from pipeline.gate import read_report
 
@@ -250,5 +250,5 @@ def bundle_command(run_dir, out_dir, checkpoint, test_samples, data_root, provid
     path = bundle_run(run_dir, out_dir, checkpoint,
                       BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen))
     click.echo(f"bundle: {path}")
-    click.echo(f"on the device: python -m exporters.validate_bundle {path} --out device_report.json, then "
+    click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
                f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")

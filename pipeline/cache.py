@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from exporters.files import sha256_file
+from exporters.device.files import sha256_file
 
 
 def input_key(**parts) -> str:

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -177,7 +177,7 @@ def validate(artifact, checkpoint, limit_test, json_out):
     import json
     from pathlib import Path
 
-    from exporters.files import write_atomic
+    from exporters.device.files import write_atomic
     from pipeline import stages
     from pipeline.config import DeployConfig
 

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from exporters.quantize import SUPPORTED_BITS
 from hero_train.train import TrainConfig
 

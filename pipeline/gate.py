@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from exporters.errors import HeroError
-from exporters.files import read_json, write_atomic
+from exporters.device.errors import HeroError
+from exporters.device.files import read_json, write_atomic
 
 REQUIRED = ("bits", "symmetric", "per_channel", "act_bits", "runtime_accuracy")
 

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from exporters.files import write_atomic  # noqa: E402
+from exporters.device.files import write_atomic  # noqa: E402
 
 
 def build_report(rows: list[dict], meta: dict) -> dict:

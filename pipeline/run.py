@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from pipeline import stages
 from pipeline.bundle import bundle_stage
 from pipeline.config import DeployConfig

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters import runtime as ort_runtime
-from exporters.errors import HeroError
-from exporters.files import sha256_file
+from exporters.device import runtime as ort_runtime
+from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file
 from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
 from exporters.trt_lint import lint_explicit_quantization

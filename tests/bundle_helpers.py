@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from conftest import make_fashion_mnist
 
-from exporters.files import sha256_file
+from exporters.device.files import sha256_file
 from exporters.onnx import export_onnx
 from pipeline import stages
 from pipeline.bundle import BundleOptions, write_bundle

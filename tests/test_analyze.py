@@ -1,11 +1,16 @@
 """``hero analyze`` on a tiny trained checkpoint: analysis.json, the contour plot, clear errors."""
 
 import json
+import math
 
 import pytest
+import torch
+from torch import nn
 from click.testing import CliRunner
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
+from exporters.quantize import quantize_tensor
+from pipeline import analyze
 from hero_train.train import TrainConfig, train
 from pipeline.analyze import analyze_command
 
@@ -52,3 +57,27 @@ def test_analyze_refuses_a_non_positive_loss_increase(tmp_path):
 def test_analyze_reports_a_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(analyze_command, [str(tmp_path / "nothing.pt")])
     assert isinstance(result.exception, HeroError) and "does not exist" in str(result.exception)
+
+
+def test_quantization_safety_half_step_is_the_quantizer_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    rows = analyze.quantization_safety(model, {"l2": 1.0, "linf": 0.01}, [4])
+    scales = [quantize_tensor(m.weight, 4)[1].max() for m in (model[0], model[2])]
+    assert rows[0]["half_step"] == pytest.approx(float(max(scales)) / 2)
+    assert rows[0]["linf"] <= rows[0]["half_step"] + 1e-7
+    with torch.no_grad():
+        deltas = [m.weight - quantize_tensor(m.weight, 4)[0] * quantize_tensor(m.weight, 4)[1][:, None]
+                  for m in (model[0], model[2])]
+    assert rows[0]["l2"] == pytest.approx(math.sqrt(sum(float((d * d).sum()) for d in deltas)), rel=1e-5)
+
+
+def test_finer_bits_are_safer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 3))
+    rows = analyze.quantization_safety(model, {"l2": 0.05, "linf": 0.002}, [2, 4, 8, 16])
+    assert all(a["half_step"] > b["half_step"] and a["l2"] > b["l2"] for a, b in zip(rows, rows[1:]))
+    verdicts = [r["verdict"] for r in rows]
+    assert verdicts[0] == "not guaranteed" and verdicts[-1] == "safe"
+    assert verdicts == sorted(verdicts, key=lambda v: v == "safe")  # once safe, safe for every finer width
+    assert "bits" in analyze.safety_table(rows).splitlines()[0]

@@ -10,9 +10,9 @@ from bundle_helpers import CPU, TEST_SAMPLES, built_bundle
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.errors import HeroError
-from exporters.files import sha256_file
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file
+from exporters.device.runtime import OnnxRuntimeRunner
 from pipeline import stages
 from pipeline.bundle import bundle_command, bundle_stage, refit_group, write_bundle
 from pipeline.config import DeployConfig

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from pipeline.config import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "deploy_configs").glob("*.yaml"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train import data
 from hero_train.data import (
     DATASETS, add_label_noise, augment, crop_flip, iterate_batches, load_dataset, noisy_indices, normalize,

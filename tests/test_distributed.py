@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import hero_train.train as T
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train import distributed
 from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
 from hero_train.distributed import Replica

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from exporters.errors import HeroError
-from exporters.quantize import quantize_tensor
+from exporters.device.errors import HeroError
 from hero_train import hessian as H
 from hero_train.optim import perturbation_paper
 from hero_train.train import TrainConfig
@@ -181,30 +180,6 @@ def test_theorem3_bounds_shrink_as_curvature_grows():
     assert all(a > b for a, b in zip(l2, l2[1:]))
     with pytest.raises(HeroError):
         H.theorem3_bounds(0.5, 1.0, 0.0, 100)
-
-
-def test_quantization_safety_half_step_is_the_quantizer_scale():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
-    rows = H.quantization_safety(model, {"l2": 1.0, "linf": 0.01}, [4])
-    scales = [quantize_tensor(m.weight, 4)[1].max() for m in (model[0], model[2])]
-    assert rows[0]["half_step"] == pytest.approx(float(max(scales)) / 2)
-    assert rows[0]["linf"] <= rows[0]["half_step"] + 1e-7
-    with torch.no_grad():
-        deltas = [m.weight - quantize_tensor(m.weight, 4)[0] * quantize_tensor(m.weight, 4)[1][:, None]
-                  for m in (model[0], model[2])]
-    assert rows[0]["l2"] == pytest.approx(math.sqrt(sum(float((d * d).sum()) for d in deltas)), rel=1e-5)
-
-
-def test_finer_bits_are_safer():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 3))
-    rows = H.quantization_safety(model, {"l2": 0.05, "linf": 0.002}, [2, 4, 8, 16])
-    assert all(a["half_step"] > b["half_step"] and a["l2"] > b["l2"] for a, b in zip(rows, rows[1:]))
-    verdicts = [r["verdict"] for r in rows]
-    assert verdicts[0] == "not guaranteed" and verdicts[-1] == "safe"
-    assert verdicts == sorted(verdicts, key=lambda v: v == "safe")  # once safe, safe for every finer width
-    assert "bits" in H.safety_table(rows).splitlines()[0]
 
 
 @pytest.mark.parametrize("train_bn", [True, False])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train.models import MODELS, build_model
 
 

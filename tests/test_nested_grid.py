@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from exporters.nested_grid import (
     canonical_quantize,
     nested_clip_fraction,

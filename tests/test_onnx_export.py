@@ -11,10 +11,10 @@ from onnx import TensorProto
 from torch import nn
 
 import exporters.onnx
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from exporters.onnx import export_onnx, weight_initializers
 from exporters.quantize import QuantSpec, calibrate_activations, fold_bn, qrange, quantize_model
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.runtime import OnnxRuntimeRunner
 
 INPUT_SHAPE = (2, 8, 8)
 

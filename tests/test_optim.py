@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train.optim import HERO, FirstOrder, GradL1
 
 
@@ -189,8 +189,10 @@ def test_batchnorm_statistics_move_once_from_the_unperturbed_pass(make):
     assert bns
     for m, p in bns:
         assert int(m.num_batches_tracked) == 1
-        assert torch.equal(m.running_mean, p.running_mean)
-        assert torch.equal(m.running_var, p.running_var)
+        # The second-order Conv kernel adds its bias separately: its output (and so the statistics)
+        # may differ from nn.Conv2d's in the last float32 bit.
+        assert torch.allclose(m.running_mean, p.running_mean, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(m.running_var, p.running_var, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("hvp", ["exact", "finite-difference"])
@@ -283,5 +285,7 @@ def test_second_order_kernels_move_batchnorm_statistics_as_the_module_does(bn):
         with SecondOrderKernels(kernel):
             got = kernel(x)
         assert torch.allclose(got, want, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), kernel.state_dict().values()))
+    for (name, a), b in zip(plain.state_dict().items(), kernel.state_dict().values()):  # last-bit slack: see above
+        assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), name
+    assert plain[1].num_batches_tracked is None or torch.equal(plain[1].num_batches_tracked, kernel[1].num_batches_tracked)
     assert "forward" not in vars(kernel[1])  # the patch is gone after the block

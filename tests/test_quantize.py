@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from pipeline.quantize import (
     QuantSpec,
     calibrate_activations,

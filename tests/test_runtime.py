@@ -10,8 +10,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.errors import HeroError
-from exporters.runtime import OnnxRuntimeRunner, evaluate_accuracy, time_batches
+from exporters.device.errors import HeroError
+from exporters.device.runtime import OnnxRuntimeRunner, evaluate_accuracy, time_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = ["CPUExecutionProvider"]
@@ -21,7 +21,7 @@ import sys
 for blocked in ("torch", "hero_train", "pipeline"):
     sys.modules[blocked] = None  # any import of these now raises ImportError
 import numpy as np
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.runtime import OnnxRuntimeRunner
 runner = OnnxRuntimeRunner(sys.argv[1], ["CPUExecutionProvider"])
 np.save(sys.argv[3], runner.predict(np.load(sys.argv[2])))
 """

@@ -5,8 +5,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.errors import HeroError
-from exporters.runtime import OnnxRuntimeRunner
+from exporters.device.errors import HeroError
+from exporters.device.runtime import OnnxRuntimeRunner
 
 CPU = ["CPUExecutionProvider"]
 

@@ -9,12 +9,12 @@ import onnxruntime
 import pytest
 from bundle_helpers import CPU, built_bundle, copy_bundle
 
-import exporters
-from exporters.errors import HeroError
-from exporters.files import sha256_file
-from exporters.runtime import OnnxRuntimeRunner
-from exporters.switch import PrecisionSwitcher, measure_switch_latency
-from exporters.trt_contract import build_flags, sidecar_path
+import exporters.device
+from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file
+from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.device.switch import PrecisionSwitcher, measure_switch_latency
+from exporters.device.trt_contract import build_flags, sidecar_path
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_measure_switch_latency_switches_every_time_and_ends_where_it_began(tiny
 
 
 class _FakeTensorRT:
-    """Stands in for exporters.tensorrt (no GPU here): records engine builds and refits."""
+    """Stands in for exporters.device.tensorrt (no GPU here): records engine builds and refits."""
 
     def __init__(self):
         self.builds, self.refits = [], []
@@ -147,8 +147,8 @@ class _FakeTensorRT:
 
 def test_tensorrt_switch_refits_one_engine_within_a_refit_group(tiny, tmp_path, monkeypatch):
     fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "exporters.tensorrt", fake)
-    monkeypatch.setattr(exporters, "tensorrt", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
+    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
     bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]  # w4 refits w8's engine

@@ -10,9 +10,9 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed as the re
 
 from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
 
-from exporters.errors import HeroError  # noqa: E402
+from exporters.device.errors import HeroError  # noqa: E402
 from exporters.nested_grid import nested_grid_codes  # noqa: E402
-from exporters.tensorrt import (  # noqa: E402
+from exporters.device.tensorrt import (  # noqa: E402
     EngineConfig,
     TensorRTRunner,
     available,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 from hero_train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 import hero_train.train as T
 from hero_train.train import TrainConfig, train

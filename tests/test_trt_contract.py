@@ -1,4 +1,4 @@
-"""The TensorRT engine contract and exporters.tensorrt's behaviour without TensorRT; runs anywhere."""
+"""The TensorRT engine contract and exporters.device.tensorrt's behaviour without TensorRT; runs anywhere."""
 
 import json
 import subprocess
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters import tensorrt as trt_module
-from exporters.errors import HeroError
-from exporters.trt_contract import (
+from exporters.device import tensorrt as trt_module
+from exporters.device.errors import HeroError
+from exporters.device.trt_contract import (
     EngineConfig,
     batch_chunks,
     build_flags,
@@ -152,8 +152,8 @@ def test_modules_import_without_tensorrt_cuda_onnx_or_torch():
         "import sys\n"
         "for name in ('tensorrt', 'cuda', 'onnx', 'torch'):\n"
         "    sys.modules[name] = None\n"
-        "import exporters.tensorrt, exporters.trt_contract, exporters.nested_grid\n"
-        "print(exporters.tensorrt.available()[0])\n"
+        "import exporters.device.tensorrt, exporters.device.trt_contract, exporters.nested_grid\n"
+        "print(exporters.device.tensorrt.available()[0])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from bundle_helpers import CPU, built_bundle, copy_bundle
 
-from exporters.runtime import OnnxRuntimeRunner
-from exporters.validate_bundle import main as validate_main
-from exporters.validate_bundle import validate_bundle
+from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.device.validate_bundle import main as validate_main
+from exporters.device.validate_bundle import validate_bundle
 from pipeline.cli import main as hero
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ import runpy, sys
 for blocked in ("torch", "hero_train", "pipeline", "click", "onnx", "pydantic", "yaml", "matplotlib"):
     sys.modules[blocked] = None  # any import of these now raises ImportError
 sys.argv = ["validate_bundle", *sys.argv[1:]]
-runpy.run_module("exporters.validate_bundle", run_name="__main__")
+runpy.run_module("exporters.device.validate_bundle", run_name="__main__")
 """
 
 

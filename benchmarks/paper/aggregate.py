@@ -21,7 +21,7 @@ import click
 
 from benchmarks.paper import figures as Fg
 from benchmarks.paper import tables as T
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 HERE = Path(__file__).resolve().parent
 READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"

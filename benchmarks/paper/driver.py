@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.paper import plan as P
-from exporters.errors import HeroError
-from exporters.files import sha256_file, write_atomic
+from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file, write_atomic
 from hero_train.allocator import keep_freed_memory
 from hero_train.checkpoint import load_checkpoint
 from hero_train.data import DATASETS

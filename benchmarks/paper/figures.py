@@ -97,7 +97,7 @@ def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2,
     (unaugmented, BatchNorm in eval mode), cached in the cell folder per checkpoint and settings."""
     import torch
 
-    from exporters.files import sha256_file
+    from exporters.device.files import sha256_file
     from hero_train import data as hdata
     from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
     from hero_train.hessian import cross_entropy_loss, loss_contour

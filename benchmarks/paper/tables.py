@@ -53,7 +53,7 @@ def load_results(out_root: Path, scale: str | None = None) -> tuple[dict, list[d
         preset = SCALES[scale]
         plan = plan_document(preset, build_plan(preset))
     if plan is None:
-        from exporters.errors import HeroError
+        from exporters.device.errors import HeroError
         raise HeroError(f"{out_root / 'plan.json'} does not exist: run benchmarks/paper/driver.py first")
     plan["step_costs"] = _json(out_root / "step_costs.json")  # the driver's last measurement, if any
     return plan, [load_cell(c, out_root) for c in plan["cells"]]

@@ -1,6 +1,6 @@
 """Validate a precision-switch bundle on the device it is deployed to.
 
-    python -m exporters.validate_bundle BUNDLE [--runtime onnxruntime|tensorrt] [--out device_report.json]
+    python -m exporters.device.validate_bundle BUNDLE [--runtime onnxruntime|tensorrt] [--out device_report.json]
                                                [--providers CUDAExecutionProvider,CPUExecutionProvider]
 
 Checks every file's sha256 against the manifest, runs every variant on the bundle's test.npz through
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.errors import HeroError
-from exporters.files import write_atomic
-from exporters.switch import PrecisionSwitcher, measure_switch_latency, median_ms, read_manifest, verify_file
+from exporters.device.errors import HeroError
+from exporters.device.files import write_atomic
+from exporters.device.switch import PrecisionSwitcher, measure_switch_latency, median_ms, read_manifest, verify_file
 
 TEST_DATA = "test.npz"
 
@@ -73,7 +73,7 @@ def _runtime_version(runtime: str) -> str:
         import onnxruntime
 
         return onnxruntime.__version__
-    from exporters import tensorrt
+    from exporters.device import tensorrt
 
     return tensorrt.available()[1]
 
@@ -135,7 +135,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m exporters.validate_bundle",
+    parser = argparse.ArgumentParser(prog="python -m exporters.device.validate_bundle",
                                      description="Validate a hero-deploy precision-switch bundle on this device.")
     parser.add_argument("bundle", help="the bundle folder written by `hero bundle`")
     parser.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime")

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 DEFAULT_BATCH_SIZE = 256
 _OPTIMIZATION_LEVELS = {

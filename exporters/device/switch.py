@@ -5,7 +5,7 @@ A bundle (written on the host by `pipeline.bundle`) is a folder::
     manifest.json        format, model facts and one entry per variant (schema in pipeline/bundle.py)
     artifacts/<name>.onnx
     test.npz             x: preprocessed float32 test images, y: int64 labels
-    host_report.json     the host's run of exporters.validate_bundle on this very bundle
+    host_report.json     the host's run of exporters.device.validate_bundle on this very bundle
 
 Every artifact's sha256 is checked against the manifest before anything runs.
 
@@ -40,8 +40,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from exporters.errors import HeroError
-from exporters.files import read_json, sha256_file
+from exporters.device.errors import HeroError
+from exporters.device.files import read_json, sha256_file
 
 FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
@@ -154,7 +154,7 @@ class _OnnxRuntimeBackend:
     """A prepared ONNX Runtime session per variant; selecting one is a dict lookup."""
 
     def __init__(self, paths: dict, providers, input_shape):
-        from exporters.runtime import OnnxRuntimeRunner  # onnxruntime only when this runtime is chosen
+        from exporters.device.runtime import OnnxRuntimeRunner  # onnxruntime only when this runtime is chosen
 
         self.runners = {bits: OnnxRuntimeRunner(path, providers) for bits, path in paths.items()}
         if input_shape:
@@ -173,7 +173,7 @@ class _TensorRTBackend:
     with that variant's weights unless they are already loaded."""
 
     def __init__(self, paths: dict, variants: dict, engine_dir: Path):
-        from exporters import tensorrt  # TensorRT only when this runtime is chosen
+        from exporters.device import tensorrt  # TensorRT only when this runtime is chosen
 
         ok, why = tensorrt.available()
         if not ok:
@@ -204,7 +204,7 @@ class _TensorRTBackend:
 def _prepared_engine(tensorrt, onnx_path: Path, variant: dict, engine_dir: Path, refit: bool) -> Path:
     """An engine for `onnx_path` in `engine_dir`: the cached one when its sidecar says it was built
     from this very ONNX file on this device with the same refit setting, else a fresh build."""
-    from exporters.trt_contract import EngineConfig, check_sidecar, read_sidecar
+    from exporters.device.trt_contract import EngineConfig, check_sidecar, read_sidecar
 
     engine = engine_dir / f"{variant['name']}.engine"
     try:

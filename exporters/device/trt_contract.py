@@ -1,6 +1,6 @@
 """The TensorRT engine contract, checkable without TensorRT: config, sidecar, refit rules.
 
-`exporters.tensorrt` does the TensorRT calls; everything here is numpy + stdlib so it is
+`exporters.device.tensorrt` does the TensorRT calls; everything here is numpy + stdlib so it is
 tested on any machine. The sidecar `<engine>.json` is the engine's contract:
 
     tensorrt_version, gpu_name, compute_capability   where it may be loaded
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 REBUILD_HINT = "rebuild the engine on this device with `hero export --runtime tensorrt`"
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -25,7 +25,7 @@ PRECISIONS = ("int8", "fp16", "fp32")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What engine to build; exporters.tensorrt.build_engine decides how (see its module docstring)."""
+    """What engine to build; exporters.device.tensorrt.build_engine decides how (see its module docstring)."""
 
     precision: str
     min_batch: int = 1

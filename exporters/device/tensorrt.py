@@ -29,7 +29,7 @@ Choices:
   STRIP_PLAN plus REFIT_IDENTICAL when refit is False (as fast as a plain engine, but
   NvInfer.h: refitting different weights is undefined behaviour) or plus REFIT when refit
   is True (small plan that can still switch variants).
-- A JSON sidecar `<engine>.json` (schema in `exporters.trt_contract`) records TensorRT
+- A JSON sidecar `<engine>.json` (schema in `exporters.device.trt_contract`) records TensorRT
   version, GPU name, compute capability, flags, profile and the ONNX hash; load_engine
   refuses an engine whose sidecar does not match this device. Refittable engines also
   record each initializer's shape, dtype and sha256, so refit can check shapes, keep
@@ -49,8 +49,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from exporters.errors import HeroError
-from exporters.trt_contract import (
+from exporters.device.errors import HeroError
+from exporters.device.trt_contract import (
     REBUILD_HINT,
     EngineConfig,
     batch_chunks,
@@ -269,7 +269,7 @@ def load_engine(engine_path):
 
 
 class TensorRTRunner:
-    """Runs an engine like exporters.runtime.OnnxRuntimeRunner: float32 logits for any batch size.
+    """Runs an engine like exporters.device.runtime.OnnxRuntimeRunner: float32 logits for any batch size.
 
     `input_name` and `input_shape` (one sample's dims) match OnnxRuntimeRunner's; `sidecar`
     is the engine's build record. Device buffers are freed by close() (or `with`).

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from exporters.errors import HeroError
+from exporters.device.errors import HeroError
 
 
 def sha256_file(path: str | os.PathLike) -> str:
