@@ -22,8 +22,6 @@ import copy
 import importlib.metadata
 import json
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +39,7 @@ from torch import nn
 
 from exporters import quantize
 from exporters.device.errors import HeroError
+from exporters.device.files import write_atomic
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits
@@ -106,7 +105,7 @@ def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec
     for key, value in {**_hero_metadata(spec, fp16, int4_storage), **extra, **dict(metadata or {})}.items():
         proto.metadata_props.add(key=str(key), value=str(value))
     onnx.checker.check_model(proto, full_check=True)
-    return _save_atomic(proto, Path(path))
+    return write_atomic(path, proto.SerializeToString())
 
 
 def _resolve_spec(spec, *, bits, symmetric, per_channel, fold_bn, act_bits, act_scales) -> quantize.QuantSpec:
@@ -374,21 +373,6 @@ def _hero_metadata(spec: quantize.QuantSpec, fp16: bool, int4_storage: bool) -> 
         "hero.weight_storage": storage,
         "hero.tool_version": _tool_version(),
     }
-
-
-def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
-    """Write to a temporary file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(proto.SerializeToString())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an artifact is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:

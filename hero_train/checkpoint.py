@@ -12,14 +12,15 @@ Schema (a plain dict, so ``torch.load(..., weights_only=True)`` can read it and 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from exporters.device.errors import HeroError
+from exporters.device.files import write_atomic
 from hero_train.models import build_model
 
 FORMAT = "hero-deploy-checkpoint"
@@ -27,18 +28,11 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
-    """Write then rename, so an interrupted write never leaves a half checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(dict(payload, format=FORMAT, format_version=FORMAT_VERSION), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Serialise, then write atomically (readable by other users): an interrupted write never
+    leaves half a checkpoint behind."""
+    buffer = io.BytesIO()
+    torch.save(dict(payload, format=FORMAT, format_version=FORMAT_VERSION), buffer)
+    return write_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -288,7 +288,7 @@ def plot_loss_contour(result: Contour, path, title: str = "loss contour"):
     ax.clabel(lines, inline=True, fontsize=7, fmt="%.2f")
     ax.plot([0.0], [0.0], marker="*", color="red", markersize=10)
     ax.set(xlabel="direction 1", ylabel="direction 2", title=title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
     return path
 
 

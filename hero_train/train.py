@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from exporters.device.errors import HeroError
+from exporters.device.files import make_dirs
 from hero_train import data as hdata
 from hero_train import distributed
 from hero_train.allocator import keep_freed_memory
@@ -240,7 +241,7 @@ def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
 def _prepare_out_dir(out_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
     """The output folder's side of a start: refuse to overwrite a run, read the checkpoint to resume
     (returned, or None), and keep exactly the metrics lines of the epochs that checkpoint holds."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     state = _resume_state(out_dir, config) if resume else None
     if not resume and (out_dir / CHECKPOINT).exists():
         raise HeroError(f"{out_dir / CHECKPOINT} exists: pass --resume to continue it or choose another --out")

@@ -17,6 +17,7 @@ and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from exporters.device.errors import HeroError
+from exporters.device.files import write_atomic
 from exporters.quantize import dequantize, quantize_tensor, quantized_layers
 from hero_train import hessian
 from pipeline import stages
@@ -193,10 +195,11 @@ def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymme
                      per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
                      contour=(steps, span) if contour else None)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     if result["contour"] is not None:
         grid = hessian.Contour(*(np.array(result["contour"][k]) for k in ("alphas", "betas", "losses")))
-        hessian.plot_loss_contour(grid, out / CONTOUR, f"{result['model']} ({result['optimizer']}) training loss")
-    (out / ANALYSIS).write_text(json.dumps(result, indent=2) + "\n")
+        image = io.BytesIO()
+        hessian.plot_loss_contour(grid, image, f"{result['model']} ({result['optimizer']}) training loss")
+        write_atomic(out / CONTOUR, image.getvalue())
+    write_atomic(out / ANALYSIS, json.dumps(result, indent=2) + "\n")
     click.echo(summary(result))
     click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))

@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 from exporters.device.errors import HeroError
-from exporters.device.files import sha256_file, write_atomic
+from exporters.device.files import make_dirs, sha256_file, write_atomic
 from exporters.device.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
 from exporters.device.validate_bundle import TEST_DATA, validate_bundle
 from pipeline.cache import input_key
@@ -105,7 +105,7 @@ def _host_entries(rows: list[dict], paths: dict[str, Path]) -> list[dict]:
 def _copy_checked(entry: dict, folder: Path) -> str:
     """Copy the entry's artifact into `folder`; the copy must hash to the validated sha256."""
     target = folder / "artifacts" / entry["path"].name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     shutil.copyfile(entry["path"], target)
     if sha256_file(target) != entry["sha256"]:
         raise HeroError(f"{entry['path']} changed after it was validated: rerun `hero run` before bundling")
@@ -180,8 +180,9 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     if _unchanged(out_dir, key):
         return out_dir
     x, y = stages.eval_data(loaded, "test", options.test_samples, options.data_root)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir.parent)
     built = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
+    built.chmod(0o755)  # mkdtemp makes it 0700: the bundle is meant for another user on the device
     try:
         np.savez_compressed(built / TEST_DATA, x=x.astype(np.float32), y=y.astype(np.int64))
         manifest = _manifest(loaded, entries, built, key, len(x))

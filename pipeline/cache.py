@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from exporters.device.files import sha256_file
+from exporters.device.files import sha256_file, write_atomic
 
 
 def input_key(**parts) -> str:
@@ -43,8 +41,4 @@ class StageCache:
         self.records[f"{stage}/{item}"] = {
             "key": key, "value": value, "files": {str(p): sha256_file(p) for p in files},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.records, fh, indent=1)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.records, indent=1))

@@ -15,6 +15,7 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -67,10 +68,10 @@ def plot_accuracy_vs_bits(series: dict[str, list[tuple[int, float]]], baselines:
     ax.grid(alpha=0.3)
     ax.legend(title="dashed: full precision", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return write_atomic(path, buffer.getvalue())
 
 
 def write_report(report: dict, run_dir: Path, label: str) -> None:

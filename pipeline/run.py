@@ -11,6 +11,7 @@ import onnxruntime
 import torch
 
 from exporters.device.errors import HeroError
+from exporters.device.files import make_dirs
 from pipeline import stages
 from pipeline.bundle import bundle_stage
 from pipeline.config import DeployConfig
@@ -27,7 +28,7 @@ def criteria_from(config: DeployConfig) -> GateCriteria:
 def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None,
                  log=print) -> dict:
     """Run every stage; returns the report (also written to ``run_dir``)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     began, say = time.perf_counter(), log
     log = lambda message: say(f"{message}  [{time.perf_counter() - began:.0f}s]")  # noqa: E731
     data_root = (config.train or {}).get("data_root")

@@ -19,14 +19,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def make_dirs(path: str | os.PathLike) -> Path:
+    """Create `path` and its missing parents as 0755 folders (before the umask), so a run or a
+    bundle copied to a device can be read by another user."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str | memoryview, mode: int = 0o644) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so readers
+    never see half a file; the file gets `mode` (mkstemp's own 0600 would make a shared artifact
+    unreadable to other users). Missing parent folders are created 0755."""
+    path = Path(path)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not land before the data does (power loss)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -40,16 +40,15 @@ Choices:
   package; refit_from_npz needs only numpy.
 """
 
-import hashlib
 import json
 import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 
 import numpy as np
 
 from exporters.device.errors import HeroError
+from exporters.device.files import sha256_file, write_atomic
 from exporters.device.trt_contract import (
     REBUILD_HINT,
     EngineConfig,
@@ -147,29 +146,6 @@ def _builder_flag(trt, name: str):
     return flag
 
 
-def _atomic_write(path, data) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_initializers(onnx_path) -> dict[str, np.ndarray]:
     """Every initializer of an ONNX file as numpy (INT8 codes, scales and float weights alike)."""
     try:
@@ -235,19 +211,19 @@ def build_engine(onnx_path, engine_path, config: EngineConfig) -> dict:
     if serialized is None:
         raise HeroError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(logger.errors[-5:])}")
     if config.timing_cache:
-        _atomic_write(config.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
-    _atomic_write(engine_path, memoryview(serialized))
+        write_atomic(config.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
+    write_atomic(engine_path, memoryview(serialized))
     sidecar = {
         **device_identity(),
         "precision": config.precision,
         "flags": flags,
         "profile": {"input": net_input.name, **shapes},
-        "onnx_sha256": _sha256_file(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
         "timing_cache_reused": cache_reused,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weights": _weight_manifest(onnx_path) if config.refit or config.strip_weights else None,
     }
-    _atomic_write(sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
+    write_atomic(sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
     return sidecar
 
 
