@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from exporters.nested_grid import nested_grid_codes, scale8
-from exporters.quantize import fold_bn, quantize_model, quantized_layers
+from exporters.quantize import QuantSpec, fold_bn, quantize_model, quantized_layers
 from pipeline import stages
 
 
@@ -50,7 +50,7 @@ def main(checkpoint, limit_test):
     print(f"{checkpoint}: full precision {100 * base:.2f}% on {len(y)} test images")
     print("bits  canonical  nested  nested - canonical (pts)")
     for bits in range(8, 1, -1):
-        canonical = accuracy(quantize_model(loaded.model, bits))
+        canonical = accuracy(quantize_model(loaded.model, QuantSpec(bits=bits)))
         nested = accuracy(nested_model(folded, bits))
         print(f"{bits:>4}  {100 * canonical:8.2f}%  {100 * nested:6.2f}%  {100 * (nested - canonical):+8.2f}")
 

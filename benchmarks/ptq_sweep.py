@@ -82,7 +82,7 @@ class OrtEval:
 
     def __init__(self, model: torch.nn.Module, input_shape, batch_size: int, folder: Path):
         start = time.perf_counter()
-        path = export_onnx(model, folder / "float.onnx", input_shape=input_shape, spec=QuantSpec(bits=None))
+        path = export_onnx(model, folder / "float.onnx", QuantSpec(bits=None), input_shape=input_shape)
         self.export_s = time.perf_counter() - start
         self.proto = onnx.load(path)
         self.folder, self.batch_size = folder, batch_size

@@ -36,7 +36,7 @@ import click
 import numpy as np
 import torch
 
-from exporters.onnx import export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, calibrate_activations, fold_bn
 from exporters.device.runtime import OnnxRuntimeRunner
 from hero_train.models import build_model
@@ -97,14 +97,14 @@ def export_artifacts(subject: Subject, out_dir: Path) -> dict[str, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model, shape = subject.model, subject.input_shape
-    paths = {"fp32": export_onnx(model, out_dir / "fp32.onnx", input_shape=shape),
-             "w8": export_onnx(model, out_dir / "w8.onnx", input_shape=shape, spec=QuantSpec(bits=8)),
-             "w4": export_onnx(model, out_dir / "w4.onnx", input_shape=shape, spec=QuantSpec(bits=4),
-                               int4_storage=True)}
+    paths = {"fp32": export_onnx(model, out_dir / "fp32.onnx", QuantSpec(), input_shape=shape),
+             "w8": export_onnx(model, out_dir / "w8.onnx", QuantSpec(bits=8), input_shape=shape),
+             "w4": export_onnx(model, out_dir / "w4.onnx", QuantSpec(bits=4), ExportOptions(int4_storage=True),
+                               input_shape=shape)}
     calibration = _batches(subject.calibration_x, CALIBRATION_BATCH)
-    scales = calibrate_activations(fold_bn(model), [torch.from_numpy(b) for b in calibration])
-    paths["w8a8"] = export_onnx(model, out_dir / "w8a8.onnx", input_shape=shape,
-                                spec=QuantSpec(bits=8, act_bits=8), act_scales=scales)
+    w8a8 = QuantSpec(bits=8, act_bits=8)
+    scales = calibrate_activations(fold_bn(model), [torch.from_numpy(b) for b in calibration], w8a8)
+    paths["w8a8"] = export_onnx(model, out_dir / "w8a8.onnx", w8a8, calibration=scales, input_shape=shape)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

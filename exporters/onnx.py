@@ -4,7 +4,7 @@ The graph computes what `exporters.quantize.quantize_model` computes with the sa
 float model (BatchNorm folded by the same `fold_bn`) is exported with torch's dynamo exporter,
 then every Conv/Gemm/MatMul weight becomes an integer initializer read through
 DequantizeLinear, with integers, scales and zero points from `quantize_tensor` itself. With
-act_bits=8 each such op's activation input passes through Clip -> QuantizeLinear ->
+a Calibration (act_bits 8) each such op's activation input passes through Clip -> QuantizeLinear ->
 DequantizeLinear (per-tensor, int8, zero point 0), the form ONNX Runtime and TensorRT accept.
 
 Weight storage: int8/uint8 (symmetric/asymmetric) up to 8 bits, int4/uint4 for bits <= 4 with
@@ -19,11 +19,12 @@ import contextlib
 import logging
 import warnings
 import copy
-import importlib.metadata
+import dataclasses
 import json
 import numbers
 from collections.abc import Mapping
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import ml_dtypes
@@ -38,8 +39,10 @@ from onnxscript.rewriter.rules import common as rules
 from torch import nn
 
 from exporters import quantize
+from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
+from exporters.device.runtime import QUANTIZATION_KEY
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits
@@ -74,63 +77,65 @@ class _WeightUse(NamedTuple):
     axis: int
 
 
-def export_onnx(model: nn.Module, path, *, input_shape, spec: quantize.QuantSpec | None = None,
-                bits: int | None = None, symmetric: bool = True, per_channel: bool = True,
-                fold_bn: bool = True, act_bits: int | None = None,
-                act_scales: Mapping[str, float] | None = None, fp16: bool = False,
-                opset: int | None = None, int4_storage: bool = False,
-                metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `model` to `path` as ONNX computing `quantize_model(model, spec, act_scales=...)`.
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to write the graph (not how to quantize: that is the QuantSpec). `int4_storage`:
+    INT4/UINT4 initializers for bits <= 4 (opset 21); `fp16`: a float16 graph (float models
+    only); `opset`: None for the lowest that the storage needs; `metadata`: extra
+    metadata_props entries written next to hero.quantization."""
+
+    int4_storage: bool = False
+    fp16: bool = False
+    opset: int | None = None
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("int4_storage", "fp16"):
+            if not isinstance(getattr(self, name), bool):
+                raise HeroError(f"export option {name} must be true or false, got {getattr(self, name)!r}")
+
+
+def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: ExportOptions = ExportOptions(),
+                calibration: quantize.Calibration | None = None, *, input_shape) -> Path:
+    """Write `model` to `path` as ONNX computing `quantize_model(model, spec, calibration)`.
 
     `input_shape` is one sample's shape (C, H, W); the batch dimension is dynamic ("batch"),
-    the input is named "input" and the output "logits". Pass either `spec` or the loose flags.
-    `metadata` entries are added to the model's metadata_props next to the hero.* ones.
-    The file is written atomically. Returns the path.
+    the input is named "input" and the output "logits". The spec, the activation scales, the
+    weight storage and the tool version go into one metadata entry, ``hero.quantization``
+    (JSON, read back by `read_quantization`). The file is written atomically. Returns the path.
     """
-    spec = _resolve_spec(spec, bits=bits, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
-                         act_bits=act_bits, act_scales=act_scales)
-    _check_options(spec, act_scales, fp16=fp16, int4_storage=int4_storage)
-    opset = _choose_opset(spec.bits, int4_storage, opset)
+    if not isinstance(spec, quantize.QuantSpec):
+        raise HeroError(f"export_onnx takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
+    quantize.check_calibration(spec, calibration)
+    _check_options(spec, options)
+    opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
     float_model = (quantize.fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()).cpu()
     proto = export_float_graph(float_model, input_shape, opset)
-    uses = _weight_uses(proto, float_model) if spec.bits is not None or act_scales is not None else []
+    uses = _weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
-        _quantize_weights(proto, uses, float_model, spec, int4_storage)
-    if act_scales is not None:
-        _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, act_scales))
-    if fp16:
+        _quantize_weights(proto, uses, float_model, spec, options.int4_storage)
+    if calibration is not None:
+        _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
+    if options.fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
-    extra = {"hero.act_scales": json.dumps(dict(act_scales), sort_keys=True)} if act_scales is not None else {}
-    for key, value in {**_hero_metadata(spec, fp16, int4_storage), **extra, **dict(metadata or {})}.items():
-        proto.metadata_props.add(key=str(key), value=str(value))
+    entries = {QUANTIZATION_KEY: json.dumps(_quantization_entry(spec, calibration, options), sort_keys=True),
+               **{str(k): str(v) for k, v in options.metadata.items()}}
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     return write_atomic(path, proto.SerializeToString())
 
 
-def _resolve_spec(spec, *, bits, symmetric, per_channel, fold_bn, act_bits, act_scales) -> quantize.QuantSpec:
-    """The QuantSpec given, or one built from the loose flags (act_scales imply act_bits=8, as in
-    quantize_model)."""
-    if spec is None:
-        if act_bits is None and act_scales is not None:
-            act_bits = quantize.ACT_BITS
-        return quantize.QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
-                                  act_bits=act_bits)
-    if not isinstance(spec, quantize.QuantSpec):
-        raise HeroError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    if (bits, symmetric, per_channel, fold_bn, act_bits) != (None, True, True, True, None):
-        raise HeroError("pass either spec=QuantSpec(...) or the bits/symmetric/per_channel/fold_bn/act_bits flags, "
-                        "not both")
-    return spec
-
-
-def _check_options(spec: quantize.QuantSpec, act_scales, *, fp16: bool, int4_storage: bool) -> None:
-    if (spec.act_bits is None) != (act_scales is None):
-        raise HeroError("act_bits=8 needs act_scales from calibrate_activations, and act_scales need act_bits=8")
-    if fp16 and (spec.bits is not None or spec.act_bits is not None):
+def _check_options(spec: quantize.QuantSpec, options: ExportOptions) -> None:
+    if not isinstance(options, ExportOptions):
+        raise HeroError(f"options must be an ExportOptions, got {type(options).__name__}")
+    if options.fp16 and (spec.bits is not None or spec.act_bits is not None):
         raise HeroError("fp16 export is for float models: use bits=None and act_bits=None, or fp16=False")
-    if int4_storage and (spec.bits is None or spec.bits > 4):
+    if options.int4_storage and (spec.bits is None or spec.bits > 4):
         raise HeroError(f"int4_storage needs bits <= 4, got bits={spec.bits}: drop int4_storage or lower bits")
+    if QUANTIZATION_KEY in options.metadata:
+        raise HeroError(f"metadata may not set {QUANTIZATION_KEY}: the exporter writes it")
 
 
 def _choose_opset(bits: int | None, int4_storage: bool, opset: int | None) -> int:
@@ -351,28 +356,28 @@ def _strip_exporter_notes(proto: onnx.ModelProto) -> None:
         node.doc_string = ""
 
 
-def _tool_version() -> str:
-    try:
-        return importlib.metadata.version("hero-deploy")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def _hero_metadata(spec: quantize.QuantSpec, fp16: bool, int4_storage: bool) -> dict[str, str]:
-    """The hero.* metadata_props: what was quantized and how (integers as text, "none" for float)."""
+def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOptions) -> dict:
+    """The hero.quantization metadata: the spec, the activation scales and how weights are stored."""
     if spec.bits is None:
-        storage = "float16" if fp16 else "float32"
+        storage = "float16" if options.fp16 else "float32"
     else:
-        storage = np.dtype(_storage_type(spec, int4_storage)[1]).name
-    return {
-        "hero.bits": "none" if spec.bits is None else str(spec.bits),
-        "hero.scheme": f"{'symmetric' if spec.symmetric else 'asymmetric'},"
-                       f"{'per_channel' if spec.per_channel else 'per_tensor'}",
-        "hero.act_bits": "none" if spec.act_bits is None else str(spec.act_bits),
-        "hero.fold_bn": str(spec.fold_bn).lower(),
-        "hero.weight_storage": storage,
-        "hero.tool_version": _tool_version(),
-    }
+        storage = np.dtype(_storage_type(spec, options.int4_storage)[1]).name
+    return {"spec": spec.to_dict(), "act_scales": None if calibration is None else dict(calibration.scales),
+            "weight_storage": storage, "tool_version": TOOL_VERSION}
+
+
+def read_quantization(metadata: Mapping[str, str], source) -> tuple[quantize.QuantSpec, quantize.Calibration | None]:
+    """The QuantSpec and Calibration an artifact was exported with, from its hero.quantization
+    metadata; an artifact without it (not written by hero-deploy) or with a broken one is a HeroError."""
+    if QUANTIZATION_KEY not in metadata:
+        raise HeroError(f"{source} has no {QUANTIZATION_KEY} metadata: use artifacts written by hero export or hero run")
+    try:
+        entry = json.loads(metadata[QUANTIZATION_KEY])
+        spec = quantize.QuantSpec.from_dict(entry["spec"])
+        scales = entry["act_scales"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HeroError(f"{source}: its {QUANTIZATION_KEY} metadata is not readable ({exc})") from None
+    return spec, None if scales is None else quantize.Calibration(scales)
 
 
 def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:

@@ -15,18 +15,19 @@ All arithmetic is float32 (the dtype of ONNX QuantizeLinear scales), rounding is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from exporters.device.errors import HeroError
+from exporters.device.bits import SUPPORTED_BITS, check_bits, parse_bits  # noqa: F401 (re-exported)
+from exporters.device.errors import HeroError, unknown_choice
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 ACT_BITS = 8
 QUANTIZED_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -34,16 +35,10 @@ _ACT_METHODS = ("max", "percentile")
 _QUANTILE_MAX_SAMPLES = 1 << 20  # torch.quantile refuses inputs above 2^24 elements
 
 
-def check_bits(bits) -> int:
-    """Return `bits` as an int if it is one of SUPPORTED_BITS, else raise HeroError."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) not in SUPPORTED_BITS:
-        raise HeroError(f"unsupported bit width {bits!r}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
-    return int(bits)
-
-
 @dataclass(frozen=True)
 class QuantSpec:
-    """What to quantize: weight `bits` (None = full precision), scheme, BN folding, activations.
+    """How to quantize a model, the one object that says it: weight `bits` (None = full
+    precision), scheme, BN folding, activations. Every field is checked here, once.
 
     `act_bits` is None (float activations) or 8 (per-tensor symmetric int8 on the input of every
     Conv/Linear, scales from `calibrate_activations` with `act_method`/`act_percentile`).
@@ -59,7 +54,7 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.bits is not None:
-            check_bits(self.bits)
+            object.__setattr__(self, "bits", check_bits(self.bits))
         for name in ("symmetric", "per_channel", "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise HeroError(f"quantization option {name} must be true or false, got {getattr(self, name)!r}")
@@ -67,10 +62,45 @@ class QuantSpec:
             raise HeroError(f"act_bits must be null or {ACT_BITS}, got {self.act_bits!r}")
         _check_act_method(self.act_method, self.act_percentile)
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> QuantSpec:
+        """The spec `to_dict` wrote; unknown or missing fields are a HeroError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or set(fields) != names:
+            got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+            raise HeroError(f"a quantization spec has the fields {sorted(names)}, got {got}")
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-tensor int8 input scales of a model's Conv/Linear layers, keyed by module name: what
+    `calibrate_activations` measured and what W{n}A8 emulation and export both use."""
+
+    scales: Mapping[str, float]
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.scales.items()
+               if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise HeroError(f"activation scales must be positive and finite, got {bad}: recalibrate")
+        object.__setattr__(self, "scales", {str(k): float(v) for k, v in self.scales.items()})
+
+
+def check_calibration(spec: QuantSpec, calibration: Calibration | None) -> None:
+    """act_bits 8 needs a Calibration and a Calibration needs act_bits 8."""
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise HeroError(f"calibration must be a Calibration from calibrate_activations, got {type(calibration).__name__}")
+    if (spec.act_bits is None) != (calibration is None):
+        raise HeroError("act_bits=8 needs a Calibration from calibrate_activations, and a Calibration needs act_bits=8")
+
 
 def _check_act_method(method, percentile) -> None:
     if method not in _ACT_METHODS:
-        raise HeroError(f"unknown activation calibration method {method!r}: use one of {', '.join(_ACT_METHODS)}")
+        raise HeroError(unknown_choice("activation calibration method", method, _ACT_METHODS))
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
         raise HeroError(f"act_percentile must be a number in (0, 100], got {percentile!r}")
 
@@ -267,39 +297,29 @@ def activation_scales(model: nn.Module) -> dict[str, float]:
     return {name: float(m.act_quant.scale) for name, m in quantized_layers(model) if hasattr(m, "act_quant")}
 
 
-def checked_act_scales(model: nn.Module, act_scales: dict[str, float]) -> dict[str, float]:
-    """The scales for exactly the model's Conv/Linear layers, each positive and finite, or a HeroError."""
+def checked_act_scales(model: nn.Module, calibration: Calibration) -> dict[str, float]:
+    """The calibration's scales for exactly the model's Conv/Linear layers, in layer order, or a HeroError."""
     names = {name for name, _ in quantized_layers(model)}
-    missing, unknown = sorted(names - act_scales.keys()), sorted(act_scales.keys() - names)
+    scales = calibration.scales
+    missing, unknown = sorted(names - scales.keys()), sorted(scales.keys() - names)
     if missing or unknown:
         raise HeroError(f"activation scales do not match the model's Conv/Linear layers (missing: {missing}, "
-                        f"unknown: {unknown}): calibrate with calibrate_activations on fold_bn(model)")
-    bad = {k: v for k, v in act_scales.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise HeroError(f"activation scales must be positive and finite, got {bad}: recalibrate")
-    return {name: float(act_scales[name]) for name, _ in quantized_layers(model)}
+                        f"unknown: {unknown}): calibrate this model with calibrate_activations")
+    return {name: scales[name] for name, _ in quantized_layers(model)}
 
 
-def quantize_model(model: nn.Module, bits_or_spec: int | QuantSpec | None, *, symmetric: bool = True,
-                   per_channel: bool = True, fold_bn: bool = True,
-                   act_scales: dict[str, float] | None = None) -> nn.Module:
-    """An eval-mode copy of `model` (never modified) with BN folded (if fold_bn) and every
-    Conv/Linear weight fake-quantized to `bits` per output channel (axis 0) or per tensor; biases
-    stay float. Pass either bits and the flags, or a QuantSpec. With act_scales (required when
-    spec.act_bits is 8) each Conv/Linear also fake-quantizes its input to int8 through an ActQuant
-    child `<layer>.act_quant` run by a forward pre-hook, so layer names do not change; the copy's
-    `act_scales` attribute is the {layer name: scale} dict."""
-    if isinstance(bits_or_spec, QuantSpec):
-        if not (symmetric and per_channel and fold_bn):
-            raise HeroError("pass either a QuantSpec or the symmetric/per_channel/fold_bn flags, not both")
-        spec = bits_or_spec
-        if (spec.act_bits is None) != (act_scales is None):
-            raise HeroError("act_bits=8 needs act_scales from calibrate_activations, and act_scales need act_bits=8")
-    else:
-        spec = QuantSpec(bits=bits_or_spec, symmetric=symmetric, per_channel=per_channel, fold_bn=fold_bn,
-                         act_bits=None if act_scales is None else ACT_BITS)
-    quantized = _fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()
-    scales = None if act_scales is None else checked_act_scales(quantized, act_scales)
+def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration | None = None) -> nn.Module:
+    """An eval-mode copy of `model` (never modified) quantized as `spec` says: BN folded (if
+    spec.fold_bn) and every Conv/Linear weight fake-quantized to spec.bits per output channel
+    (axis 0) or per tensor; biases stay float. With spec.act_bits 8 (which needs `calibration`)
+    each Conv/Linear also fake-quantizes its input to int8 through an ActQuant child
+    `<layer>.act_quant` run by a forward pre-hook, so layer names do not change; the copy's
+    `act_scales` attribute is then the {layer name: scale} dict."""
+    if not isinstance(spec, QuantSpec):
+        raise HeroError(f"quantize_model takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
+    check_calibration(spec, calibration)
+    quantized = fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()
+    scales = None if calibration is None else checked_act_scales(quantized, calibration)
     with torch.no_grad():
         for name, layer in quantized_layers(quantized):
             if spec.bits is not None:
@@ -313,9 +333,6 @@ def quantize_model(model: nn.Module, bits_or_spec: int | QuantSpec | None, *, sy
     return quantized
 
 
-_fold_bn = fold_bn  # quantize_model's `fold_bn` flag shadows the function inside it
-
-
 def _percentile_of_abs(x: torch.Tensor, percentile: float, generator: torch.Generator) -> float:
     """The `percentile` of |x| on at most 2^20 uniformly drawn elements (torch.quantile has an
     input size limit, and a fixed-seed sample keeps calibration deterministic)."""
@@ -326,14 +343,14 @@ def _percentile_of_abs(x: torch.Tensor, percentile: float, generator: torch.Gene
     return float(torch.quantile(flat, percentile / 100.0))
 
 
-def calibrate_activations(model: nn.Module, batches: Iterable, *, method: str = "max",
-                          percentile: float = 99.99) -> dict[str, float]:
+def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) -> Calibration:
     """Per-tensor symmetric int8 input scale (`symmetric_qparams` with amax) of every Conv/Linear,
     keyed by qualified module name, from running `model` in eval mode over `batches` (tensors, or
-    tuples whose first item is the input). amax is the running max of |x| ("max") or the mean
-    over batches of the per-batch `percentile` of |x| ("percentile"). Pass the model you will
-    quantize (fold_bn(model) when folding). Modes are restored afterwards."""
-    _check_act_method(method, percentile)
+    tuples whose first item is the input). amax is the running max of |x| (spec.act_method
+    "max") or the mean over batches of the per-batch spec.act_percentile of |x| ("percentile").
+    BatchNorm in eval mode is an affine map after its Conv, so the inputs of the Conv/Linear
+    layers are the same whether or not it is folded. Modes are restored afterwards."""
+    method, percentile = spec.act_method, spec.act_percentile
     layers = quantized_layers(model)
     stats: dict[str, list[float]] = {name: [] for name, _ in layers}
     generator = torch.Generator().manual_seed(0)
@@ -364,7 +381,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, *, method: str = 
         raise HeroError(f"layers {unseen} saw no input during calibration: pass at least one batch "
                         "and make sure every Conv/Linear runs in forward")
     amax = {name: max(seen) if method == "max" else sum(seen) / len(seen) for name, seen in stats.items()}
-    return {name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()}
+    return Calibration({name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()})
 
 
 def packed_weight_bytes(model: nn.Module, bits: int | None) -> int:

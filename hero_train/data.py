@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -275,9 +275,9 @@ def download_dataset(name: str) -> Path:
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False) -> Dataset:
     """Load a whole split as uint8 images and int64 labels; see `_search_dirs` for where it looks."""
     if name not in DATASETS:
-        raise HeroError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise HeroError(unknown_choice("dataset", name, DATASETS))
     if split not in SPLITS:
-        raise HeroError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        raise HeroError(unknown_choice("split", split, SPLITS))
     info = DATASETS[name]
     files = _required_files(name, split)
     paths, looked = _locate(name, files, root)

@@ -3,13 +3,15 @@
 HERO (Yang et al., DAC 2022, arXiv 2111.11986) argues that a small top Hessian eigenvalue makes a
 model robust to bounded weight perturbations such as quantization. This module measures that:
 
-- ``hvp``: exact Hessian-vector products by double backpropagation (Pearlmutter 1994);
+- ``hvp``: exact Hessian-vector products by double backpropagation (Pearlmutter 1994), through
+  ``hero_train.optim.double_backward_hvp``, the product HERO's optimizer takes;
 - ``hz_norm``: ||H z|| with z the perturbation of Eq. 11 (the paper's Figure 2a);
 - ``top_eigenvalue`` (power iteration) and ``hutchinson_trace`` (Hutchinson 1990);
 - ``loss_contour``: the loss on a plane through W along two filter-normalised random directions
   (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018; the paper's Figure 3);
-- ``theorem3_bounds``: Theorem 3's lower bounds on the perturbation that raises the loss by c
-  (``pipeline.analyze`` holds them against the perturbation a quantizer applies).
+- ``theorem3_l2_bound`` (Eq. 6), ``theorem3_linf_bound`` (Eq. 7) and ``theorem3_bounds``: Theorem 3's
+  lower bounds on the perturbation that raises the loss by c (``pipeline.analyze`` holds them
+  against the perturbation a quantizer applies).
 
 A ``loss_fn(model, batch) -> scalar tensor`` defines the loss; the Hessian is taken over every
 parameter with ``requires_grad``, in ``model.parameters()`` order (vectors are lists of tensors in
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exporters.device.errors import HeroError
-from hero_train.optim import perturbation_paper
+from hero_train.optim import double_backward_hvp, perturbation_paper
 from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]
@@ -87,14 +89,7 @@ def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[
             loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
-        v = v_of_grad(g)
-        # A gradient that does not depend on the weights (or is absent) has a zero Hessian block.
-        live = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
-        hv = [torch.zeros_like(p) for p in params]
-        if live:
-            parts = torch.autograd.grad([grads[i] for i in live], params,
-                                        grad_outputs=[v[i] for i in live], allow_unused=True)
-            hv = [h if part is None else part.detach() for h, part in zip(hv, parts)]
+        hv = double_backward_hvp(params, grads, v_of_grad(g))
     return g, hv
 
 
@@ -295,24 +290,65 @@ def plot_loss_contour(result: Contour, path, title: str = "loss contour"):
 # --------------------------------------------------------------------------- Theorem 3
 
 
-def theorem3_bounds(grad_norm: float, lambda_max: float, c: float, n_params: int) -> dict[str, float]:
-    """Lower bounds on the smallest weight perturbation δ that raises the loss by c
-    (HERO paper, Theorem 3, Eqs. 6 and 7), derived here from the second-order model
-    L(W+δ) ≈ L(W) + g'δ + ½·δ'Hδ ≤ L(W) + ||g||·||δ|| + ½·λ_max·||δ||²
-    (Cauchy-Schwarz and δ'Hδ ≤ λ_max·||δ||²), because the paper's text could not be retrieved
-    when this was written; check the constants against Eqs. 6-7. A loss increase of c needs
+def _smallest_root(slope: float, curvature: float, c: float) -> float:
+    """The smallest r >= 0 with slope·r + ½·curvature·r² = c (c > 0, slope >= 0), written
+    2c / (slope + sqrt(slope² + 2·curvature·c)): the same number as (sqrt(slope² + 2·curvature·c)
+    − slope) / curvature without its cancellation, c / slope at curvature 0. Infinite when no
+    r reaches c (curvature < 0 and c above the peak slope² / (2|curvature|), or both zero)."""
+    disc = slope * slope + 2.0 * curvature * c
+    denom = slope + math.sqrt(disc) if disc >= 0 else 0.0
+    return 2.0 * c / denom if denom > 0 else math.inf
 
-        Eq. 6:  ||δ||_2 ≥ (sqrt(||g||² + 2·λ_max·c) − ||g||) / λ_max = 2c / (||g|| + sqrt(||g||² + 2·λ_max·c))
-        Eq. 7:  ||δ||_∞ ≥ that / sqrt(n), since ||δ||_2 ≤ sqrt(n)·||δ||_∞ for n parameters.
 
-    The second form of Eq. 6 is used: it is the same number, stable as λ_max → 0 (where it is
-    c/||g||). When λ_max ≤ 0 and c exceeds the model's largest increase ||g||²/(2|λ_max|), no
-    perturbation reaches c under the model and both bounds are infinite.
+def theorem3_l2_bound(grad_l2: float, lambda_max: float, c: float) -> float:
+    """HERO paper, Theorem 3, Eq. 6: ||δ*||_2 >= (||g||_2 / v)·(sqrt(1 + 2vc / ||g||_2²) − 1),
+    v = λ_max(H), for the smallest δ that raises the second-order loss model of Eq. 4 by c (Eq. 5).
+
+    It is the r at which ||g||_2·r + ½·v·r², the most the model can rise over ||δ||_2 <= r
+    (Cauchy-Schwarz and δ'Hδ <= v·||δ||_2²), reaches c; computed in the stable form of
+    `_smallest_root` (c / ||g||_2 as v → 0, sqrt(2c / v) as ||g|| → 0). Stays valid for v < 0,
+    and is infinite when c exceeds the model's peak ||g||_2² / (2|v|).
     """
-    if c <= 0 or n_params < 1 or grad_norm < 0:
-        raise HeroError(f"Theorem 3 needs c > 0, n_params >= 1 and ||g|| >= 0 "
-                        f"(got c={c}, n_params={n_params}, ||g||={grad_norm})")
-    disc = grad_norm**2 + 2.0 * lambda_max * c
-    denom = grad_norm + math.sqrt(disc) if disc >= 0 else 0.0
-    l2 = 2.0 * c / denom if denom > 0 else math.inf
-    return {"l2": l2, "linf": l2 / math.sqrt(n_params)}
+    return _smallest_root(grad_l2, lambda_max, c)
+
+
+def theorem3_linf_bound(grad_l1: float, lambda_max: float, c: float, n_nonzero: int) -> float:
+    """HERO paper, Theorem 3, Eq. 7: ||δ*||_∞ >= (|g| / (n·v))·(sqrt(1 + 2·n·v·c / |g|²) − 1),
+    |g| = ||g||_1, n = ||W||_0 the number of nonzero weights, v = λ_max(H).
+
+    It is the r at which |g|·r + ½·n·v·r² reaches c: over ||δ||_∞ <= r, g'δ <= ||g||_1·r (Hölder)
+    and δ'Hδ <= v·||δ||_2² <= n·v·r² for a δ with at most n nonzero entries. So it bounds the
+    perturbations that leave zero weights at zero, as linear uniform quantization does (zero is on
+    its grid); a δ free to move all N parameters needs n = N. Computed in the stable form of
+    `_smallest_root` (c / ||g||_1 as v → 0; sqrt(2c / (n·v)) as |g| → 0, Eq. 8). The theorem
+    assumes v >= 0; for v < 0 the curvature term is v·r², not n·v·r² (δ'Hδ <= v·||δ||_2² <=
+    v·||δ||_∞²), which keeps the bound valid, and infinite when c exceeds ||g||_1² / (2|v|).
+    """
+    curvature = n_nonzero * lambda_max if lambda_max >= 0 else lambda_max
+    return _smallest_root(grad_l1, curvature, c)
+
+
+def linf_from_l2(l2_bound: float, n_params: int) -> float:
+    """||δ*||_∞ >= l2_bound / sqrt(N) for N parameters, since ||δ||_2 <= sqrt(N)·||δ||_∞.
+
+    Valid, and for v >= 0 never above Eq. 7's bound for the same g, v and c with n <= N:
+    ||g||_1 <= sqrt(N)·||g||_2 makes Eq. 7's denominator the smaller; equal when n = N and every
+    |g_i| is the same. For v < 0 it can be the larger of the two (Eq. 7's curvature term is then
+    v·r², not N·v·r²).
+    """
+    return l2_bound / math.sqrt(n_params)
+
+
+def theorem3_bounds(*, grad_l2: float, grad_l1: float, lambda_max: float, c: float, n_params: int,
+                    n_nonzero: int) -> dict[str, float]:
+    """Theorem 3's lower bounds on the smallest weight perturbation that raises the loss by c:
+    ``l2`` (Eq. 6), ``linf`` (Eq. 7, for δ that keeps zero weights at zero) and ``linf_from_l2``
+    (Eq. 6 over sqrt(n_params), below Eq. 7 when lambda_max >= 0). g is the gradient over all n_params
+    parameters, n_nonzero of them nonzero, and lambda_max the top Hessian eigenvalue."""
+    if c <= 0 or grad_l2 < 0 or grad_l1 < 0 or not 1 <= n_nonzero <= n_params:
+        raise HeroError(f"Theorem 3 needs c > 0, ||g||_2 >= 0, ||g||_1 >= 0 and 1 <= n_nonzero <= n_params "
+                        f"(got c={c}, ||g||_2={grad_l2}, ||g||_1={grad_l1}, n_nonzero={n_nonzero}, "
+                        f"n_params={n_params})")
+    l2 = theorem3_l2_bound(grad_l2, lambda_max, c)
+    return {"l2": l2, "linf": theorem3_linf_bound(grad_l1, lambda_max, c, n_nonzero),
+            "linf_from_l2": linf_from_l2(l2, n_params)}

@@ -8,12 +8,20 @@ lets every model take any input of at least 28x28 (Fashion-MNIST 1x28x28, CIFAR 
     model = build_model("resnet20", num_classes=10, in_channels=3)
 """
 
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 
 
 def _conv_bn(in_planes: int, out_planes: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -45,7 +53,21 @@ class BasicBlock(nn.Module):
         return self.relu(self.residual(x) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class _PooledClassifier(nn.Module):
+    """`features`, then global average pooling and one linear classifier: the head every network
+    here shares (its attribute names are the checkpoints' state_dict keys)."""
+
+    def _set_head(self, features: list[nn.Module], channels: int, num_classes: int) -> None:
+        self.features = nn.Sequential(*features)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+class ResNet(_PooledClassifier):
     """CIFAR ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear classifier.
 
     `widths` (16, 32, 64) with n blocks per stage gives the 6n+2-layer networks of
@@ -62,13 +84,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 layers.append(BasicBlock(in_planes, planes, stride))
                 in_planes = planes
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.pool(self.features(x))))
+        self._set_head(layers, in_planes, num_classes)
 
 
 class InvertedResidual(nn.Module):
@@ -100,7 +116,7 @@ _MOBILENETV2_STAGES = (
 )
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(_PooledClassifier):
     """MobileNetV2 for CIFAR (stride-1 stem and second stage), about 2.30M parameters at 10 classes."""
 
     def __init__(self, num_classes: int, in_channels: int) -> None:
@@ -112,19 +128,13 @@ class MobileNetV2(nn.Module):
                 layers.append(InvertedResidual(in_planes, out_planes, expansion, first_stride if i == 0 else 1))
                 in_planes = out_planes
         layers += [*_conv_bn(in_planes, 1280, 1), nn.ReLU()]
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(1280, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.pool(self.features(x))))
+        self._set_head(layers, 1280, num_classes)
 
 
 _VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(_PooledClassifier):
     """VGG-19 with batch norm for CIFAR (Simonyan & Zisserman 2015, config E; one 512->classes linear layer).
 
     Pools use ceil_mode so a 28x28 input still reaches the fifth pool at 2x2 (28-14-7-4-2-1);
@@ -141,13 +151,7 @@ class VGG(nn.Module):
             else:
                 layers += [*_conv_bn(in_planes, item, 3), nn.ReLU()]
                 in_planes = item
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.pool(self.features(x))))
+        self._set_head(layers, in_planes, num_classes)
 
 
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
@@ -180,7 +184,93 @@ def _positive_int(value: object, what: str) -> int:
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Build a freshly initialised model from `MODELS` by name."""
     if name not in MODELS:
-        raise HeroError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise HeroError(unknown_choice("model", name, sorted(MODELS)))
     model = MODELS[name](_positive_int(num_classes, "num_classes"), _positive_int(in_channels, "in_channels"))
     _init_weights(model)
+    return model
+
+
+# --------------------------------------------------------------------------- your own model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What network: a built-in `name` from MODELS, or a `factory` reference "package.module:function"
+    (a callable returning an nn.Module) with keyword arguments. Plain data: a checkpoint records it."""
+
+    name: str | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.name is None) == (self.factory is None):
+            raise HeroError("a model is either a built-in name or a factory 'package.module:function', not both")
+        if self.name is not None and self.name not in MODELS:
+            raise HeroError(unknown_choice("model", self.name, sorted(MODELS)) +
+                            " (or a factory 'package.module:function')")
+        if self.factory is not None and not _FACTORY.fullmatch(self.factory):
+            raise HeroError(f"model factory {self.factory!r} is not of the form 'package.module:function'")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise HeroError(f"model kwargs must be a mapping of names to values, got {self.kwargs!r}")
+        if self.name is not None and self.kwargs:
+            raise HeroError(f"built-in model {self.name} takes no kwargs (class count and channels come from the data)")
+
+    @classmethod
+    def parse(cls, text: str, kwargs: dict | None = None) -> ModelRef:
+        """`--model` as typed: a factory when it contains ':', else a built-in name."""
+        return cls(factory=text, kwargs=dict(kwargs or {})) if ":" in text else cls(name=text, kwargs=dict(kwargs or {}))
+
+    @property
+    def label(self) -> str:
+        """How reports and manifests name the model."""
+        return self.name or self.factory
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "factory": self.factory, "kwargs": dict(self.kwargs)}
+
+
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def import_factory(reference: str) -> Callable[..., nn.Module]:
+    """The callable named by "package.module:function", imported from the working directory and
+    PYTHONPATH. Only a factory the user named (command line or config) is ever imported."""
+    module_name, _, attribute = reference.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # console scripts do not put it there
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HeroError(f"model factory {reference}: cannot import {module_name} ({exc}); run from the folder "
+                        "that holds it or add that folder to PYTHONPATH") from None
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise HeroError(f"model factory {reference}: {module_name} has no {attribute}")
+    if not callable(target):
+        raise HeroError(f"model factory {reference} is not callable")
+    return target
+
+
+def create_model(ref: ModelRef, num_classes: int, in_channels: int) -> nn.Module:
+    """A freshly built model: `build_model` for a built-in name; for a factory, factory(**kwargs),
+    given num_classes / in_channels too when it takes parameters of those names and kwargs do not
+    set them."""
+    if ref.name is not None:
+        return build_model(ref.name, num_classes=num_classes, in_channels=in_channels)
+    factory = import_factory(ref.factory)
+    kwargs = dict(ref.kwargs)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if key in parameters and key not in kwargs:
+            kwargs[key] = value
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise HeroError(f"model factory {ref.factory} does not take these kwargs {sorted(kwargs)}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise HeroError(f"model factory {ref.factory} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

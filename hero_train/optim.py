@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]
@@ -86,6 +86,28 @@ def penalty_weights_authors(grads_u: Sequence[Tensor], grads: Sequence[Tensor], 
         (2.0 * gamma / gu.numel()) * (gu - g) if gu.dim() >= 2 else torch.zeros_like(gu)
         for gu, g in zip(grads_u, grads)
     ]
+
+
+def double_backward_hvp(params: Sequence[Tensor], grads: Sequence[Tensor | None], v: Sequence[Tensor],
+                        skip: Sequence[bool] | None = None) -> Tensors:
+    """H·v = grad_W Σ_i <grad_i L(W), v_i> by double backprop (Pearlmutter, "Fast Exact
+    Multiplication by the Hessian", Neural Computation 1994), `grads` = grad L(W) taken with
+    ``create_graph=True``. At the perturbed weights U with v = dP/d(grad L(U)) of the penalty
+    weights above, this is grad_U P(U) = H(U)·v, the penalty gradient of HERO's Eq. 12, exactly.
+
+    A gradient that is None or does not depend on the weights has a zero Hessian block, and a
+    tensor flagged in `skip` (its v is exactly zero: the authors' penalty leaves biases and
+    BatchNorm out) adds nothing; both are kept out of the double backward. Parameters the product
+    does not reach get zeros.
+    """
+    live = [i for i, g in enumerate(grads)
+            if g is not None and g.requires_grad and not (skip is not None and skip[i])]
+    hv = [torch.zeros_like(p) for p in params]
+    if live:
+        parts = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[v[i] for i in live],
+                                    allow_unused=True)
+        hv = [h if part is None else part for h, part in zip(hv, parts)]
+    return hv
 
 
 def hero_direction(grads_u: Sequence[Tensor], penalty_grad: Sequence[Tensor] | None) -> Tensors:
@@ -161,7 +183,7 @@ class _Wrapper(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, defaults, model, hvp, **base_kwargs):
         if hvp not in HVP_MODES:
-            raise HeroError(f"unknown hvp mode {hvp!r}: choose one of {', '.join(HVP_MODES)}")
+            raise HeroError(unknown_choice("hvp mode", hvp, HVP_MODES))
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise HeroError("base_optimizer must be a torch.optim.Optimizer class, e.g. torch.optim.SGD")
         super().__init__(params, dict(defaults, **base_kwargs))
@@ -198,13 +220,7 @@ class _Wrapper(torch.optim.Optimizer):
         # skips biases and BatchNorm) adds nothing to H·v, so the double backward leaves it out.
         vnorms = torch.stack(torch._foreach_norm(v, 2, dtype=torch.float64)).tolist()
         if self.hvp == "exact":
-            live = [i for i, g in enumerate(graph_grads) if g.requires_grad and vnorms[i] != 0]
-            hv = [torch.zeros_like(p) for p in params]
-            if live:
-                parts = torch.autograd.grad([graph_grads[i] for i in live], params,
-                                            grad_outputs=[v[i] for i in live], allow_unused=True)
-                hv = [h if part is None else part for h, part in zip(hv, parts)]
-            return _all_average(hv)
+            return _all_average(double_backward_hvp(params, graph_grads, v, skip=[n == 0 for n in vnorms]))
         vnorm = math.sqrt(sum(n * n for n in vnorms))
         if vnorm == 0.0:
             return [torch.zeros_like(p) for p in params]
@@ -249,7 +265,7 @@ class HERO(_Wrapper):
     def __init__(self, params, base_optimizer, *, h: float = 0.5, gamma: float = 0.1,
                  variant: str = "authors", hvp: str = "exact", model=None, **base_kwargs):
         if variant not in VARIANTS:
-            raise HeroError(f"unknown HERO variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+            raise HeroError(unknown_choice("HERO variant", variant, VARIANTS))
         if h < 0 or gamma < 0:
             raise HeroError(f"h and gamma must be >= 0 (got h={h}, gamma={gamma})")
         super().__init__(params, base_optimizer, dict(h=h, gamma=gamma), model, hvp, **base_kwargs)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.files import make_dirs
 from hero_train import data as hdata
 from hero_train import distributed
@@ -70,13 +70,13 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.model in MODELS, f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}"),
+            (self.model in MODELS, unknown_choice("model", self.model, MODELS)),
             (self.dataset in hdata.DATASETS,
-             f"unknown dataset {self.dataset!r}: choose one of {', '.join(hdata.DATASETS)}"),
+             unknown_choice("dataset", self.dataset, hdata.DATASETS)),
             (self.optimizer in OPTIMIZERS,
-             f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
-            (self.variant in VARIANTS, f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}"),
-            (self.hvp in HVP_MODES, f"unknown hvp {self.hvp!r}: choose one of {', '.join(HVP_MODES)}"),
+             unknown_choice("optimizer", self.optimizer, OPTIMIZERS)),
+            (self.variant in VARIANTS, unknown_choice("variant", self.variant, VARIANTS)),
+            (self.hvp in HVP_MODES, unknown_choice("hvp", self.hvp, HVP_MODES)),
             (self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})"),
             (self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})"),
             (self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0,

@@ -9,7 +9,11 @@ and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
 - ``data``: ``{"split", "batches", "batch_size", "samples", "bn_mode"}``
 - ``loss``, ``grad_norm``, ``n_params``: mean loss, ||g||_2 of its gradient, parameter count
 - ``top_eigenvalue``, ``hessian_trace``, ``hz_norm``: power iteration, Hutchinson, ||Hz|| (h = 1)
-- ``theorem3``: ``{"loss_increase", "lambda_max", "l2", "linf"}``, the bounds of Eqs. 6-7
+- ``theorem3``: ``{"loss_increase", "lambda_max", "grad_l1", "n_nonzero", "l2", "linf", "linf_from_l2"}``:
+  c, the |top eigenvalue| used as λ_max, ||g||_1, the number of nonzero parameters (n = ||W||_0),
+  and the bounds of Theorem 3: ``l2`` Eq. 6, ``linf`` Eq. 7 (valid for a δ that keeps zero
+  weights at zero, as the quantizer does), ``linf_from_l2`` = ``l2`` / sqrt(``n_params``), a
+  looser l-inf bound
 - ``quantization``: ``{"symmetric", "per_channel", "rows": [...]}``, rows of
   ``quantization_safety``
 - ``contour``: ``null`` or ``{"file", "steps", "span", "alphas", "betas", "losses"}``
@@ -23,7 +27,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
@@ -101,14 +104,17 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
     model.eval()
     with torch.no_grad():
         loss = sum(float(loss_fn(model, b)) for b in batches) / len(batches)
-    grad_norm = float(torch.linalg.vector_norm(torch.stack(
-        [g.double().norm() for g in hessian.gradient(model, loss_fn, batches)])))
+    grad = hessian.gradient(model, loss_fn, batches)
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grad])))
+    grad_l1 = float(sum(g.double().abs().sum() for g in grad))
     eigenvalue, _ = hessian.top_eigenvalue(model, loss_fn, batches, iters=iters, seed=seed)
     # Power iteration finds the eigenvalue largest in magnitude; |it| bounds λ_max from above,
     # so the bounds stay valid (if loose) should it come out negative.
     lambda_max = abs(eigenvalue)
     n_params = sum(p.numel() for p in params)
-    bounds = hessian.theorem3_bounds(grad_norm, lambda_max, loss_increase, n_params)
+    n_nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    bounds = hessian.theorem3_bounds(grad_l2=grad_norm, grad_l1=grad_l1, lambda_max=lambda_max, c=loss_increase,
+                                     n_params=n_params, n_nonzero=n_nonzero)
     config = loaded.ckpt.get("config", {})
     result = {
         "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": loaded.ckpt["model"]["name"],
@@ -119,7 +125,8 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
         "top_eigenvalue": eigenvalue,
         "hessian_trace": hessian.hutchinson_trace(model, loss_fn, batches, samples=samples, seed=seed),
         "hz_norm": hessian.hz_norm(model, loss_fn, batches, h=1.0),
-        "theorem3": {"loss_increase": loss_increase, "lambda_max": lambda_max, **bounds},
+        "theorem3": {"loss_increase": loss_increase, "lambda_max": lambda_max, "grad_l1": grad_l1,
+                     "n_nonzero": n_nonzero, **bounds},
         "quantization": {"symmetric": symmetric, "per_channel": per_channel,
                          "rows": quantization_safety(model, bounds, bits, symmetric, per_channel)},
         "contour": None,
@@ -141,8 +148,9 @@ def summary(result: dict) -> str:
         f"  loss {result['loss']:.4f}   ||g|| {result['grad_norm']:.4g}   parameters {result['n_params']}",
         f"  top Hessian eigenvalue {result['top_eigenvalue']:.4g}   trace (Hutchinson) {result['hessian_trace']:.4g}"
         f"   ||Hz|| {result['hz_norm']:.4g}",
-        f"Theorem 3: raising the loss by c = {t['loss_increase']:g} takes ||δ||2 >= {t['l2']:.4g} "
-        f"and ||δ||inf >= {t['linf']:.4g}",
+        f"Theorem 3: raising the loss by c = {t['loss_increase']:g} takes ||δ||2 >= {t['l2']:.4g} (Eq. 6) "
+        f"and ||δ||inf >= {t['linf']:.4g} (Eq. 7: ||g||1 {t['grad_l1']:.4g}, {t['n_nonzero']} nonzero weights; "
+        f"the l2 bound / sqrt(parameters) gives {t['linf_from_l2']:.4g})",
         f"Weight quantization ({'symmetric' if result['quantization']['symmetric'] else 'asymmetric'}, "
         f"{'per-channel' if result['quantization']['per_channel'] else 'per-tensor'}, no BN folding):",
         safety_table(result["quantization"]["rows"]),
@@ -152,36 +160,13 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _bits(text: str) -> tuple[int, ...]:
-    from exporters.quantize import check_bits
-    from pipeline.cli import _bits_list  # imported here: pipeline.cli imports this module
-
-    return tuple(check_bits(b) for b in _bits_list(text) or ())
-
-
-@click.command("analyze")
-@click.argument("checkpoint")
-@click.option("--batches", type=int, default=4, show_default=True, help="training batches the Hessian is taken over")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--loss-increase", type=float, default=0.1, show_default=True, help="c of Theorem 3")
-@click.option("--bits", default="2-8", show_default=True, help="bit widths to check, e.g. 2-8 or 4,8")
-@click.option("--asymmetric", is_flag=True)
-@click.option("--per-tensor", is_flag=True)
-@click.option("--iters", type=int, default=20, show_default=True, help="power iterations")
-@click.option("--samples", type=int, default=20, show_default=True, help="Hutchinson probes")
-@click.option("--contour", is_flag=True, help="also plot the loss contour (steps² loss evaluations)")
-@click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
-@click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--data-root", default=None, help="folder holding the dataset files")
-@click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
-@click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
-def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymmetric, per_tensor, iters, samples,
-                    contour, steps, span, seed, data_root, device, out_dir):
-    """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
+def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: float, bits: tuple[int, ...],
+                 asymmetric: bool, per_tensor: bool, iters: int, samples: int, contour: bool, steps: int, span: float,
+                 seed: int, data_root: str | None, device: str, out_dir) -> tuple[dict, Path]:
+    """`hero analyze`: check the options, analyse, write analysis.json (and the contour plot)
+    to `out_dir` (default: analysis/ next to the checkpoint); returns the result and the folder."""
     if loss_increase <= 0:
         raise HeroError(f"--loss-increase must be > 0 (got {loss_increase})")
-    bit_widths = _bits(bits)
     if iters < 1 or samples < 1:
         raise HeroError(f"--iters and --samples must be >= 1 (got {iters}, {samples})")
     if contour and (steps < 2 or span <= 0):
@@ -191,7 +176,7 @@ def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymme
     loaded = stages.load_stage(Path(checkpoint))
     loaded.model.to(device)
     data = training_batches(loaded, batches, batch_size, data_root, device)
-    result = analyze(loaded, data, loss_increase=loss_increase, bits=bit_widths, symmetric=not asymmetric,
+    result = analyze(loaded, data, loss_increase=loss_increase, bits=bits, symmetric=not asymmetric,
                      per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
                      contour=(steps, span) if contour else None)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"
@@ -201,5 +186,4 @@ def analyze_command(checkpoint, batches, batch_size, loss_increase, bits, asymme
         hessian.plot_loss_contour(grid, image, f"{result['model']} ({result['optimizer']}) training loss")
         write_atomic(out / CONTOUR, image.getvalue())
     write_atomic(out / ANALYSIS, json.dumps(result, indent=2) + "\n")
-    click.echo(summary(result))
-    click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))
+    return result, out

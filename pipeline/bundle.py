@@ -38,9 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 import numpy as np
 
+from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs, sha256_file, write_atomic
 from exporters.device.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
@@ -49,8 +49,7 @@ from pipeline.cache import input_key
 from pipeline.gate import read_report
 
 if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `hero --help` stays fast
-    from pipeline.config import DeployConfig
-    from pipeline.stages import Artifact, Loaded
+    from pipeline.stages import Loaded
 
 HOST_REPORT = "host_report.json"
 _IDENTITY = ("bits", "symmetric", "per_channel", "act_bits")
@@ -113,8 +112,6 @@ def _copy_checked(entry: dict, folder: Path) -> str:
 
 
 def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
-    from pipeline.stages import TOOL_VERSION
-
     ckpt = loaded.ckpt
     variants = []
     for e in entries:
@@ -172,7 +169,7 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
 
     out_dir = Path(out_dir)
     entries = _host_entries(rows, paths)
-    key = input_key(format=FORMAT_VERSION, tool=stages.TOOL_VERSION, source=loaded.sha256,
+    key = input_key(format=FORMAT_VERSION, tool=TOOL_VERSION, source=loaded.sha256,
                     options=dataclasses.asdict(options),
                     variants=[{k: e[k] for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy",
                                                  "runtime_accuracy")} for e in entries])
@@ -203,17 +200,6 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     return out_dir
 
 
-def bundle_stage(loaded: Loaded, artifacts: list[Artifact], rows: list[dict],
-                 config: DeployConfig, out_dir, data_root: str | None = None) -> Path:
-    """`hero run`'s bundle stage: the validated artifacts and their rows (from validate_stage) in one
-    bundle at `out_dir`, built with config.bundle, config.runtime and config.validate."""
-    options = BundleOptions(test_samples=config.bundle.test_samples, data_root=data_root,
-                            providers=tuple(config.runtime.providers) if config.runtime.providers else None,
-                            latency_batch=config.validate_.latency_batch,
-                            latency_repeats=config.validate_.latency_repeats)
-    return write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, out_dir, options)
-
-
 def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions()) -> Path:
     """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint."""
     from pipeline import stages
@@ -235,21 +221,3 @@ def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = 
     paths = {r["name"]: run_dir / r["artifact"] for r in rows}
     out = Path(out_dir) if out_dir is not None else run_dir / "bundle"
     return write_bundle(loaded, rows, paths, out, options)
-
-
-@click.command("bundle")
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", default=None, help="bundle folder (default RUN_DIR/bundle)")
-@click.option("--checkpoint", default=None, help="the run's checkpoint, if it moved since the run")
-@click.option("--test-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="test images to ship for on-device validation")
-@click.option("--data-root", default=None, help="folder holding the dataset files")
-@click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
-def bundle_command(run_dir, out_dir, checkpoint, test_samples, data_root, providers):
-    """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
-    chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
-    path = bundle_run(run_dir, out_dir, checkpoint,
-                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen))
-    click.echo(f"bundle: {path}")
-    click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
-               f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")

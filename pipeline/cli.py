@@ -1,4 +1,4 @@
-"""The ``hero`` command line.
+"""The ``hero`` command line: every command is here; the work is done by plain functions elsewhere.
 
 Every user error (a HeroError, or a bad option click detects) becomes one line on stderr and exit
 code 2; ``hero check`` and ``hero run`` exit 1 when the gate fails.
@@ -6,12 +6,61 @@ code 2; ``hero check`` and ``hero run`` exit 1 when the gate fails.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import typing
+from pathlib import Path
 
 import click
 
 from exporters.device.errors import HeroError
+
+DATA_ROOT_HELP = "folder holding the dataset files (else $HERO_DATA, system and cache paths)"
+
+# Help of `hero train` options; names, types and defaults come from hero_train.train.TrainConfig.
+TRAIN_HELP = {
+    "model": "resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18",
+    "dataset": "fashion-mnist|cifar10|cifar100",
+    "data_root": DATA_ROOT_HELP,
+    "optimizer": "sgd|first-order|gradl1|hero",
+    "lr": "initial LR of the cosine schedule",
+    "h": "perturbation radius (paper: 0.5 CIFAR-10, 1.0 otherwise)",
+    "gamma": "Hessian-penalty weight",
+    "variant": "authors|paper (see README)",
+    "hvp": "exact|finite-difference",
+    "hero_warmup_epochs": "epochs without the penalty",
+    "lam": "Gradient-L1 weight (5e-4: the penalty is ~8% of the loss at initialisation on ResNet20)",
+    "label_noise": "symmetric label-noise ratio in [0, 1)",
+    "device": "cpu|cuda",
+    "bf16": "bf16 autocast (CUDA only)",
+    "sync_bn": "BatchNorm statistics over all torchrun ranks (CUDA only)",
+    "limit_train": "train on the first N samples only",
+    "limit_test": "evaluate on the first N test samples only",
+    "augment": "no random crop and flip",
+    "record_hz": "record ||Hz|| (Eq. 11's z) per epoch on N batches",
+}
+
+
+def _train_options(command):
+    """One click option per TrainConfig field: `--batch-size` for batch_size, with the field's type and
+    default; a bool field that defaults to True becomes `--no-<name>`, one that defaults to False a flag."""
+    from hero_train.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        name, kind, default = field.name, hints[field.name], field.default
+        flag = "--" + name.replace("_", "-")
+        help_text = TRAIN_HELP.get(name)
+        if kind is bool:
+            decl = f"--no-{name.replace('_', '-')}" if default else flag
+            option = click.option(decl, name, is_flag=True, flag_value=not default, default=default, help=help_text)
+        else:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            option = click.option(flag, name, type=base, default=default, show_default=default is not None,
+                                  help=help_text)
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,69 +70,31 @@ def cli():
 
 
 @cli.command()
-@click.option("--model", default="resnet20", show_default=True, help="resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="fashion-mnist|cifar10|cifar100")
-@click.option("--data-root", default=None, help="folder holding the dataset files (else $HERO_DATA, system and cache paths)")
-@click.option("--optimizer", default="hero", show_default=True, help="sgd|first-order|gradl1|hero")
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True, help="initial LR of the cosine schedule")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--h", "h", type=float, default=0.5, show_default=True, help="perturbation radius (paper: 0.5 CIFAR-10, 1.0 otherwise)")
-@click.option("--gamma", type=float, default=0.1, show_default=True, help="Hessian-penalty weight")
-@click.option("--variant", default="authors", show_default=True, help="authors|paper (see README)")
-@click.option("--hvp", default="exact", show_default=True, help="exact|finite-difference")
-@click.option("--hero-warmup-epochs", type=int, default=1, show_default=True, help="epochs without the penalty")
-@click.option("--lam", type=float, default=5e-4, show_default=True,
-              help="Gradient-L1 weight (5e-4: the penalty is ~8% of the loss at initialisation on ResNet20)")
-@click.option("--label-noise", type=float, default=0.0, show_default=True, help="symmetric label-noise ratio in [0, 1)")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
-@click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only)")
-@click.option("--sync-bn", is_flag=True, help="BatchNorm statistics over all torchrun ranks (CUDA only)")
-@click.option("--limit-train", type=int, default=None, help="train on the first N samples only")
-@click.option("--limit-test", type=int, default=None, help="evaluate on the first N test samples only")
-@click.option("--no-augment", is_flag=True, help="no random crop and flip")
-@click.option("--record-hz", type=int, default=None, help="record ||Hz|| (Eq. 11's z) per epoch on N batches")
+@_train_options
 @click.option("--out", "out_dir", default="runs/train", show_default=True, help="output directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
-def train(out_dir, resume, no_augment, **options):
+def train(out_dir, resume, **options):
     """Train a model with HERO or a baseline; writes checkpoint.pt and metrics.jsonl."""
     from hero_train.train import TrainConfig, train as run_training
 
-    config = TrainConfig(augment=not no_augment, **options)
-    path = run_training(config, out_dir, resume=resume)
+    path = run_training(TrainConfig(**options), out_dir, resume=resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         click.echo(f"checkpoint: {path}")
-
-
-def _bits_list(text: str | None) -> tuple[int, ...] | None:
-    """'4,8' or '2-8' -> (4, 8) / (2, ..., 8)."""
-    if not text:
-        return None
-    out = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise HeroError(f"--bits takes a list like 4,8 or a range like 2-8 (got {text!r})") from None
-    return tuple(out)
 
 
 @cli.command()
 @click.argument("config_path", metavar="CONFIG")
 @click.option("--checkpoint", type=click.Path(), default=None, help="skip training: deploy this checkpoint")
 @click.option("--out", "out_dir", default=None, help="run directory (default runs/<config name>)")
-def run(config_path, checkpoint, out_dir):
+@click.option("--data-root", default=None, help="overrides the config's data.root: " + DATA_ROOT_HELP)
+def run(config_path, checkpoint, out_dir, data_root):
     """Train → quantize → export → validate → report → gate. Exit 0 pass, 1 gate failed, 2 bad input."""
-    from pathlib import Path
-
     from pipeline.config import load_config
     from pipeline.run import run_pipeline, summary
 
     config = load_config(config_path)
+    if data_root is not None:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": data_root})})
     run_dir = Path(out_dir or f"runs/{config.name}")
     report = run_pipeline(config, run_dir, Path(checkpoint) if checkpoint else None,
                           log=lambda m: click.echo(m, err=True))
@@ -101,14 +112,16 @@ def run(config_path, checkpoint, out_dir):
 @click.option("--junit", default=None, help="also write a JUnit XML file")
 def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bits, junit):
     """Gate a report: exit 0 when every selected variant passes, 1 when any fails, 2 on bad input."""
+    from exporters.device.bits import parse_bits
     from pipeline.gate import GateCriteria, evaluate_gate, read_report, write_junit
 
     if (baseline_path is None) != (max_regression is None):
         raise HeroError("--baseline and --max-regression go together")
+    selected = parse_bits(bits) if bits else None
     report = read_report(report_path)
     previous = read_report(baseline_path) if baseline_path else None
     criteria = GateCriteria(max_drop=max_drop, min_accuracy=min_accuracy, max_regression=max_regression,
-                            bits=_bits_list(bits), previous=previous)
+                            bits=selected, previous=previous)
     result = evaluate_gate(report, criteria)
     if junit:
         write_junit(result, junit)
@@ -119,25 +132,42 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
     return 0 if result["passed"] else 1
 
 
+def _scheme_options(command):
+    """--asymmetric, --per-tensor and --no-fold-bn: the QuantSpec fields a command lets the user set."""
+    for decl, help_text in reversed([("--asymmetric", "asymmetric weight grid (zero point), else symmetric"),
+                                     ("--per-tensor", "one scale per tensor, else per output channel"),
+                                     ("--no-fold-bn", "keep BatchNorm as a float op, else fold it first")]):
+        command = click.option(decl, is_flag=True, help=help_text)(command)
+    return command
+
+
+def _spec(bits, asymmetric: bool, per_tensor: bool, no_fold_bn: bool, act_bits=None):
+    from exporters.quantize import QuantSpec
+
+    return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, fold_bn=not no_fold_bn,
+                     act_bits=act_bits)
+
+
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--bits", default="2-8", show_default=True, help="bit widths, e.g. 2-8 or 4,8")
-@click.option("--asymmetric", is_flag=True)
-@click.option("--per-tensor", is_flag=True)
-@click.option("--no-fold-bn", is_flag=True)
-@click.option("--limit-test", type=int, default=None)
-def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test):
+@_scheme_options
+@click.option("--limit-test", type=click.IntRange(min=1), default=None, help="evaluate on the first N test samples")
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, data_root):
     """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
-    from exporters.quantize import QuantSpec, quantize_model
+    from exporters.device.bits import parse_bits
+    from exporters.device.runtime import top1
+    from exporters.quantize import quantize_model
     from pipeline import stages
 
+    specs = [_spec(b, asymmetric, per_tensor, no_fold_bn) for b in (None, *parse_bits(bits))]
     loaded = stages.load_stage(checkpoint)
-    x, y = stages.eval_data(loaded, "test", limit_test)
+    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
     click.echo("bits  accuracy")
-    for b in (None, *_bits_list(bits)):
-        spec = QuantSpec(bits=b, symmetric=not asymmetric, per_channel=not per_tensor, fold_bn=not no_fold_bn)
+    for spec in specs:
         logits = stages.torch_logits(quantize_model(loaded.model, spec), x, 500)
-        click.echo(f"{'fp32' if b is None else b:>4}  {100 * (logits.argmax(1) == y).mean():.2f}%")
+        click.echo(f"{'fp32' if spec.bits is None else spec.bits:>4}  {100 * top1(logits, y):.2f}%")
 
 
 @cli.command()
@@ -145,48 +175,53 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test):
 @click.option("--out", "out_path", required=True, help="the .onnx file to write")
 @click.option("--bits", type=int, default=None, help="weight bits (omit for a float graph)")
 @click.option("--act-bits", type=int, default=None, help="8 for W{n}A8 (calibrated on training batches)")
-@click.option("--asymmetric", is_flag=True)
-@click.option("--per-tensor", is_flag=True)
-@click.option("--no-fold-bn", is_flag=True)
+@_scheme_options
 @click.option("--int4-storage", is_flag=True, help="INT4 initializers for bits <= 4 (opset 21)")
 @click.option("--fp16", is_flag=True, help="float16 graph (float models only)")
-def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold_bn, int4_storage, fp16):
+@click.option("--calibration-batches", type=click.IntRange(min=1), default=None,
+              help="training batches of 128 for --act-bits 8 [default: the config's quantize.calibration_batches]")
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP + "; read for --act-bits 8")
+def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold_bn, int4_storage, fp16,
+           calibration_batches, data_root):
     """Export one variant of a checkpoint to ONNX."""
-    from exporters.onnx import export_onnx
-    from exporters.quantize import QuantSpec
+    from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
 
+    spec = _spec(bits, asymmetric, per_tensor, no_fold_bn, act_bits)
     loaded = stages.load_stage(checkpoint)
-    spec = QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor,
-                     fold_bn=not no_fold_bn, act_bits=act_bits)
-    scales = stages.calibrate_stage(loaded, QuantizeSection(act_bits=act_bits), None) if act_bits else None
-    path = export_onnx(loaded.model, out_path, input_shape=tuple(loaded.ckpt["input_shape"]), spec=spec,
-                       act_scales=scales, int4_storage=int4_storage, fp16=fp16,
-                       metadata={"hero.source_sha256": loaded.sha256})
+    options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={"hero.source_sha256": loaded.sha256})
+    batches = calibration_batches or QuantizeSection.model_fields["calibration_batches"].default
+    calibration = stages.calibrate_stage(loaded, spec, batches, data_root)
+    path = export_onnx(loaded.model, out_path, spec, options, calibration, input_shape=tuple(loaded.ckpt["input_shape"]))
     click.echo(f"wrote {path}")
 
 
 @cli.command()
 @click.argument("artifact")
 @click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
-@click.option("--limit-test", type=int, default=None, help="validate on the first N test samples")
+@click.option("--limit-test", type=click.IntRange(min=1), default=None, help="validate on the first N test samples")
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@click.option("--logit-atol", type=float, default=None,
+              help="largest |Δlogit| (times max(1, max |logit|)) still consistent [default: validate.logit_atol]")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="smallest top-1 agreement still consistent [default: validate.min_agreement]")
 @click.option("--json", "json_out", default=None, help="also write the result row to this file")
-def validate(artifact, checkpoint, limit_test, json_out):
+def validate(artifact, checkpoint, limit_test, data_root, logit_atol, min_agreement, json_out):
     """Run one exported artifact in ONNX Runtime and compare it with its PyTorch emulation."""
     import json
-    from pathlib import Path
 
     from exporters.device.files import write_atomic
     from pipeline import stages
-    from pipeline.config import DeployConfig
+    from pipeline.config import RuntimeSection, ValidateSection
 
+    chosen = {"logit_atol": logit_atol, "min_agreement": min_agreement}
+    section = ValidateSection(**{k: v for k, v in chosen.items() if v is not None})
     loaded = stages.load_stage(checkpoint)
-    art, scales = stages.artifact_from_file(Path(artifact), loaded)
-    config = DeployConfig.model_validate({"name": "validate", "validate": {"limit_test": limit_test}})
-    x, y = stages.eval_data(loaded, "test", limit_test)
+    art, calibration = stages.artifact_from_file(Path(artifact), loaded)
+    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
     row = {"name": art.variant.name, "bits": art.variant.spec.bits,
-           **stages.validate_artifact(loaded, art, scales, x, y, config)}
+           **stages.validate_artifact(loaded, art, calibration, x, y, section, RuntimeSection())}
     if json_out:
         write_atomic(json_out, json.dumps(row, indent=2))
     for key in ("name", "bits", "torch_accuracy", "runtime_accuracy", "agreement", "max_logit_diff",
@@ -195,15 +230,51 @@ def validate(artifact, checkpoint, limit_test, json_out):
     return 0 if row["consistent"] else 1
 
 
-def _register_stage_commands() -> None:
-    from pipeline.analyze import analyze_command
-    from pipeline.bundle import bundle_command
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default=None, help="bundle folder (default RUN_DIR/bundle)")
+@click.option("--checkpoint", default=None, help="the run's checkpoint, if it moved since the run")
+@click.option("--test-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="test images to ship for on-device validation")
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
+def bundle(run_dir, out_dir, checkpoint, test_samples, data_root, providers):
+    """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
+    from pipeline.bundle import HOST_REPORT, BundleOptions, bundle_run
 
-    cli.add_command(analyze_command)
-    cli.add_command(bundle_command)
+    chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
+    path = bundle_run(run_dir, out_dir, checkpoint,
+                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen))
+    click.echo(f"bundle: {path}")
+    click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
+               f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")
 
 
-_register_stage_commands()
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--batches", type=int, default=4, show_default=True, help="training batches the Hessian is taken over")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--loss-increase", type=float, default=0.1, show_default=True, help="c of Theorem 3")
+@click.option("--bits", default="2-8", show_default=True, help="bit widths to check, e.g. 2-8 or 4,8")
+@click.option("--asymmetric", is_flag=True)
+@click.option("--per-tensor", is_flag=True)
+@click.option("--iters", type=int, default=20, show_default=True, help="power iterations")
+@click.option("--samples", type=int, default=20, show_default=True, help="Hutchinson probes")
+@click.option("--contour", is_flag=True, help="also plot the loss contour (steps² loss evaluations)")
+@click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
+@click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
+@click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
+def analyze(checkpoint, bits, **options):
+    """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
+    from exporters.device.bits import parse_bits
+    from pipeline.analyze import ANALYSIS, CONTOUR, run_analysis, summary
+
+    result, out = run_analysis(checkpoint, bits=parse_bits(bits), **options)
+    click.echo(summary(result))
+    click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"hero: error: {exc.format_message()}", err=True)
         return 2
-    code = result if isinstance(result, int) else 0
-    return code
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,37 +1,84 @@
 """Deploy configs: YAML files validated against a schema (pydantic, unknown keys refused).
 
-A config names a target and what to ship to it::
+A config names what to train or deploy, how to quantize it and the target to ship it to::
 
     name: quickstart
-    train: {model: resnet20, dataset: fashion-mnist, optimizer: hero, epochs: 1}   # TrainConfig fields
+    model: {name: resnet20}                                  # the network
+    data: {dataset: fashion-mnist, root: null, limit_train: null, limit_test: 5000}
+    train: {optimizer: hero, epochs: 1, h: 1.0, gamma: 0.1}  # the other TrainConfig fields
     quantize: {bits: [8, 6, 4], symmetric: true, per_channel: true, act_bits: null}
     export: {int4_storage: true}
     runtime: {name: onnxruntime, providers: [CPUExecutionProvider]}
-    validate: {limit_test: null, batch_size: 256, latency_batch: 64}
+    validate: {batch_size: 256, latency_batch: 64}
     gate: {max_drop: 2.0, min_accuracy: 0.8}
     bundle: {enabled: false, test_samples: 1000}
-    target: {device: x86-64 CPU, batch_sizes: [1, 64]}
+    target: {device: x86-64 CPU, notes: null}
 
-Every section but ``name`` is optional. A wrong key or type gets a one-line HeroError naming the key
-and the file.
+Every section but ``name`` is optional, and each is a typed model handed only to the stages that
+read it. A wrong key or type gets a one-line HeroError naming the key and the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from exporters.device.errors import HeroError
-from exporters.quantize import SUPPORTED_BITS
+from exporters.device.errors import HeroError, unknown_choice
+from exporters.quantize import QuantSpec, check_bits
+from hero_train.data import DATASETS
+from hero_train.models import MODELS
 from hero_train.train import TrainConfig
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
+
+
+def _one_of(what: str, choices):
+    """An after-validator refusing a value that is not among `choices`, in `unknown_choice`'s words."""
+    def check(value):
+        if value not in choices:
+            raise ValueError(unknown_choice(what, value, choices))
+        return value
+    return AfterValidator(check)
+
+
+class ModelSection(_Section):
+    """The network: a built-in architecture by name (class count and channels come from the data)."""
+
+    name: Annotated[str, _one_of("model", MODELS)] = "resnet20"
+
+
+class DataSection(_Section):
+    """The dataset, where its files are (None: $HERO_DATA, the system and cache folders), and how
+    many of its training and test samples are used (None: all)."""
+
+    dataset: Annotated[str, _one_of("dataset", DATASETS)] = "fashion-mnist"
+    root: str | None = None
+    limit_train: int | None = Field(None, ge=1)
+    limit_test: int | None = Field(None, ge=1)
+
+
+# TrainConfig's fields that the model and data sections say.
+_MODEL_DATA_FIELDS = {"model": ("model", "name"), "dataset": ("data", "dataset"), "data_root": ("data", "root"),
+                      "limit_train": ("data", "limit_train"), "limit_test": ("data", "limit_test")}
+
+
+def _train_section() -> type[_Section]:
+    """The train section: every TrainConfig field but those of the model and data sections, with
+    TrainConfig's own types and defaults (one place for each default)."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(TrainConfig)
+              if f.name not in _MODEL_DATA_FIELDS}
+    return create_model("TrainSection", __base__=_Section, **fields)
+
+
+TrainSection = _train_section()
 
 
 class QuantizeSection(_Section):
@@ -47,10 +94,19 @@ class QuantizeSection(_Section):
     @field_validator("bits")
     @classmethod
     def _known_bits(cls, bits):
-        bad = [b for b in bits if b not in SUPPORTED_BITS]
-        if bad or not bits:
-            raise ValueError(f"bits must be a non-empty list drawn from {list(SUPPORTED_BITS)} (got {bits})")
-        return sorted(set(bits), reverse=True)
+        if not bits:
+            raise ValueError("bits must be a non-empty list of weight bit widths")
+        try:
+            checked = [check_bits(b) for b in bits]
+        except HeroError as exc:
+            raise ValueError(str(exc)) from None
+        return sorted(set(checked), reverse=True)
+
+    def spec(self, bits: int | None) -> QuantSpec:
+        """The QuantSpec of one precision of this section (bits None: the float baseline)."""
+        return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, fold_bn=self.fold_bn,
+                         act_bits=None if bits is None else self.act_bits, act_method=self.act_method,
+                         act_percentile=self.act_percentile)
 
 
 class ExportSection(_Section):
@@ -66,7 +122,6 @@ class RuntimeSection(_Section):
 
 
 class ValidateSection(_Section):
-    limit_test: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
     latency_batch: int = Field(64, ge=1)
     latency_repeats: int = Field(10, ge=1)
@@ -88,13 +143,14 @@ class BundleSection(_Section):
 
 class TargetSection(_Section):
     device: str = "x86-64 CPU"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     notes: str | None = None
 
 
 class DeployConfig(_Section):
     name: str
-    train: dict | None = None
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection | None = None
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     export: ExportSection = Field(default_factory=ExportSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
@@ -103,24 +159,29 @@ class DeployConfig(_Section):
     bundle: BundleSection = Field(default_factory=BundleSection)
     target: TargetSection = Field(default_factory=TargetSection)
 
-    @field_validator("train")
-    @classmethod
-    def _train_fields(cls, train):
-        if train is None:
-            return None
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(train) - known)
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-        return train
-
     def train_config(self) -> TrainConfig | None:
-        return None if self.train is None else TrainConfig(**self.train)
+        """The TrainConfig of the train, model and data sections (None without a train section)."""
+        if self.train is None:
+            return None
+        return TrainConfig(**self.train.model_dump(), model=self.model.name, dataset=self.data.dataset,
+                           data_root=self.data.root, limit_train=self.data.limit_train,
+                           limit_test=self.data.limit_test)
 
 
 def _location(error: dict) -> str:
     parts = [str(p) for p in error["loc"] if p != "validate_"]
     return ".".join(parts).replace("validate_", "validate") or "(top level)"
+
+
+def _hint(error: dict) -> str:
+    """The message of a pydantic error, saying where a TrainConfig field moved if that is the mistake."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"].removeprefix("Value error, ")
+    loc = error["loc"]
+    if len(loc) == 2 and loc[0] == "train" and loc[1] in _MODEL_DATA_FIELDS:
+        section, key = _MODEL_DATA_FIELDS[loc[1]]
+        return f"unknown key: the {section} section says it ({section}: {{{key}: ...}})"
+    return "unknown key"
 
 
 def load_config(path: str | Path) -> DeployConfig:
@@ -141,9 +202,7 @@ def load_config(path: str | Path) -> DeployConfig:
         config.train_config()  # TrainConfig's own checks (names, ranges)
     except ValidationError as exc:
         first = exc.errors()[0]
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        message = message.removeprefix("Value error, ")
-        raise HeroError(f"{path}: {_location(first)}: {message}") from None
-    except (HeroError, TypeError) as exc:
+        raise HeroError(f"{path}: {_location(first)}: {_hint(first)}") from None
+    except HeroError as exc:
         raise HeroError(f"{path}: train: {exc}") from None
     return config

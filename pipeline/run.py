@@ -10,54 +10,65 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs
 from pipeline import stages
-from pipeline.bundle import bundle_stage
-from pipeline.config import DeployConfig
+from pipeline.bundle import BundleOptions, write_bundle
+from pipeline.config import DeployConfig, GateSection
 from pipeline.gate import GateCriteria, evaluate_gate
 from pipeline.report import build_report, markdown_table, write_report
 
 
-def criteria_from(config: DeployConfig) -> GateCriteria:
-    g = config.gate
-    return GateCriteria(max_drop=g.max_drop, min_accuracy=g.min_accuracy,
-                        bits=tuple(g.bits) if g.bits else None)
+def criteria_from(g: GateSection) -> GateCriteria:
+    return GateCriteria(max_drop=g.max_drop, min_accuracy=g.min_accuracy, bits=tuple(g.bits) if g.bits else None)
 
 
-def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None,
-                 log=print) -> dict:
+def _check_data(config: DeployConfig, loaded: stages.Loaded) -> None:
+    """A data section that names a dataset must name the checkpoint's own."""
+    if "dataset" in config.data.model_fields_set and config.data.dataset != loaded.ckpt["dataset"]:
+        raise HeroError(f"the config's data.dataset is {config.data.dataset!r} but {loaded.path} was trained on "
+                        f"{loaded.ckpt['dataset']!r}: fix data.dataset or pass the right --checkpoint")
+
+
+def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None, log=print) -> dict:
     """Run every stage; returns the report (also written to ``run_dir``)."""
     make_dirs(run_dir)
     began, say = time.perf_counter(), log
     log = lambda message: say(f"{message}  [{time.perf_counter() - began:.0f}s]")  # noqa: E731
-    data_root = (config.train or {}).get("data_root")
+    data, q, v = config.data, config.quantize, config.validate_
     if checkpoint is None:
         log("[1/6] train")
-        checkpoint = stages.train_stage(config, run_dir)
+        checkpoint = stages.train_stage(config.train_config(), run_dir)
     loaded = stages.load_stage(checkpoint)
-    log(f"[2/6] quantize: {', '.join(f'w{b}' for b in config.quantize.bits)} from {checkpoint}")
-    variants = stages.variants_stage(config.quantize)
-    act_scales = stages.calibrate_stage(loaded, config.quantize, data_root)
+    _check_data(config, loaded)
+    log(f"[2/6] quantize: {', '.join(f'w{b}' for b in q.bits)} from {checkpoint}")
+    variants = stages.variants_stage(q)
+    calibration = stages.calibrate_stage(loaded, variants[-1].spec, q.calibration_batches, data.root)
     log(f"[3/6] export {len(variants)} ONNX artifacts to {run_dir / 'artifacts'}")
-    artifacts = stages.export_stage(loaded, variants, act_scales, config, run_dir)
+    artifacts = stages.export_stage(loaded, variants, config.export, calibration, run_dir)
     log("[4/6] validate in ONNX Runtime against the PyTorch emulation")
-    rows = stages.validate_stage(loaded, artifacts, act_scales, config, run_dir, data_root)
+    test_split = stages.EvalSplit(loaded, data.limit_test, data.root)
+    rows = stages.validate_stage(loaded, artifacts, calibration, v, config.runtime, test_split, run_dir)
     meta = {
         "config": config.name, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
         "model": loaded.ckpt["model"]["name"], "dataset": loaded.ckpt["dataset"],
         "train_optimizer": loaded.ckpt["config"].get("optimizer"),
-        "test_samples": config.validate_.limit_test, "data_root": data_root, "target": config.target.model_dump(),
-        "tool_version": stages.TOOL_VERSION, "torch": torch.__version__,
+        "test_samples": data.limit_test, "data_root": data.root, "target": config.target.model_dump(),
+        "tool_version": TOOL_VERSION, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "host": platform.platform(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     report = build_report(rows, meta)
     if config.bundle.enabled:
         log(f"[4b] bundle every precision for the device: {run_dir / 'bundle'}")
-        bundle_stage(loaded, artifacts, rows, config, run_dir / "bundle", data_root)
+        rt = config.runtime
+        options = BundleOptions(test_samples=config.bundle.test_samples, data_root=data.root,
+                                providers=tuple(rt.providers) if rt.providers else None,
+                                latency_batch=v.latency_batch, latency_repeats=v.latency_repeats)
+        write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, run_dir / "bundle", options)
     log("[5/6] gate")
-    result = evaluate_gate(report, criteria_from(config))
+    result = evaluate_gate(report, criteria_from(config.gate))
     report["gate"] = {"passed": result["passed"], "reasons": result["reasons"]}
     log(f"[6/6] report: {run_dir / 'report.md'}")
     write_report(report, run_dir, f"{config.name}: {meta['model']} on {meta['dataset']}")

@@ -7,8 +7,6 @@ whose inputs did not change.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporters.device import TOOL_VERSION
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
-from exporters.onnx import export_onnx
-from exporters.quantize import QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
+from exporters.onnx import ExportOptions, export_onnx, read_quantization
+from exporters.quantize import Calibration, QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
 from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
-from hero_train.train import train
+from hero_train.train import TrainConfig, train
 from pipeline.cache import StageCache, input_key
-from pipeline.config import DeployConfig, QuantizeSection
-
-TOOL_VERSION = "0.1.0"
+from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection
 
 
 @dataclass(frozen=True)
@@ -58,12 +55,11 @@ class Loaded:
     sha256: str
 
 
-def train_stage(config: DeployConfig, run_dir: Path) -> Path:
-    """Train (or finish training) the config's model; a completed run is not redone."""
-    train_config = config.train_config()
-    if train_config is None:
+def train_stage(config: TrainConfig | None, run_dir: Path) -> Path:
+    """Train (or finish training) the configured model; a completed run is not redone."""
+    if config is None:
         raise HeroError("the config has no 'train' section: pass --checkpoint CKPT")
-    return train(train_config, run_dir / "train", resume=True)
+    return train(config, run_dir / "train", resume=True)
 
 
 def load_stage(checkpoint: Path) -> Loaded:
@@ -73,12 +69,9 @@ def load_stage(checkpoint: Path) -> Loaded:
 
 def variants_stage(q: QuantizeSection) -> list[Variant]:
     """The baseline plus one variant per requested bit width, named like w4 or w4a8."""
-    base = QuantSpec(bits=None, fold_bn=q.fold_bn)
-    out = [Variant("fp32", base)]
+    out = [Variant("fp32", q.spec(None))]
     for bits in q.bits:
-        spec = QuantSpec(bits=bits, symmetric=q.symmetric, per_channel=q.per_channel, fold_bn=q.fold_bn,
-                         act_bits=q.act_bits, act_method=q.act_method, act_percentile=q.act_percentile)
-        out.append(Variant(f"w{bits}" + (f"a{q.act_bits}" if q.act_bits else ""), spec))
+        out.append(Variant(f"w{bits}" + (f"a{q.act_bits}" if q.act_bits else ""), q.spec(bits)))
     return out
 
 
@@ -93,52 +86,49 @@ def eval_data(loaded: Loaded, split: str, limit: int | None, data_root: str | No
     return x.numpy(), labels.numpy()
 
 
-def calibrate_stage(loaded: Loaded, q: QuantizeSection, data_root: str | None) -> dict[str, float] | None:
-    """Per-layer int8 activation scales from the first training batches (W{n}A8 only)."""
-    if q.act_bits is None:
+def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: str | None) -> Calibration | None:
+    """Per-layer int8 activation scales from the first `batches` training batches of 128
+    (None when spec.act_bits is None: nothing to calibrate)."""
+    if spec.act_bits is None:
         return None
-    x, _ = eval_data(loaded, "train", 128 * q.calibration_batches, data_root)
-    batches = (torch.from_numpy(x[i : i + 128]) for i in range(0, len(x), 128))
-    return calibrate_activations(loaded.model, batches, method=q.act_method, percentile=q.act_percentile)
+    x, _ = eval_data(loaded, "train", 128 * batches, data_root)
+    return calibrate_activations(loaded.model, (torch.from_numpy(x[i : i + 128]) for i in range(0, len(x), 128)), spec)
 
 
-def export_stage(loaded: Loaded, variants: list[Variant], act_scales, config: DeployConfig,
+def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, str]) -> ExportOptions:
+    """The export section applied to one variant: INT4 storage only where bits <= 4, fp16 only for the baseline."""
+    return ExportOptions(int4_storage=export.int4_storage and spec.bits is not None and spec.bits <= 4,
+                         fp16=export.fp16_baseline and spec.bits is None, opset=export.opset, metadata=metadata)
+
+
+def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection, calibration: Calibration | None,
                  run_dir: Path) -> list[Artifact]:
     """Export every variant to ONNX (skipping those whose inputs did not change)."""
     cache, out = StageCache(run_dir), []
     for variant in variants:
         path = run_dir / "artifacts" / f"{variant.name}.onnx"
-        int4 = config.export.int4_storage and variant.spec.bits is not None and variant.spec.bits <= 4
-        fp16 = config.export.fp16_baseline and variant.spec.bits is None
-        scales = act_scales if variant.spec.act_bits else None
-        key = input_key(checkpoint=loaded.sha256, spec=dataclasses.asdict(variant.spec), int4=int4,
-                        fp16=fp16, opset=config.export.opset, act_scales=scales, tool=TOOL_VERSION)
+        spec = variant.spec
+        scales = calibration if spec.act_bits else None
+        options = export_options(export, spec, {"hero.source_sha256": loaded.sha256, "hero.variant": variant.name})
+        key = input_key(checkpoint=loaded.sha256, spec=spec.to_dict(), int4=options.int4_storage, fp16=options.fp16,
+                        opset=options.opset, act_scales=scales and scales.scales, tool=TOOL_VERSION)
         if cache.get("export", variant.name, key) is None:
-            export_onnx(loaded.model, path, input_shape=tuple(loaded.ckpt["input_shape"]), spec=variant.spec,
-                        act_scales=scales, fp16=fp16, int4_storage=int4, opset=config.export.opset,
-                        metadata={"hero.source_sha256": loaded.sha256, "hero.variant": variant.name})
+            export_onnx(loaded.model, path, spec, options, scales, input_shape=tuple(loaded.ckpt["input_shape"]))
             cache.put("export", variant.name, key, {"path": str(path)}, files=[path])
         out.append(Artifact(variant, path, sha256_file(path), path.stat().st_size,
-                            packed_weight_bytes(loaded.model, variant.spec.bits)))
+                            packed_weight_bytes(loaded.model, spec.bits)))
     return out
 
 
-def artifact_from_file(path: Path, loaded: Loaded) -> tuple[Artifact, dict[str, float] | None]:
-    """Rebuild an exported artifact's variant from its hero.* metadata (for `hero validate`)."""
+def artifact_from_file(path: Path, loaded: Loaded) -> tuple[Artifact, Calibration | None]:
+    """An exported artifact's variant, read back from its hero.quantization metadata (for `hero validate`)."""
     meta = ort_runtime.OnnxRuntimeRunner(path).metadata
-    if "hero.bits" not in meta:
-        raise HeroError(f"{path} has no hero.* metadata: validate artifacts written by hero export / hero run")
+    spec, calibration = read_quantization(meta, path)
     if meta.get("hero.source_sha256") not in (None, loaded.sha256):
         raise HeroError(f"{path} was exported from another checkpoint (sha256 {meta['hero.source_sha256'][:12]}…)")
-    scheme = meta.get("hero.scheme", "symmetric,per_channel").split(",")
-    number = lambda key: None if meta.get(key, "none") == "none" else int(meta[key])  # noqa: E731
-    spec = QuantSpec(bits=number("hero.bits"), symmetric=scheme[0] == "symmetric",
-                     per_channel=scheme[-1] == "per_channel", fold_bn=meta.get("hero.fold_bn") != "false",
-                     act_bits=number("hero.act_bits"))
-    scales = json.loads(meta["hero.act_scales"]) if "hero.act_scales" in meta else None
     name = meta.get("hero.variant", path.stem)
     return Artifact(Variant(name, spec), path, sha256_file(path), path.stat().st_size,
-                    packed_weight_bytes(loaded.model, spec.bits)), scales
+                    packed_weight_bytes(loaded.model, spec.bits)), calibration
 
 
 @torch.no_grad()
@@ -150,29 +140,26 @@ def torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.n
 
 def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     """Top-1 agreement and the largest absolute logit difference between two runs."""
-    agreement = float((reference.argmax(1) == other.argmax(1)).mean())
-    return agreement, float(np.abs(reference - other).max())
+    return ort_runtime.top1(other, reference.argmax(1)), float(np.abs(reference - other).max())
 
 
-def validate_artifact(loaded: Loaded, artifact: Artifact, act_scales, x: np.ndarray, y: np.ndarray,
-                      config: DeployConfig) -> dict:
+def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibration | None, x: np.ndarray,
+                      y: np.ndarray, v: ValidateSection, rt: RuntimeSection) -> dict:
     """Accuracy of the PyTorch emulation and of the runtime artifact, and how well they agree."""
-    v = config.validate_
     spec = artifact.variant.spec
-    emulation = quantize_model(loaded.model, spec, act_scales=act_scales if spec.act_bits else None)
+    emulation = quantize_model(loaded.model, spec, calibration if spec.act_bits else None)
     reference = torch_logits(emulation, x, v.batch_size)
-    result = {"torch_accuracy": float((reference.argmax(1) == y).mean())}
-    runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=config.runtime.providers,
-                                           intra_op_threads=config.runtime.threads)
+    result = {"torch_accuracy": ort_runtime.top1(reference, y)}
+    runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, intra_op_threads=rt.threads)
     logits = runner.predict(x, batch_size=v.batch_size)
     agreement, diff = compare_logits(reference, logits)
-    result.update(runtime_accuracy=float((logits.argmax(1) == y).mean()), agreement=agreement,
+    result.update(runtime_accuracy=ort_runtime.top1(logits, y), agreement=agreement,
                   max_logit_diff=diff, providers=runner.providers,
                   latency_ms=ort_runtime.time_batches(runner, x[: v.latency_batch], v.latency_repeats))
     # Optimisation passes have been reported to change dequantize results: check the literal graph too.
     n = v.unoptimized_samples or len(x)
-    literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=config.runtime.providers,
-                                            optimization="disabled", intra_op_threads=config.runtime.threads)
+    literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, optimization="disabled",
+                                            intra_op_threads=rt.threads)
     agreement, diff = compare_logits(reference[:n], literal.predict(x[:n], batch_size=v.batch_size))
     result.update(agreement_unoptimized=agreement, max_logit_diff_unoptimized=diff)
     scale = max(1.0, float(np.abs(reference).max()))
@@ -182,25 +169,28 @@ def validate_artifact(loaded: Loaded, artifact: Artifact, act_scales, x: np.ndar
     return result
 
 
-def validate_stage(loaded: Loaded, artifacts: list[Artifact], act_scales, config: DeployConfig,
-                   run_dir: Path, data_root: str | None = None) -> list[dict]:
-    """One result row per artifact, in the report.json schema; cached per artifact."""
+def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calibration | None,
+                   v: ValidateSection, rt: RuntimeSection, test_data, run_dir: Path) -> list[dict]:
+    """One result row per artifact, in the report.json schema; cached per artifact. `test_data`
+    is a callable returning (x, y), called only when some artifact is not cached, and a dict
+    of what it depends on (`test_data.key`)."""
     cache, rows, data = StageCache(run_dir), [], None
     for art in artifacts:
-        key = input_key(artifact=art.sha256, checkpoint=loaded.sha256, validate=config.validate_.model_dump(),
-                        runtime=config.runtime.model_dump(), data_root=data_root)
+        key = input_key(artifact=art.sha256, checkpoint=loaded.sha256, validate=v.model_dump(),
+                        runtime=rt.model_dump(), data=test_data.key)
         measured = cache.get("validate", art.variant.name, key)
         if measured is None:
             if data is None:
-                data = eval_data(loaded, "test", config.validate_.limit_test, data_root)
-            measured = validate_artifact(loaded, art, act_scales, *data, config)
+                data = test_data()
+            measured = validate_artifact(loaded, art, calibration, *data, v, rt)
             cache.put("validate", art.variant.name, key, measured)
         spec = art.variant.spec
         # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
         lint = lint_explicit_quantization(str(art.path)) if spec.bits is not None else []
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
                "per_channel": spec.per_channel, "act_bits": spec.act_bits, "runtime": "onnxruntime",
-               "target_runtime": config.runtime.name, "trt_lint": lint, **measured, "file_bytes": art.file_bytes, "packed_weight_bytes": art.packed_weight_bytes,
+               "target_runtime": rt.name, "trt_lint": lint, **measured, "file_bytes": art.file_bytes,
+               "packed_weight_bytes": art.packed_weight_bytes,
                "artifact": str(art.path.relative_to(run_dir)), "sha256": art.sha256}
         if not row["consistent"]:
             print(f"hero: {art.variant.name}: the runtime disagrees with the PyTorch emulation "
@@ -208,3 +198,17 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], act_scales, config
                   f"{max(row['max_logit_diff'], row['max_logit_diff_unoptimized']):.3g})", file=sys.stderr)
         rows.append(row)
     return rows
+
+
+class EvalSplit:
+    """A checkpoint's test split, loaded on first call: (x, y) as `eval_data` gives them."""
+
+    def __init__(self, loaded: Loaded, limit: int | None, root: str | None):
+        self.loaded, self.limit, self.root = loaded, limit, root
+        self.key = {"dataset": loaded.ckpt["dataset"], "limit": limit, "root": root}
+        self._data = None
+
+    def __call__(self):
+        if self._data is None:
+            self._data = eval_data(self.loaded, "test", self.limit, self.root)
+        return self._data

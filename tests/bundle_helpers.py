@@ -9,7 +9,7 @@ import torch
 from conftest import make_fashion_mnist
 
 from exporters.device.files import sha256_file
-from exporters.onnx import export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from pipeline import stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import QuantizeSection
@@ -36,8 +36,8 @@ def export_variants(loaded: stages.Loaded, folder: Path) -> tuple[list[stages.Ar
     artifacts, rows = [], []
     for i, variant in enumerate(stages.variants_stage(QuantizeSection(bits=[8, 4]))):
         path = folder / f"{variant.name}.onnx"
-        export_onnx(loaded.model, path, input_shape=(1, 28, 28), spec=variant.spec,
-                    int4_storage=variant.spec.bits == 4)
+        export_onnx(loaded.model, path, variant.spec, ExportOptions(int4_storage=variant.spec.bits == 4),
+                    input_shape=(1, 28, 28))
         artifacts.append(stages.Artifact(variant, path, sha256_file(path), path.stat().st_size, 0))
         spec = variant.spec
         rows.append({"name": variant.name, "bits": spec.bits, "symmetric": spec.symmetric,

@@ -12,7 +12,9 @@ from exporters.device.errors import HeroError
 from exporters.quantize import quantize_tensor
 from pipeline import analyze
 from hero_train.train import TrainConfig, train
-from pipeline.analyze import analyze_command
+from pipeline.cli import cli
+
+analyze_command = cli.commands["analyze"]
 
 
 @pytest.fixture

@@ -1,21 +1,24 @@
 """pipeline.bundle: the bundle's files and manifest, its test data, refit groups, rebuilds, `hero bundle`."""
 
+import dataclasses
 import json
 import shutil
+import stat
 
 import numpy as np
 import onnx
 import pytest
 from bundle_helpers import CPU, TEST_SAMPLES, built_bundle
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.device.runtime import OnnxRuntimeRunner
 from pipeline import stages
-from pipeline.bundle import bundle_command, bundle_stage, refit_group, write_bundle
-from pipeline.config import DeployConfig
+from hero_train.checkpoint import save_checkpoint
+from hero_train.models import build_model
+from pipeline.bundle import refit_group, write_bundle
+from pipeline.cli import main as hero
 from pipeline.report import build_report
 
 
@@ -85,21 +88,20 @@ def test_refit_group_ignores_weight_values_but_not_scales(tmp_path):
 
 
 def test_unchanged_rebuild_is_skipped_and_a_changed_one_replaces_the_bundle(tiny, tmp_path):
-    config = DeployConfig.model_validate({"name": "t", "bundle": {"enabled": True, "test_samples": 10},
-                                         "runtime": {"providers": list(CPU)},
-                                         "validate": {"latency_batch": 4, "latency_repeats": 1}})
+    options = dataclasses.replace(tiny["options"], test_samples=10, latency_batch=4)
+    paths = {a.variant.name: a.path for a in tiny["artifacts"]}
     out = tmp_path / "bundle"
-    data_root = tiny["options"].data_root
-    assert bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root) == out
+    assert write_bundle(tiny["loaded"], tiny["rows"], paths, out, options) == out
     stamp = (out / "manifest.json").stat().st_mtime_ns
     (out / "stale.onnx").write_bytes(b"left over")
-    bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root)
+    write_bundle(tiny["loaded"], tiny["rows"], paths, out, options)
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # same inputs: nothing rewritten
 
-    config.bundle.test_samples = 6
-    bundle_stage(tiny["loaded"], tiny["artifacts"], tiny["rows"], config, out, data_root)
+    write_bundle(tiny["loaded"], tiny["rows"], paths, out, dataclasses.replace(options, test_samples=6))
     assert json.loads((out / "manifest.json").read_text())["test_data"]["samples"] == 6
     assert not (out / "stale.onnx").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by the device's user
+    assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folders left behind
 
 
@@ -133,30 +135,34 @@ def test_artifact_changed_after_validation_is_refused(tiny, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def _finished_run(tiny, tmp_path):
+def _finished_run(tiny, tmp_path, recorded_sha256=None):
+    """A run folder as `hero run` leaves it, with a real (untrained ResNet20) checkpoint."""
     run = tmp_path / "run"
     shutil.copytree(tiny["artifacts"][0].path.parent, run / "artifacts")
-    checkpoint = run / "checkpoint.pt"
-    checkpoint.write_bytes(b"stands in for a checkpoint")
+    checkpoint = save_checkpoint({
+        "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1}, "input_shape": [1, 28, 28],
+        "dataset": "fashion-mnist", "normalization": tiny["loaded"].ckpt["normalization"], "config": {},
+        "epoch": 0, "state_dict": build_model("resnet20", num_classes=10, in_channels=1).state_dict(),
+    }, run / "train" / "checkpoint.pt")
     rows = [dict(r, file_bytes=1, packed_weight_bytes=0) for r in tiny["rows"]]
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": tiny["loaded"].sha256}
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": recorded_sha256 or sha256_file(checkpoint)}
     (run / "report.json").write_text(json.dumps(build_report(rows, meta)))
     return run
 
 
-def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(stages, "load_stage", lambda path: tiny["loaded"])
+def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, capsys):
     run = _finished_run(tiny, tmp_path)
-    result = CliRunner().invoke(bundle_command, [str(run), "--test-samples", "8", "--data-root",
-                                                 tiny["options"].data_root, "--providers", CPU[0]])
-    assert result.exit_code == 0, result.output
+    code = hero(["bundle", str(run), "--test-samples", "8", "--data-root", tiny["options"].data_root,
+                 "--providers", CPU[0]])
+    assert code == 0
+    assert "host_report.json --max-regression" in capsys.readouterr().out
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["test_data"]["samples"] == 8 and len(manifest["variants"]) == 3
-    assert "host_report.json --max-regression" in result.output
+    assert manifest["model"] == "resnet20" and manifest["source_sha256"] == sha256_file(run / "train" / "checkpoint.pt")
 
 
-def test_bundle_command_refuses_another_checkpoint(tiny, tmp_path, monkeypatch):
-    other = stages.Loaded(tiny["loaded"].path, tiny["loaded"].ckpt, tiny["loaded"].model, "0" * 64)
-    monkeypatch.setattr(stages, "load_stage", lambda path: other)
-    result = CliRunner().invoke(bundle_command, [str(_finished_run(tiny, tmp_path))])
-    assert isinstance(result.exception, HeroError) and "sha256 differs" in str(result.exception)
+def test_bundle_command_refuses_another_checkpoint(tiny, tmp_path, capsys):
+    run = _finished_run(tiny, tmp_path, recorded_sha256="0" * 64)
+    assert hero(["bundle", str(run), "--data-root", tiny["options"].data_root]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    assert not (run / "bundle").exists()

@@ -30,8 +30,16 @@ def test_quickstart_trains_resnet20_on_fashion_mnist_and_gates():
     ("name: x\nquantize:\n  bitz: [4]\n", "quantize.bitz: unknown key"),
     ("name: x\nquantize:\n  bits: [9]\n", "quantize.bits"),
     ("name: x\nquantize:\n  symmetric: maybe\n", "quantize.symmetric"),
-    ("name: x\ntrain:\n  epocs: 3\n", "unknown key 'epocs'"),
-    ("name: x\ntrain:\n  model: resnet9000\n", "unknown model"),
+    ("name: x\ntrain:\n  epocs: 3\n", "train.epocs: unknown key"),
+    ("name: x\ntrain:\n  epochs: many\n", "train.epochs"),
+    ("name: x\ntrain:\n  optimizer: adam\n", "unknown optimizer 'adam'"),
+    ("name: x\nmodel:\n  name: resnet9000\n", "model.name: unknown model 'resnet9000'"),
+    ("name: x\ndata:\n  dataset: mnist-ish\n", "data.dataset: unknown dataset"),
+    ("name: x\ndata:\n  limit_test: 0\n", "data.limit_test"),
+    ("name: x\ntrain:\n  model: resnet20\n", "the model section says it (model: {name: ...})"),
+    ("name: x\ntrain:\n  data_root: /data\n", "the data section says it (data: {root: ...})"),
+    ("name: x\nvalidate:\n  limit_test: 10\n", "validate.limit_test: unknown key"),
+    ("name: x\ntarget:\n  batch_sizes: [1]\n", "target.batch_sizes: unknown key"),
     ("name: x\nvalidate:\n  batch_size: 0\n", "validate.batch_size"),
     ("quantize: {}\n", "name"),
     ("name: x\n  bad: : indentation\n", "not valid YAML"),
@@ -49,3 +57,19 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, text, needle):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(HeroError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_train_section_takes_trainconfig_types_and_defaults_and_joins_model_and_data(tmp_path):
+    import dataclasses
+
+    from hero_train.train import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nmodel: {name: resnet32}\ndata: {root: /d, limit_train: 64, limit_test: 32}\n"
+                    "train: {epochs: 3, gamma: 1}\n")
+    train = load_config(path).train_config()
+    expected = dataclasses.replace(TrainConfig(), model="resnet32", data_root="/d", limit_train=64, limit_test=32,
+                                   epochs=3, gamma=1.0)
+    assert train == expected and isinstance(train.gamma, float)
+    path.write_text("name: c\n")
+    assert load_config(path).train_config() is None

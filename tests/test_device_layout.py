@@ -34,13 +34,13 @@ def test_every_device_module_imports_without_host_packages():
     assert done.stdout.strip() == str(len(modules))
 
 
-def test_hero_train_imports_from_exporters_only_the_error_type_and_the_file_helpers():
-    allowed = {"from exporters.device.errors import HeroError", "from exporters.device.files import make_dirs",
-               "from exporters.device.files import write_atomic"}
+def test_hero_train_imports_from_exporters_only_the_error_and_file_helpers():
+    allowed = {"exporters.device.errors", "exporters.device.files"}
     seen = set()
     for path in (REPO_ROOT / "hero_train").glob("*.py"):
         for line in path.read_text().splitlines():
             if line.startswith(("from exporters", "import exporters")):
-                assert line in allowed, f"{path.name}: {line}"
-                seen.add(line)
+                module = line.split()[1]
+                assert module in allowed, f"{path.name}: {line}"
+                seen.add(module)
     assert seen == allowed

@@ -1,5 +1,6 @@
 """Curvature diagnostics: exact HVPs, eigenvalue, trace, ||Hz||, contour, Theorem 3 and quantization."""
 
+import itertools
 import math
 
 import pytest
@@ -166,20 +167,159 @@ def test_plot_loss_contour_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_theorem3_bounds_hand_computed_case():
-    # ||g|| = 3, λ = 2, c = 4: (sqrt(9 + 16) - 3) / 2 = 1; n = 25 -> l-inf 1/5.
-    bounds = H.theorem3_bounds(3.0, 2.0, 4.0, 25)
-    assert bounds["l2"] == pytest.approx(1.0) and bounds["linf"] == pytest.approx(0.2)
-    assert H.theorem3_bounds(0.0, 2.0, 1.0, 1)["l2"] == pytest.approx(1.0)  # sqrt(2c/λ)
-    assert H.theorem3_bounds(2.0, 0.0, 1.0, 1)["l2"] == pytest.approx(0.5)  # c/||g||
-    assert H.theorem3_bounds(1.0, -1.0, 1.0, 1)["l2"] == math.inf  # the model never rises by c
+# Theorem 3 against the exact minimum of Eq. 5 on quadratics small enough to solve, L(δ) = g'δ + ½δ'Hδ:
+# the smallest ||δ||_∞ with L(δ) >= c is the smallest r whose box max of L reaches c (box_max, by
+# enumeration), the smallest ||δ||_2 from the trust-region solution; both by bisection, not by formula.
 
 
-def test_theorem3_bounds_shrink_as_curvature_grows():
-    l2 = [H.theorem3_bounds(0.5, lam, 0.1, 100)["l2"] for lam in (0.1, 1.0, 10.0, 100.0)]
-    assert all(a > b for a, b in zip(l2, l2[1:]))
+def box_max(g, hess, r):
+    """max of L over ||δ||_∞ <= r: at a vertex r·s, s in {±1}^n, when hess is PSD (L is convex);
+    coordinate by coordinate (ends and stationary point) when hess is diagonal."""
+    if torch.equal(hess, torch.diag(torch.diagonal(hess))) and bool((torch.diagonal(hess) < 0).any()):
+        best = 0.0
+        for gi, hi in zip(g.tolist(), torch.diagonal(hess).tolist()):
+            candidates = [-r, r] + ([min(max(-gi / hi, -r), r)] if hi < 0 else [])
+            best += max(gi * d + 0.5 * hi * d * d for d in candidates)
+        return best
+    assert float(torch.linalg.eigvalsh(hess)[0]) >= -1e-12, "vertex enumeration needs a convex L"
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=len(g))), dtype=torch.float64)
+    return float((r * signs @ g + 0.5 * r * r * ((signs @ hess) * signs).sum(1)).max())
+
+
+def smallest_radius(rise, c):
+    """The smallest r with rise(r) >= c (rise nondecreasing, rise(0) = 0), inf if none up to 1e6."""
+    hi = 1e-6
+    while rise(hi) < c:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    lo = 0.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if rise(mid) >= c else (mid, hi)
+    return hi
+
+
+def exact_linf(g, hess, c):
+    return smallest_radius(lambda r: box_max(g, hess, r), c)
+
+
+def exact_l2(g, hess, c):
+    """Smallest ||δ||_2 with L(δ) >= c for PSD hess = H and g not orthogonal to the top eigenvectors: the
+    maximiser of L on ||δ||_2 = r is δ = (μI − H)⁻¹g with μ > λ_max (the trust-region optimality
+    conditions for −L, Nocedal & Wright, Thm. 4.1), and L rises with t = 1/(μ − λ_max): bisect on t."""
+    lam, q = torch.linalg.eigh(hess)
+    lam, gq = lam.tolist(), (q.T @ g).tolist()
+
+    def delta(t):
+        return [gi / (1.0 / t + lam[-1] - li) for gi, li in zip(gq, lam)]
+
+    t = smallest_radius(lambda t: sum(gi * d + 0.5 * li * d * d for gi, li, d in zip(gq, lam, delta(t))), c)
+    return math.sqrt(sum(d * d for d in delta(t)))
+
+
+def bounds_for(g, v, c, n_nonzero=None):
+    return H.theorem3_bounds(grad_l2=float(g.norm()), grad_l1=float(g.abs().sum()), lambda_max=v, c=c,
+                             n_params=len(g), n_nonzero=len(g) if n_nonzero is None else n_nonzero)
+
+
+@pytest.mark.parametrize("v", [0.0, 1e-12, 0.5, 3.0])
+@pytest.mark.parametrize("g", [[0.3, -1.2], [0.7, -0.2, 1.5, 0.05], [0.0, 0.0, 0.0]])
+def test_theorem3_bounds_equal_the_exact_minimum_when_h_is_isotropic(g, v):
+    # H = v·I with every weight nonzero: the maximiser over the box is r·sign(g) and over the ball
+    # r·g/||g||, so Eqs. 6 and 7 are the exact minimum of Eq. 5 (g = 0: Eq. 8, sqrt(2c / (n·v))).
+    g = torch.tensor(g, dtype=torch.float64)  # g = 0 and v = 0: L never rises, both are infinite
+    hess, c = v * torch.eye(len(g), dtype=torch.float64), 0.2
+    bounds = bounds_for(g, v, c)
+    assert bounds["linf"] == pytest.approx(exact_linf(g, hess, c), rel=1e-9)
+    if g.any():
+        assert bounds["l2"] == pytest.approx(exact_l2(g, hess, c), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_theorem3_bounds_stay_below_the_exact_minimum_for_a_psd_hessian(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spectrum = [2.0, 0.7, 0.1, 0.0][:n]
+    hess = symmetric_with_spectrum(spectrum, seed=seed)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    for c in (0.01, 0.3, 5.0):
+        bounds = bounds_for(g, max(spectrum), c)
+        true_linf = exact_linf(g, hess, c)
+        assert bounds["linf"] <= true_linf * (1 + 1e-12)
+        assert bounds["linf_from_l2"] <= true_linf * (1 + 1e-12)
+        assert bounds["l2"] <= exact_l2(g, hess, c) * (1 + 1e-12)
+
+
+def test_theorem3_linf_bound_holds_for_perturbations_that_keep_zero_weights_at_zero():
+    # W = (1, 0, -2, 0.5): n = ||W||_0 = 3, and δ (a quantizer's: zero is on its grid) leaves w_2 alone.
+    support = torch.tensor([0, 2, 3])
+    hess = symmetric_with_spectrum([1.5, 0.8, 0.3, 0.05], seed=4)
+    v = float(torch.linalg.eigvalsh(hess)[-1])
+    g = torch.tensor([0.4, -0.9, 0.2, -0.6], dtype=torch.float64)
+    sub = hess[support][:, support]
+    for c in (0.05, 1.0):
+        assert bounds_for(g, v, c, n_nonzero=3)["linf"] <= exact_linf(g[support], sub, c) * (1 + 1e-12)
+    # Tight again when H = v·I and the gradient vanishes off the support.
+    g_on = torch.tensor([0.4, 0.0, 0.2, -0.6], dtype=torch.float64)
+    iso = 1.5 * torch.eye(3, dtype=torch.float64)
+    assert bounds_for(g_on, 1.5, 1.0, n_nonzero=3)["linf"] == pytest.approx(
+        exact_linf(g_on[support], iso, 1.0), rel=1e-9)
+
+
+def test_theorem3_linf_bound_needs_n_params_when_zero_weights_may_move():
+    # g = 0, H = v·I, W = (1, 0): moving both entries reaches c at sqrt(c / v), below Eq. 7 with
+    # n = ||W||_0 = 1 (sqrt(2c / v)); with n = 2 the bound is that exact minimum.
+    g, hess, c = torch.zeros(2, dtype=torch.float64), 2.0 * torch.eye(2, dtype=torch.float64), 0.5
+    free = exact_linf(g, hess, c)
+    assert bounds_for(g, 2.0, c, n_nonzero=1)["linf"] > 1.4 * free
+    assert bounds_for(g, 2.0, c, n_nonzero=2)["linf"] == pytest.approx(free, rel=1e-9)
+
+
+def test_theorem3_linf_bound_stays_valid_for_negative_curvature():
+    # λ_max = -0.1 < 0 (outside the theorem): the best box vertex moves only w_1, so ||δ||_2 =
+    # ||δ||_∞ and the exact minimum is the root of r − 0.05·r² = 1; n·v in Eq. 7 would overshoot it.
+    g, hess = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.diag(torch.tensor([-0.1, -100.0],
+                                                                                    dtype=torch.float64))
+    bounds = bounds_for(g, -0.1, 1.0)
+    assert bounds["linf"] == pytest.approx(exact_linf(g, hess, 1.0), rel=1e-9)
+    # Above the peak 1² / (2·0.1) = 5 nothing reaches c.
+    assert exact_linf(g, hess, 6.0) == math.inf
+    assert bounds_for(g, -0.1, 6.0)["linf"] == math.inf and bounds_for(g, -0.1, 6.0)["l2"] == math.inf
+
+
+def test_eq7_is_tighter_than_l2_over_sqrt_n_for_nonnegative_curvature():
+    # ||g||_1 <= sqrt(n)·||g||_2, so Eq. 7 >= Eq. 6 / sqrt(n); equal when every |g_i| is the same.
+    g = torch.tensor([0.7, -0.2, 1.5, 0.05], dtype=torch.float64)
+    for v in (0.0, 0.3, 5.0):
+        bounds = bounds_for(g, v, 0.2)
+        assert bounds["linf_from_l2"] < 0.9 * bounds["linf"] < bounds["l2"]
+    flat_g = torch.tensor([0.5, -0.5, 0.5, 0.5], dtype=torch.float64)
+    bounds = bounds_for(flat_g, 0.3, 0.2)
+    assert bounds["linf_from_l2"] == pytest.approx(bounds["linf"], rel=1e-12)
+
+
+def test_l2_over_sqrt_n_can_beat_eq7_for_negative_curvature():
+    # H = −I, |g_i| = ½: the exact minimum is the root of 2r − 2r² = 0.1, which Eq. 6 / sqrt(n)
+    # reaches and Eq. 7 (curvature v·r² for v < 0) does not; both stay below it.
+    g, hess, c = torch.full((4,), 0.5, dtype=torch.float64), -torch.eye(4, dtype=torch.float64), 0.1
+    bounds, true_linf = bounds_for(g, -1.0, c), exact_linf(g, hess, c)
+    assert bounds["linf"] < bounds["linf_from_l2"]
+    assert bounds["linf_from_l2"] == pytest.approx(true_linf, rel=1e-9)
+    assert bounds["linf"] <= true_linf
+
+
+def test_theorem3_bounds_grow_as_curvature_and_gradient_shrink():
+    # The paper's remarks after Theorem 3: both bounds rise as v falls, Eq. 7 as |g| falls.
+    g = torch.tensor([0.5, -0.1, 0.3], dtype=torch.float64)
+    by_v = [bounds_for(g, v, 0.1) for v in (100.0, 10.0, 1.0, 0.1)]
+    assert all(a["l2"] < b["l2"] and a["linf"] < b["linf"] for a, b in zip(by_v, by_v[1:]))
+    by_g = [bounds_for(g * s, 1.0, 0.1)["linf"] for s in (4.0, 1.0, 0.25)]
+    assert by_g[0] < by_g[1] < by_g[2]
     with pytest.raises(HeroError):
-        H.theorem3_bounds(0.5, 1.0, 0.0, 100)
+        bounds_for(g, 1.0, 0.0)
+    with pytest.raises(HeroError):
+        bounds_for(g, 1.0, 0.1, n_nonzero=4)
 
 
 @pytest.mark.parametrize("train_bn", [True, False])

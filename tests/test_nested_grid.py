@@ -22,13 +22,61 @@ def test_four_bit_codes_match_hand_computed_case():
     assert s8 == pytest.approx(1 / 127)
 
 
-def test_codes_lie_on_the_nested_sub_grid_for_every_bit_width():
-    w = np.random.default_rng(0).normal(size=(8, 3, 3, 3))
+def _nearest_level_codes(w, bits, axis):
+    """Brute force, independent of nested_grid_codes' round-and-clamp: the 8-bit code of the
+    nearest of the 2^bits - 1 nested levels k * 2^(8-bits) * s8, s8 = float32(amax / 127)."""
+    m, qmax = 2 ** (8 - bits), 2 ** (bits - 1) - 1
+    ks = np.arange(-qmax, qmax + 1)
+    channels_first = w.reshape(1, *w.shape) if axis is None else np.moveaxis(w, axis, 0)
+    rows = channels_first.reshape(len(channels_first), -1)
+    s8 = (np.abs(rows).max(1) / 127).astype(np.float32).astype(np.float64)
+    levels = ks[None, :] * m * s8[:, None]  # (channels, levels)
+    codes = (ks[np.abs(rows[:, :, None] - levels[:, None, :]).argmin(-1)] * m).reshape(channels_first.shape)
+    return codes[0] if axis is None else np.moveaxis(codes, 0, axis)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("axis", [0, 1, None])
+def test_codes_are_the_nearest_nested_level_found_by_brute_force(bits, axis):
+    w = np.random.default_rng(bits).normal(size=(6, 5, 3, 3)) * np.linspace(0.5, 3, 6)[:, None, None, None]
+    codes, _ = nested_grid_codes(w, bits, axis=axis)
+    np.testing.assert_array_equal(codes.astype(int), _nearest_level_codes(w, bits, axis))
+
+
+def test_nested_levels_are_eight_bit_levels_and_each_width_contains_the_narrower():
+    # a dense ramp over [-amax, amax] reaches every level of every grid; the levels actually
+    # produced (codes * s8 in float32, what a DequantizeLinear with scale s8 computes) must be
+    # 8-bit grid values, 2^n - 1 of them, and the n-bit levels a subset of the (n+1)-bit ones
+    ramp = np.linspace(-1.0, 1.0, 20001)
+    eight_bit_values = set((np.arange(-127, 128) * scale8(ramp, axis=None)).astype(np.float32).tolist())
+    previous = None
     for bits in range(2, 9):
-        codes, _ = nested_grid_codes(w, bits)
-        step = 2 ** (8 - bits)
-        assert np.all(codes.astype(int) % step == 0)
-        assert np.abs(codes.astype(int)).max() <= (2 ** (bits - 1) - 1) * step
+        codes, s8 = nested_grid_codes(ramp, bits, axis=None)
+        values = set((codes.astype(np.float32) * s8).tolist())
+        assert len(values) == 2**bits - 1
+        assert values <= eight_bit_values
+        if previous is not None:
+            assert previous < values
+        previous = values
+    assert values == eight_bit_values
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_nested_error_stays_within_half_a_step_or_the_clipped_margin(bits):
+    # module docstring: step s_n = 2^(8-n) s8, grid ends at nested_clip_fraction(n) * amax, so
+    # |w - w_hat| <= max(s_n / 2, (1 - clip) * amax) per channel, with equality at w = amax
+    # (up to s8 being float32: levels move by at most 2^-24 amax)
+    rng = np.random.default_rng(10 + bits)
+    w = rng.standard_t(df=3, size=(8, 4, 3, 3)) * rng.uniform(0.1, 5, size=(8, 1, 1, 1))
+    codes, s8 = nested_grid_codes(w, bits, axis=0)
+    error = np.abs(w - codes.astype(np.float64) * s8.astype(np.float64)[:, None, None, None]).reshape(8, -1)
+    amax = np.abs(w).reshape(8, -1).max(1)
+    float32_slack = 2.0**-23 * amax
+    clipped_margin = (1 - nested_clip_fraction(bits)) * amax
+    bound = np.maximum(2 ** (8 - bits) * amax / 127 / 2, clipped_margin)
+    assert (error.max(1) <= bound + float32_slack).all()
+    at_amax = error[np.arange(8), np.abs(w).reshape(8, -1).argmax(1)]
+    assert (np.abs(at_amax - clipped_margin) <= float32_slack).all()
 
 
 def test_every_bit_width_shares_the_same_dq_scale():
@@ -71,10 +119,21 @@ def test_error_helper_matches_hand_computed_errors():
     # rounds half to even to [7, -4, 0, 6] -> [1, -4/7, 0, 6/7]
     nested = np.array([112, -64, 0, 112]) / 127
     canonical = np.array([1.0, -4 / 7, 0.0, 6 / 7])
+    nested_mse = np.mean((HAND_WEIGHTS - nested) ** 2)
+    canonical_mse = np.mean((HAND_WEIGHTS - canonical) ** 2)
     err = nested_grid_error(HAND_WEIGHTS, 4, axis=None)
-    assert err.nested_mse == pytest.approx(np.mean((HAND_WEIGHTS - nested) ** 2))
-    assert err.canonical_mse == pytest.approx(np.mean((HAND_WEIGHTS - canonical) ** 2))
-    assert err.ratio == pytest.approx(err.nested_mse / err.canonical_mse)
+    assert err.bits == 4
+    assert err.nested_mse == pytest.approx(nested_mse)
+    assert err.canonical_mse == pytest.approx(canonical_mse)
+    assert err.ratio == pytest.approx(nested_mse / canonical_mse)
+
+
+def test_ratio_is_infinite_when_only_the_canonical_grid_is_exact():
+    # [1, -1, 0] lies on the canonical 4-bit grid (step 1/7); the nested grid clips +-1 to +-112/127
+    err = nested_grid_error(np.array([1.0, -1.0, 0.0]), 4, axis=None)
+    assert err.canonical_mse == 0
+    assert err.nested_mse == pytest.approx(2 / 3 * (15 / 127) ** 2)
+    assert err.ratio == float("inf")
 
 
 def test_nested_grid_beats_canonical_at_two_bits_on_uniform_weights():

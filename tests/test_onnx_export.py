@@ -2,6 +2,7 @@
 carries its metadata."""
 
 import hashlib
+import json
 
 import numpy as np
 import onnx
@@ -12,9 +13,10 @@ from torch import nn
 
 import exporters.onnx
 from exporters.device.errors import HeroError
-from exporters.onnx import export_onnx, weight_initializers
-from exporters.quantize import QuantSpec, calibrate_activations, fold_bn, qrange, quantize_model
+from exporters.device import TOOL_VERSION
 from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.onnx import QUANTIZATION_KEY, ExportOptions, export_onnx, read_quantization, weight_initializers
+from exporters.quantize import Calibration, QuantSpec, calibrate_activations, fold_bn, qrange, quantize_model
 
 INPUT_SHAPE = (2, 8, 8)
 
@@ -97,10 +99,20 @@ def _assert_runtime_matches(path, reference: torch.Tensor, images: torch.Tensor)
         np.testing.assert_allclose(runner.predict(images[:1].numpy()), expected[:1], rtol=0, atol=tolerance)
 
 
+def _metadata(path) -> dict[str, str]:
+    return OnnxRuntimeRunner(path, ["CPUExecutionProvider"]).metadata
+
+
+def _weight_storage(path) -> str:
+    return json.loads(_metadata(path)[QUANTIZATION_KEY])["weight_storage"]
+
+
 @pytest.mark.parametrize("bits", [None, 8, 6, 4, 3, 2, 16])
 def test_symmetric_per_channel_export_matches_quantize_model(model, images, tmp_path, bits):
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, bits=bits)
-    _assert_runtime_matches(path, quantize_model(model, bits)(images), images)
+    spec = QuantSpec(bits=bits)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
+    assert _weight_storage(path) == {None: "float32", 16: "int16"}.get(bits, "int8")
     weights = weight_initializers(path)
     if bits is None:
         assert weights == {}
@@ -116,79 +128,131 @@ def test_symmetric_per_channel_export_matches_quantize_model(model, images, tmp_
     assert floats == []
 
 
-@pytest.mark.parametrize("options", [dict(symmetric=False), dict(per_channel=False),
-                                     dict(symmetric=False, per_channel=False)], ids=["asym", "per_tensor", "both"])
-def test_asymmetric_and_per_tensor_4_bit_exports_match_quantize_model(model, images, tmp_path, options):
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, bits=4, **options)
-    _assert_runtime_matches(path, quantize_model(model, 4, **options)(images), images)
-    symmetric = options.get("symmetric", True)
-    qmin, qmax = qrange(4, symmetric)
+@pytest.mark.parametrize("fields", [dict(symmetric=False), dict(per_channel=False),
+                                    dict(symmetric=False, per_channel=False)], ids=["asym", "per_tensor", "both"])
+def test_asymmetric_and_per_tensor_4_bit_exports_match_quantize_model(model, images, tmp_path, fields):
+    spec = QuantSpec(bits=4, **fields)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
+    qmin, qmax = qrange(4, spec.symmetric)
+    assert _weight_storage(path) == ("int8" if spec.symmetric else "uint8")
     for q, scale, zero_point, axis in weight_initializers(path).values():
-        assert q.dtype == (np.int8 if symmetric else np.uint8) and zero_point.dtype == q.dtype
+        assert q.dtype == (np.int8 if spec.symmetric else np.uint8) and zero_point.dtype == q.dtype
         assert qmin <= q.min() and q.max() <= qmax
-        if not symmetric:
+        if not spec.symmetric:
             assert zero_point.min() > qmin  # weights of both signs: zero sits inside the grid
-        assert (axis, scale.ndim) == ((0, 1) if options.get("per_channel", True) else (None, 0))
+        assert (axis, scale.ndim) == ((0, 1) if spec.per_channel else (None, 0))
 
 
 def test_activation_qdq_matches_quantize_model_beyond_calibrated_range(model, images, tmp_path):
-    scales = calibrate_activations(fold_bn(model), [images])
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, spec=QuantSpec(bits=8, act_bits=8),
-                       act_scales=scales)
+    spec = QuantSpec(bits=8, act_bits=8)
+    calibration = calibrate_activations(fold_bn(model), [images], spec)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
     ops = [node.op_type for node in onnx.load(path).graph.node]
     assert ops.count("QuantizeLinear") == 3 and ops.count("Clip") == 3
     # 3x the calibrated range saturates the first layer's input, where int8 QuantizeLinear alone
     # would reach -128 but quantize_model stops at -127
     wide = images * 3
-    _assert_runtime_matches(path, quantize_model(model, 8, act_scales=scales)(wide), wide)
+    _assert_runtime_matches(path, quantize_model(model, spec, calibration)(wide), wide)
 
 
 def test_unfolded_export_keeps_batchnorm_and_matches_quantize_model(model, images, tmp_path):
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, bits=4, fold_bn=False)
+    spec = QuantSpec(bits=4, fold_bn=False)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
     assert [n.op_type for n in onnx.load(path).graph.node].count("BatchNormalization") == 2
-    _assert_runtime_matches(path, quantize_model(model, 4, fold_bn=False)(images), images)
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_storage_is_smaller_and_computes_the_same(model, images, tmp_path, symmetric):
-    int8_path = export_onnx(model, tmp_path / "int8.onnx", input_shape=INPUT_SHAPE, bits=4, symmetric=symmetric)
-    int4_path = export_onnx(model, tmp_path / "int4.onnx", input_shape=INPUT_SHAPE, bits=4, symmetric=symmetric,
-                            int4_storage=True)
+    spec = QuantSpec(bits=4, symmetric=symmetric)
+    int8_path = export_onnx(model, tmp_path / "int8.onnx", spec, input_shape=INPUT_SHAPE)
+    int4_path = export_onnx(model, tmp_path / "int4.onnx", spec, ExportOptions(int4_storage=True),
+                            input_shape=INPUT_SHAPE)
     assert int4_path.stat().st_size < int8_path.stat().st_size
     stored = {t.data_type for t in onnx.load(int4_path).graph.initializer if t.name.endswith("_quantized")}
     assert stored == {TensorProto.INT4 if symmetric else TensorProto.UINT4}
+    assert _weight_storage(int4_path) == ("int4" if symmetric else "uint4")
     int8_weights = weight_initializers(int8_path)
     for name, weight in weight_initializers(int4_path).items():
         for got, want in zip(weight, int8_weights[name]):
             np.testing.assert_array_equal(got, want)
     runner4, runner8 = (OnnxRuntimeRunner(p, ["CPUExecutionProvider"]) for p in (int4_path, int8_path))
     np.testing.assert_array_equal(runner4.predict(images.numpy()), runner8.predict(images.numpy()))
-    _assert_runtime_matches(int4_path, quantize_model(model, 4, symmetric=symmetric)(images), images)
+    _assert_runtime_matches(int4_path, quantize_model(model, spec)(images), images)
 
 
 def test_matmul_weight_stored_in_out_is_quantized_per_output_channel(tmp_path):
     torch.manual_seed(2)
     net, x = SequenceNet().eval(), torch.randn(4, 2, 9)
-    path = export_onnx(net, tmp_path / "m.onnx", input_shape=(2, 9), bits=3)
+    spec = QuantSpec(bits=3)
+    path = export_onnx(net, tmp_path / "m.onnx", spec, input_shape=(2, 9))
     weights = weight_initializers(path)
     proj = next(w for name, w in weights.items() if name.startswith("proj."))
     assert proj.q.shape == (5, 7) and proj.axis == 1 and proj.scale.shape == (7,)
-    _assert_runtime_matches(path, quantize_model(net, 3)(x), x)
+    _assert_runtime_matches(path, quantize_model(net, spec)(x), x)
 
 
-def test_metadata_records_the_quantization_and_caller_entries(model, tmp_path):
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, bits=4, symmetric=False,
-                       metadata={"hero.source_sha256": "ab" * 32})
-    metadata = OnnxRuntimeRunner(path, ["CPUExecutionProvider"]).metadata
-    assert metadata["hero.bits"] == "4"
-    assert metadata["hero.scheme"] == "asymmetric,per_channel"
-    assert metadata["hero.act_bits"] == "none" and metadata["hero.fold_bn"] == "true"
-    assert metadata["hero.weight_storage"] == "uint8" and metadata["hero.tool_version"]
-    assert metadata["hero.source_sha256"] == "ab" * 32
+# ---- metadata: one hero.quantization entry -------------------------------------------------
 
+def test_metadata_is_one_quantization_entry_plus_caller_entries(model, tmp_path):
+    spec = QuantSpec(bits=4, symmetric=False, fold_bn=False)
+    options = ExportOptions(metadata={"hero.source_sha256": "ab" * 32, "note": 7})
+    metadata = _metadata(export_onnx(model, tmp_path / "m.onnx", spec, options, input_shape=INPUT_SHAPE))
+    assert set(metadata) == {QUANTIZATION_KEY, "hero.source_sha256", "note"}
+    assert metadata["hero.source_sha256"] == "ab" * 32 and metadata["note"] == "7"
+    assert json.loads(metadata[QUANTIZATION_KEY]) == {"spec": spec.to_dict(), "act_scales": None,
+                                                      "weight_storage": "uint8", "tool_version": TOOL_VERSION}
+    assert TOOL_VERSION
+    assert read_quantization(metadata, "m.onnx") == (spec, None)
+
+
+def test_w8a8_metadata_round_trips_the_calibration(model, images, tmp_path):
+    spec = QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.9)
+    calibration = calibrate_activations(fold_bn(model), [images], spec)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
+    read_spec, read_calibration = read_quantization(_metadata(path), path)
+    assert read_spec == spec
+    assert read_calibration == calibration  # float scales survive JSON exactly
+    assert set(read_calibration.scales) == {"conv1", "conv2", "fc"}
+    # the graph's activation QuantizeLinear scales are the recorded ones
+    graph = onnx.load(path).graph
+    initializers = {t.name: t for t in graph.initializer}
+    graph_scales = sorted(float(onnx.numpy_helper.to_array(initializers[n.input[1]]))
+                          for n in graph.node if n.op_type == "QuantizeLinear")
+    np.testing.assert_allclose(graph_scales, sorted(read_calibration.scales.values()), rtol=1e-7)
+
+
+def test_read_quantization_refuses_missing_entry():
+    with pytest.raises(HeroError, match="foreign.onnx has no hero.quantization"):
+        read_quantization({"hero.source_sha256": "ab"}, "foreign.onnx")
+
+
+def _entry(**changes) -> str:
+    entry = {"spec": QuantSpec(bits=4).to_dict(), "act_scales": None, "weight_storage": "int8",
+             "tool_version": TOOL_VERSION}
+    return json.dumps({**entry, **changes})
+
+
+@pytest.mark.parametrize("value, message", [
+    ("not json", "not readable"),
+    ("[1, 2]", "not readable"),
+    ('"a string"', "not readable"),
+    (json.dumps({"act_scales": None}), "not readable"),
+    (json.dumps({"spec": QuantSpec(bits=4).to_dict()}), "not readable"),
+    (_entry(spec={**QuantSpec(bits=4).to_dict(), "scheme": "symmetric"}), "fields"),
+    (_entry(spec={**QuantSpec(bits=4).to_dict(), "bits": 12}), "bit width"),
+    (_entry(spec=QuantSpec(bits=8, act_bits=8).to_dict(), act_scales={"conv1": -0.1}), "positive"),
+], ids=["not-json", "list", "string", "no-spec", "no-act-scales", "unknown-spec-field", "bad-bits", "bad-scale"])
+def test_read_quantization_refuses_malformed_entry(value, message):
+    with pytest.raises(HeroError, match=message):
+        read_quantization({QUANTIZATION_KEY: value}, "m.onnx")
+
+
+# ---- the graph itself ----------------------------------------------------------------------
 
 def test_export_has_dynamic_batch_named_input_output_and_passes_checker(model, tmp_path):
-    path = export_onnx(model, tmp_path / "sub" / "m.onnx", input_shape=INPUT_SHAPE, bits=8)
+    path = export_onnx(model, tmp_path / "sub" / "m.onnx", QuantSpec(bits=8), input_shape=INPUT_SHAPE)
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     (graph_input,), (graph_output,) = proto.graph.input, proto.graph.output
@@ -198,31 +262,63 @@ def test_export_has_dynamic_batch_named_input_output_and_passes_checker(model, t
 
 
 def test_fp16_export_runs_in_half_precision_with_float32_io(model, images, tmp_path):
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, fp16=True)
+    spec = QuantSpec()
+    path = export_onnx(model, tmp_path / "m.onnx", spec, ExportOptions(fp16=True), input_shape=INPUT_SHAPE)
     proto = onnx.load(path)
     assert {t.data_type for t in proto.graph.initializer if len(t.dims) > 1} == {TensorProto.FLOAT16}
     assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert _weight_storage(path) == "float16"
     logits = OnnxRuntimeRunner(path, ["CPUExecutionProvider"]).predict(images.numpy())
-    expected = quantize_model(model, None)(images).detach().numpy()
+    expected = quantize_model(model, spec)(images).detach().numpy()
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
 
-def test_spec_and_loose_flags_give_the_same_graph(model, tmp_path):
-    by_spec = export_onnx(model, tmp_path / "a.onnx", input_shape=INPUT_SHAPE, spec=QuantSpec(bits=3, symmetric=False))
-    by_flags = export_onnx(model, tmp_path / "b.onnx", input_shape=INPUT_SHAPE, bits=3, symmetric=False)
-    assert onnx.load(by_spec) == onnx.load(by_flags)
+# ---- refused forms and inconsistent options ------------------------------------------------
 
-
-@pytest.mark.parametrize("options, message", [
-    (dict(bits=8, int4_storage=True), "int4_storage"),
-    (dict(bits=4, fp16=True), "fp16"),
-    (dict(bits=8, act_bits=8), "act_scales"),
-    (dict(bits=4, int4_storage=True, opset=18), "opset"),
-    (dict(spec=QuantSpec(bits=4), bits=4), "not both"),
-    (dict(bits=4, input_shape=(2, 0, 8)), "input_shape"),
-])
-def test_inconsistent_options_raise_hero_error(model, tmp_path, options, message):
-    with pytest.raises(HeroError, match=message):
-        export_onnx(model, tmp_path / "m.onnx", **{"input_shape": INPUT_SHAPE, **options})
+@pytest.mark.parametrize("spec", [4, None, {"bits": 4}], ids=["int", "none", "dict"])
+def test_export_refuses_anything_but_a_quant_spec(model, tmp_path, spec):
+    with pytest.raises(HeroError, match="QuantSpec"):
+        export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [dict(bits=4), dict(symmetric=False), dict(act_bits=8), dict(fp16=True),
+                                   dict(int4_storage=True), dict(opset=21), dict(metadata={}),
+                                   dict(act_scales={"conv1": 0.1})])
+def test_export_has_no_loose_flags(model, tmp_path, flags):
+    (flag,) = flags
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{flag}'"):
+        export_onnx(model, tmp_path / "m.onnx", QuantSpec(bits=4), input_shape=INPUT_SHAPE, **flags)
+    with pytest.raises(TypeError):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=INPUT_SHAPE, **flags)  # the old spec-less call
+    assert not (tmp_path / "m.onnx").exists()
+
+
+_SOME_CALIBRATION = Calibration({"conv1": 0.1, "conv2": 0.1, "fc": 0.1})
+
+
+@pytest.mark.parametrize("spec, options, calibration, input_shape, message", [
+    (QuantSpec(bits=8), ExportOptions(int4_storage=True), None, INPUT_SHAPE, "int4_storage"),
+    (QuantSpec(bits=4), ExportOptions(fp16=True), None, INPUT_SHAPE, "fp16"),
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), None, INPUT_SHAPE, "act_bits=8 needs a Calibration"),
+    (QuantSpec(bits=8), ExportOptions(), _SOME_CALIBRATION, INPUT_SHAPE, "act_bits=8 needs a Calibration"),
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), {"conv1": 0.1}, INPUT_SHAPE, "must be a Calibration"),
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), Calibration({"conv1": 0.1}), INPUT_SHAPE, "missing"),
+    (QuantSpec(bits=4), ExportOptions(int4_storage=True, opset=18), None, INPUT_SHAPE, "opset"),
+    (QuantSpec(bits=4), ExportOptions(metadata={QUANTIZATION_KEY: "{}"}), None, INPUT_SHAPE, "may not set"),
+    (QuantSpec(bits=4), {"fp16": False}, None, INPUT_SHAPE, "ExportOptions"),
+    (QuantSpec(bits=4), ExportOptions(), None, (2, 0, 8), "input_shape"),
+], ids=["int4-8bit", "fp16-quantized", "act-no-calibration", "calibration-no-act", "scales-dict",
+        "calibration-missing-layers", "int4-opset", "metadata-hero-quantization", "options-dict", "input-shape"])
+def test_inconsistent_options_raise_hero_error(model, tmp_path, spec, options, calibration, input_shape, message):
+    with pytest.raises(HeroError, match=message):
+        export_onnx(model, tmp_path / "m.onnx", spec, options, calibration, input_shape=input_shape)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_options_refuse_non_boolean_switches():
+    with pytest.raises(HeroError, match="int4_storage"):
+        ExportOptions(int4_storage="yes")
+    with pytest.raises(HeroError, match="fp16"):
+        ExportOptions(fp16=1)

@@ -1,6 +1,7 @@
 """Tests for the linear uniform quantizer, BN folding and activation calibration (exporters/quantize.py)."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -8,14 +9,18 @@ import torch
 from torch import nn
 
 from exporters.device.errors import HeroError
-from pipeline.quantize import (
+from exporters.quantize import (
+    Calibration,
     QuantSpec,
     calibrate_activations,
     check_bits,
+    check_calibration,
+    checked_act_scales,
     dequantize,
     fake_quantize,
     fold_bn,
     packed_weight_bytes,
+    parse_bits,
     qrange,
     quantize_model,
     quantize_tensor,
@@ -150,10 +155,99 @@ def test_supported_bits_pass():
 @pytest.mark.parametrize("fields", [
     {"bits": 9}, {"bits": 4.0}, {"act_bits": 4}, {"act_bits": True}, {"act_method": "mse"},
     {"act_percentile": 0}, {"act_percentile": 101}, {"symmetric": "yes"}, {"per_channel": 1},
+    {"fold_bn": None}, {"bits": True},
 ])
 def test_invalid_quant_spec_raises_hero_error(fields):
     with pytest.raises(HeroError):
         QuantSpec(**fields)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4,8", (4, 8)),
+    ("2-8", (2, 3, 4, 5, 6, 7, 8)),
+    ("16", (16,)),
+    (" 8 , 2-4 ", (8, 2, 3, 4)),  # order as written, spaces ignored
+    ("5-5", (5,)),
+])
+def test_parse_bits_reads_lists_and_ranges(text, expected):
+    assert parse_bits(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("8-2", "reversed"),
+    ("4,4", "twice"),
+    ("2-4,3", "twice"),
+    ("abc", "list like 4,8"),
+    ("", "list like 4,8"),
+    ("4,,8", "list like 4,8"),
+    ("4-", "list like 4,8"),
+    ("-2", "list like 4,8"),
+    ("2-8-3", "list like 4,8"),
+    ("9", "unsupported bit width 9"),
+    ("8-16", "unsupported bit width 9"),  # a range covers every width in it
+    ("1-4", "unsupported bit width 1"),
+])
+def test_parse_bits_refuses_bad_text(text, message):
+    with pytest.raises(HeroError, match=message):
+        parse_bits(text)
+
+
+def test_parse_bits_names_the_option_it_parses():
+    with pytest.raises(HeroError, match="--sweep-bits"):
+        parse_bits("8-4", option="--sweep-bits")
+    with pytest.raises(HeroError, match="--sweep-bits"):
+        parse_bits("four", option="--sweep-bits")
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(),
+    QuantSpec(bits=4, symmetric=False, per_channel=False, fold_bn=False),
+    QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.5),
+    QuantSpec(bits=16),
+], ids=["float", "w4-asym-per-tensor", "w8a8-percentile", "w16"])
+def test_quant_spec_round_trips_through_json_dict(spec):
+    fields = json.loads(json.dumps(spec.to_dict()))
+    assert QuantSpec.from_dict(fields) == spec
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: {**d, "scheme": "symmetric"},
+    lambda d: {k: v for k, v in d.items() if k != "fold_bn"},
+    lambda d: {},
+    lambda d: list(d.items()),
+], ids=["unknown-field", "missing-field", "empty", "not-a-dict"])
+def test_quant_spec_from_dict_refuses_other_field_sets(change):
+    with pytest.raises(HeroError, match="fields"):
+        QuantSpec.from_dict(change(QuantSpec(bits=4).to_dict()))
+
+
+def test_quant_spec_from_dict_checks_values_like_the_constructor():
+    with pytest.raises(HeroError, match="bit width"):
+        QuantSpec.from_dict({**QuantSpec().to_dict(), "bits": 9})
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_calibration_refuses_scales_that_are_not_positive_finite_numbers(scale):
+    with pytest.raises(HeroError, match="positive and finite"):
+        Calibration({"conv1": 0.5, "conv2": scale})
+
+
+def test_calibration_keeps_valid_scales_as_floats():
+    calibration = Calibration({"conv1": 1, "fc": 0.25})
+    assert calibration.scales == {"conv1": 1.0, "fc": 0.25}
+    assert all(type(v) is float for v in calibration.scales.values())
+
+
+def test_check_calibration_pairs_act_bits_with_a_calibration():
+    calibration = Calibration({"conv1": 0.1})
+    check_calibration(QuantSpec(bits=4), None)
+    check_calibration(QuantSpec(bits=4, act_bits=8), calibration)
+    with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
+        check_calibration(QuantSpec(bits=4, act_bits=8), None)
+    with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
+        check_calibration(QuantSpec(bits=4), calibration)
+    with pytest.raises(HeroError, match="must be a Calibration"):
+        check_calibration(QuantSpec(bits=4, act_bits=8), {"conv1": 0.1})
 
 
 # ---- BatchNorm folding ---------------------------------------------------------------------
@@ -279,6 +373,9 @@ def test_fold_bn_falls_back_to_consecutive_attributes_when_tracing_fails():
 
 # ---- quantize_model ------------------------------------------------------------------------
 
+W8A8 = QuantSpec(bits=8, act_bits=8)
+
+
 def _layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
@@ -289,7 +386,7 @@ def test_quantize_model_puts_weights_on_grid_and_keeps_biases(symmetric, per_cha
     model = _with_running_stats(ConvBnNet(conv_bias=True))
     before = copy.deepcopy(model.state_dict())
     folded = fold_bn(model)
-    quantized = quantize_model(model, 3, symmetric=symmetric, per_channel=per_channel)
+    quantized = quantize_model(model, QuantSpec(bits=3, symmetric=symmetric, per_channel=per_channel))
     for name, layer in _layers(quantized).items():
         reference = _layers(folded)[name]
         _, scale, zero_point = quantize_tensor(reference.weight, 3, symmetric=symmetric, per_channel=per_channel)
@@ -308,7 +405,7 @@ def test_quantize_model_error_grows_as_bits_shrink():
     reference = model(x)
 
     def relative_error(bits):
-        return ((quantize_model(model, bits)(x) - reference).norm() / reference.norm()).item()
+        return ((quantize_model(model, QuantSpec(bits=bits))(x) - reference).norm() / reference.norm()).item()
 
     assert relative_error(None) < 1e-5
     assert relative_error(8) < 0.02
@@ -317,26 +414,33 @@ def test_quantize_model_error_grows_as_bits_shrink():
 
 def test_quantize_model_without_folding_keeps_batchnorm():
     model = _with_running_stats(ConvBnNet(conv_bias=False))
-    quantized = quantize_model(model, 8, fold_bn=False)
+    quantized = quantize_model(model, QuantSpec(bits=8, fold_bn=False))
     assert len(_batchnorms(quantized)) == 3 and not quantized.training
 
 
-def test_quantize_model_accepts_quant_spec():
-    model = _with_running_stats(ConvBnNet(conv_bias=True))
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    from_spec = quantize_model(model, QuantSpec(bits=4, symmetric=False, per_channel=False))
-    from_flags = quantize_model(model, 4, symmetric=False, per_channel=False)
-    torch.testing.assert_close(from_spec(x), from_flags(x), rtol=0, atol=0)
+@pytest.mark.parametrize("spec", [4, None, {"bits": 4}], ids=["int", "none", "dict"])
+def test_quantize_model_refuses_anything_but_a_quant_spec(spec):
+    with pytest.raises(HeroError, match="QuantSpec"):
+        quantize_model(ConvBnNet(conv_bias=True), spec)
 
 
-def test_quantize_model_rejects_spec_with_flags_or_missing_scales():
+def test_quantize_model_has_no_loose_flags():
     model = ConvBnNet(conv_bias=True)
-    with pytest.raises(HeroError, match="not both"):
+    with pytest.raises(TypeError, match="symmetric"):
         quantize_model(model, QuantSpec(bits=4), symmetric=False)
-    with pytest.raises(HeroError, match="act_scales"):
-        quantize_model(model, QuantSpec(bits=4, act_bits=8))
-    with pytest.raises(HeroError, match="bit width"):
-        quantize_model(model, 12)
+    with pytest.raises(TypeError, match="act_scales"):
+        quantize_model(model, W8A8, act_scales={"conv1": 0.1, "conv2": 0.1, "fc": 0.1})
+
+
+def test_quantize_model_needs_a_calibration_exactly_with_act_bits():
+    model = _with_running_stats(BasicBlock())
+    calibration = calibrate_activations(fold_bn(model), _batches(), W8A8)
+    with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
+        quantize_model(model, W8A8)
+    with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
+        quantize_model(model, QuantSpec(bits=8), calibration)
+    with pytest.raises(HeroError, match="must be a Calibration"):
+        quantize_model(model, W8A8, dict(calibration.scales))
 
 
 def test_packed_weight_bytes_matches_hand_count():
@@ -358,7 +462,9 @@ def test_calibrate_max_gives_one_positive_scale_per_layer():
     model = fold_bn(_with_running_stats(BasicBlock()))
     model.train()
     batches = _batches()
-    scales = calibrate_activations(model, batches)
+    calibration = calibrate_activations(model, batches, W8A8)
+    assert isinstance(calibration, Calibration)
+    scales = calibration.scales
     assert set(scales) == {"conv1", "conv2", "shortcut.0"}
     assert all(s > 0 for s in scales.values())
     # conv1 and the shortcut conv see the raw input: amax = max |x| over all batches.
@@ -367,25 +473,33 @@ def test_calibrate_max_gives_one_positive_scale_per_layer():
     assert model.training
 
 
-def test_calibrate_percentile_is_below_max():
+def test_calibrate_percentile_comes_from_the_spec_and_is_below_max():
     model = fold_bn(_with_running_stats(BasicBlock()))
-    by_max = calibrate_activations(model, _batches())
-    by_percentile = calibrate_activations(model, _batches(), method="percentile", percentile=99.0)
+    batches = _batches()
+    by_max = calibrate_activations(model, batches, W8A8).scales
+    spec = QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.0)
+    by_percentile = calibrate_activations(model, batches, spec).scales
     assert all(0 < by_percentile[name] < by_max[name] for name in by_max)
+    # conv1 sees the raw input: the mean over batches of each batch's 99th percentile of |x|.
+    expected = sum(torch.quantile(b.abs().reshape(-1), 0.99).item() for b in batches) / len(batches) / 127
+    assert by_percentile["conv1"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_calibrate_rejects_no_batches_and_bad_method():
+def test_calibrate_rejects_no_batches_and_has_no_loose_method():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(HeroError, match="saw no input"):
-        calibrate_activations(model, [])
+        calibrate_activations(model, [], W8A8)
     with pytest.raises(HeroError, match="calibration method"):
-        calibrate_activations(model, _batches(), method="entropy")
+        QuantSpec(bits=8, act_bits=8, act_method="entropy")
+    with pytest.raises(TypeError, match="method"):
+        calibrate_activations(model, _batches(), W8A8, method="percentile")
 
 
 def test_act_quantized_model_feeds_layers_inputs_on_int8_grid():
     model = _with_running_stats(BasicBlock())
-    scales = calibrate_activations(fold_bn(model), _batches())
-    quantized = quantize_model(model, QuantSpec(bits=8, act_bits=8), act_scales=scales)
+    calibration = calibrate_activations(fold_bn(model), _batches(), W8A8)
+    scales = calibration.scales
+    quantized = quantize_model(model, W8A8, calibration)
     assert quantized.act_scales == scales
     seen = {}
     for name, layer in _layers(quantized).items():
@@ -398,23 +512,27 @@ def test_act_quantized_model_feeds_layers_inputs_on_int8_grid():
         torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
         assert levels.abs().max() <= 127 + 1e-3
     reference = fold_bn(model)(_batches(1, seed=9)[0])
-    relative = (quantize_model(model, 8, act_scales=scales)(_batches(1, seed=9)[0]) - reference).norm()
+    relative = (quantize_model(model, W8A8, calibration)(_batches(1, seed=9)[0]) - reference).norm()
     assert relative / reference.norm() < 0.05
 
 
 def test_act_scales_must_match_model_layers():
     model = _with_running_stats(BasicBlock())
-    scales = calibrate_activations(fold_bn(model), _batches())
-    with pytest.raises(HeroError, match="missing"):
-        quantize_model(model, 8, act_scales={k: v for k, v in scales.items() if k != "conv2"})
-    with pytest.raises(HeroError, match="positive"):
-        quantize_model(model, 8, act_scales={**scales, "conv2": 0.0})
+    scales = calibrate_activations(fold_bn(model), _batches(), W8A8).scales
+    missing = Calibration({k: v for k, v in scales.items() if k != "conv2"})
+    unknown = Calibration({**scales, "fc": 0.1})
+    with pytest.raises(HeroError, match=r"missing: \['conv2'\]"):
+        quantize_model(model, W8A8, missing)
+    with pytest.raises(HeroError, match=r"unknown: \['fc'\]"):
+        checked_act_scales(fold_bn(model), unknown)
+    assert list(checked_act_scales(fold_bn(model), Calibration(dict(reversed(scales.items()))))) == \
+        ["conv1", "conv2", "shortcut.0"]  # layer order, whatever order the calibration has
 
 
 def test_act_quantized_model_survives_deepcopy():
     model = _with_running_stats(BasicBlock())
-    scales = calibrate_activations(fold_bn(model), _batches())
-    quantized = quantize_model(model, 4, act_scales=scales)
+    calibration = calibrate_activations(fold_bn(model), _batches(), W8A8)
+    quantized = quantize_model(model, QuantSpec(bits=4, act_bits=8), calibration)
     x = _batches(1, seed=10)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -11,8 +11,10 @@ from pipeline.cli import main
 def write_config(tmp_path, root, **gate):
     config = {
         "name": "tiny",
-        "train": {"model": "resnet20", "dataset": "fashion-mnist", "data_root": str(root), "epochs": 1,
-                  "batch_size": 48, "optimizer": "hero", "hvp": "finite-difference", "hero_warmup_epochs": 0},
+        "model": {"name": "resnet20"},
+        "data": {"dataset": "fashion-mnist", "root": str(root)},
+        "train": {"epochs": 1, "batch_size": 48, "optimizer": "hero", "hvp": "finite-difference",
+                  "hero_warmup_epochs": 0},
         "quantize": {"bits": [8, 4]},
         "validate": {"batch_size": 64, "latency_repeats": 2},
         "gate": gate or {"max_drop": 100.0},

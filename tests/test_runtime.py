@@ -1,7 +1,9 @@
 """The ONNX Runtime runner: runs without torch, batches, casts, and turns bad input into HeroError."""
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.device.errors import HeroError
-from exporters.device.runtime import OnnxRuntimeRunner, evaluate_accuracy, time_batches
+from exporters.device.runtime import OnnxRuntimeRunner, evaluate_accuracy, median_ms, time_batches, top1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = ["CPUExecutionProvider"]
+FLOAT_QUANTIZATION = json.dumps({
+    "spec": {"bits": None, "symmetric": True, "per_channel": True, "fold_bn": True, "act_bits": None,
+             "act_method": "max", "act_percentile": 99.99},
+    "act_scales": None, "weight_storage": "float32", "tool_version": "test"})
 
 _PREDICT_WITHOUT_TORCH = """
 import sys
@@ -24,6 +30,7 @@ import numpy as np
 from exporters.device.runtime import OnnxRuntimeRunner
 runner = OnnxRuntimeRunner(sys.argv[1], ["CPUExecutionProvider"])
 np.save(sys.argv[3], runner.predict(np.load(sys.argv[2])))
+print(runner.weight_dequant)
 """
 
 
@@ -37,7 +44,7 @@ def _linear_model(path: Path, weight: np.ndarray, elem_type=TensorProto.FLOAT) -
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[0]])],
         [numpy_helper.from_array(weight.astype(dtype), "weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.metadata_props.add(key="hero.bits", value="none")
+    model.metadata_props.add(key="hero.quantization", value=FLOAT_QUANTIZATION)
     onnx.save(model, path)
     return path
 
@@ -52,20 +59,22 @@ def linear_path(tmp_path, weight):
     return _linear_model(tmp_path / "linear.onnx", weight)
 
 
-def test_runtime_predicts_an_exported_model_with_torch_unimportable(tmp_path):
+def test_runtime_folds_and_predicts_an_exported_model_with_torch_unimportable(tmp_path):
     torch = pytest.importorskip("torch")
     from exporters.onnx import export_onnx
-    from exporters.quantize import quantize_model
+    from exporters.quantize import QuantSpec, quantize_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)).eval()
     images = torch.randn(3, 1, 6, 6)
-    path = export_onnx(model, tmp_path / "m.onnx", input_shape=(1, 6, 6), bits=8)
+    path = export_onnx(model, tmp_path / "m.onnx", QuantSpec(bits=8), input_shape=(1, 6, 6))
     np.save(tmp_path / "x.npy", images.numpy())
-    subprocess.run([sys.executable, "-c", _PREDICT_WITHOUT_TORCH, str(path), str(tmp_path / "x.npy"),
-                    str(tmp_path / "y.npy")], cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
-    expected = quantize_model(model, 8)(images).detach().numpy()
+    done = subprocess.run([sys.executable, "-c", _PREDICT_WITHOUT_TORCH, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], cwd=REPO_ROOT, check=True, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "folded"  # the exporter's hero.quantization metadata turns weight folding on
+    expected = quantize_model(model, QuantSpec(bits=8))(images).detach().numpy()
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=0, atol=1e-5)
 
 
@@ -89,7 +98,7 @@ def test_float16_input_model_gets_float16_input(tmp_path, weight):
 def test_runner_reports_input_and_metadata(linear_path, optimization):
     runner = OnnxRuntimeRunner(linear_path, CPU, optimization=optimization, intra_op_threads=1)
     assert (runner.input_name, runner.input_shape) == ("input", (4,))
-    assert runner.metadata == {"hero.bits": "none"}
+    assert runner.metadata == {"hero.quantization": FLOAT_QUANTIZATION}
     assert runner.providers == CPU
 
 
@@ -107,9 +116,57 @@ def test_evaluate_accuracy_counts_argmax_hits(linear_path):
     assert accuracy == pytest.approx(0.6) and logits.shape == (5, 3)
 
 
-def test_time_batches_returns_positive_median_ms(linear_path):
-    latency = time_batches(OnnxRuntimeRunner(linear_path, CPU), np.zeros((4, 4), np.float32), repeats=3)
-    assert 0 < latency < 10_000
+class _Sleeper:
+    """Sleeps the next of `seconds` on each call and records what it was given."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = list(seconds), []
+
+    def __call__(self, x=None):
+        self.calls.append(x)
+        time.sleep(self.seconds[len(self.calls) - 1])
+
+    predict = __call__
+
+
+def test_median_ms_is_the_median_of_the_timed_calls_after_the_warmup():
+    # the warm-up is instant and the mean of the timed calls (148 ms) is far from their median (40 ms):
+    # timing the warm-up too gives 22.5 ms, the mean 148 ms, seconds 0.04
+    sleeper = _Sleeper([0.0, 0.005, 0.040, 0.400])
+    latency = median_ms(sleeper, repeats=3)
+    assert len(sleeper.calls) == 4
+    assert 40 <= latency < 140
+
+
+def test_median_ms_runs_the_asked_warmup_calls_untimed():
+    sleeper = _Sleeper([0.1, 0.1, 0.0, 0.0, 0.1])  # timing the warm-ups too would give a 100 ms median
+    assert median_ms(sleeper, repeats=3, warmup=2) < 50 and len(sleeper.calls) == 5
+
+
+def test_time_batches_times_predict_on_the_given_batch_after_one_warmup():
+    x = np.zeros((4, 4), np.float32)
+    runner = _Sleeper([0.0, 0.005, 0.040, 0.400])
+    assert 40 <= time_batches(runner, x, repeats=3) < 140
+    assert len(runner.calls) == 4 and all(c is x for c in runner.calls)
+
+
+@pytest.mark.parametrize("repeats, warmup", [(0, 1), (1, -1)])
+def test_bad_timer_counts_raise_hero_error(repeats, warmup):
+    with pytest.raises(HeroError, match="repeats must be >= 1 and warmup >= 0"):
+        median_ms(lambda: None, repeats, warmup)
+
+
+def test_top1_is_accuracy_against_labels_and_agreement_against_a_reference():
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0], [4.0, 0.0, 1.0]])
+    assert top1(logits, np.array([0, 1, 0, 2])) == 0.5
+    reference = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert top1(logits, reference.argmax(1)) == 0.75
+    assert top1(logits, logits.argmax(1)) == 1.0
+
+
+def test_top1_refuses_labels_that_do_not_match_the_rows():
+    with pytest.raises(HeroError, match="got 2 predictions but labels of shape \\(2, 1\\): pass one label per image"):
+        top1(np.eye(2), np.array([[0], [1]]))  # would broadcast to a 2x2 comparison
 
 
 def test_corrupt_model_file_raises_hero_error(tmp_path):

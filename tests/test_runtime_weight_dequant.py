@@ -1,7 +1,11 @@
-"""Proposed additions to tests/test_runtime.py (owned by the lead): the weight_dequant modes."""
+"""OnnxRuntimeRunner's weight_dequant modes, pinned on the graph ONNX Runtime really runs: folded
+sessions hold the dequantized weights as float initializers, runtime ones keep DequantizeLinear."""
+
+import json
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -11,8 +15,20 @@ from exporters.device.runtime import OnnxRuntimeRunner
 CPU = ["CPUExecutionProvider"]
 
 
-def _weight_only_model(path, q: np.ndarray, scale: np.ndarray, hero_bits: str | None = "8"):
-    """logits = input @ DequantizeLinear(q, scale, axis=0).T, tagged like a hero export."""
+def _quantization(bits) -> str:
+    """A hero.quantization metadata value, as exporters.onnx writes it."""
+    return json.dumps({"spec": {"bits": bits, "symmetric": True, "per_channel": True, "fold_bn": True,
+                                "act_bits": None, "act_method": "max", "act_percentile": 99.99},
+                       "act_scales": None, "weight_storage": "float32" if bits is None else "int8",
+                       "tool_version": "test"})
+
+
+QUANTIZED, FLOAT = _quantization(8), _quantization(None)
+
+
+def _weight_only_model(path, q: np.ndarray, scale: np.ndarray, quantization: str | None = QUANTIZED):
+    """logits = input @ DequantizeLinear(q, scale, axis=0).T, with `quantization` as its
+    hero.quantization metadata (None: no entry, as a foreign model)."""
     graph = helper.make_graph(
         [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=0),
          helper.make_node("Gemm", ["input", "w"], ["logits"], transB=1)], "weight_only",
@@ -20,9 +36,8 @@ def _weight_only_model(path, q: np.ndarray, scale: np.ndarray, hero_bits: str | 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", q.shape[0]])],
         [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_scale")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    if hero_bits is not None:
-        model.metadata_props.add(key="hero.bits", value=hero_bits)
-        model.metadata_props.add(key="hero.act_bits", value="none")
+    if quantization is not None:
+        model.metadata_props.add(key="hero.quantization", value=quantization)
     onnx.save(model, path)
     return path
 
@@ -33,14 +48,47 @@ def quantized():
     return rng.integers(-127, 128, (3, 4)).astype(np.int8), rng.uniform(0.01, 0.1, 3).astype(np.float32)
 
 
-@pytest.mark.parametrize("hero_bits, mode, expected", [
-    ("8", "auto", "folded"), (None, "auto", "runtime"), ("none", "auto", "runtime"),
-    (None, "folded", "folded"), ("8", "runtime", "runtime"),
+@pytest.fixture
+def session_graph(monkeypatch, tmp_path):
+    """runner -> the optimized graph its session runs, as ONNX Runtime itself serializes it
+    (SessionOptions.optimized_model_filepath) when the runner creates the session."""
+    original, written = onnxruntime.InferenceSession, []
+
+    def writing(path, sess_options, **kwargs):
+        sess_options.optimized_model_filepath = str(tmp_path / f"optimized{len(written)}.onnx")
+        sess_options.log_severity_level = 3  # ORT warns that a fully optimized graph is machine-specific
+        session = original(path, sess_options, **kwargs)
+        written.append((session, sess_options.optimized_model_filepath))
+        return session
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", writing)
+    return lambda runner: onnx.load(next(p for s, p in written if s is runner.session)).graph
+
+
+@pytest.mark.parametrize("quantization, mode, folded", [
+    pytest.param(QUANTIZED, "auto", True, id="w8-auto"),
+    pytest.param(None, "auto", False, id="foreign-auto"),
+    pytest.param(FLOAT, "auto", False, id="float-auto"),
+    pytest.param("{not json", "auto", False, id="malformed-json-auto"),
+    pytest.param(json.dumps({"bits": 8}), "auto", False, id="no-spec-auto"),
+    pytest.param(None, "folded", True, id="foreign-folded"),
+    pytest.param(QUANTIZED, "runtime", False, id="w8-runtime"),
 ])
-def test_auto_folds_weight_dequantization_only_for_hero_quantized_weights(tmp_path, quantized, hero_bits, mode,
-                                                                          expected):
-    path = _weight_only_model(tmp_path / "m.onnx", *quantized, hero_bits=hero_bits)
-    assert OnnxRuntimeRunner(path, CPU, weight_dequant=mode).weight_dequant == expected
+def test_folding_replaces_weight_dequantize_linear_by_the_dequantized_float_weight(
+        tmp_path, quantized, session_graph, quantization, mode, folded):
+    q, scale = quantized
+    runner = OnnxRuntimeRunner(_weight_only_model(tmp_path / "m.onnx", q, scale, quantization), CPU,
+                               weight_dequant=mode)
+    graph = session_graph(runner)
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert runner.weight_dequant == ("folded" if folded else "runtime")
+    if folded:
+        assert [n.op_type for n in graph.node] == ["Gemm"] and set(initializers) == {"w"}
+        # computed once by the DequantizeLinear kernel: q * scale rounded to float32, as numpy does
+        np.testing.assert_array_equal(initializers["w"], q.astype(np.float32) * scale[:, None])
+    else:
+        assert [n.op_type for n in graph.node] == ["DequantizeLinear", "Gemm"]
+        assert set(initializers) == {"w_q", "w_scale"}
 
 
 def test_folded_and_runtime_dequantization_match_the_literal_graph_and_hand_math(tmp_path, quantized):
@@ -57,7 +105,7 @@ def test_folded_and_runtime_dequantization_match_the_literal_graph_and_hand_math
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(weight_dequant="eager"), "unknown weight_dequant"),
+    (dict(weight_dequant="eager"), "unknown weight_dequant 'eager': choose one of auto, folded, runtime"),
     (dict(weight_dequant="folded", optimization="disabled"), "needs optimization='default'"),
 ])
 def test_bad_weight_dequant_raises_hero_error(tmp_path, quantized, kwargs, message):

@@ -93,6 +93,11 @@ def test_unusable_bundle_folder_is_a_hero_error(tmp_path, problem, message):
         PrecisionSwitcher(bundle)
 
 
+def test_unknown_runtime_is_refused_listing_the_choices(tiny):
+    with pytest.raises(HeroError, match="unknown runtime 'openvino': choose one of onnxruntime, tensorrt"):
+        PrecisionSwitcher(tiny["bundle"], "openvino")
+
+
 def test_unknown_precision_is_refused_listing_the_choices(tiny):
     switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU)
     with pytest.raises(HeroError, match="no 6-bit variant: choose one of float, 8, 4"):

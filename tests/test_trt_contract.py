@@ -1,6 +1,7 @@
 """The TensorRT engine contract and exporters.device.tensorrt's behaviour without TensorRT; runs anywhere."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from exporters.device import tensorrt as trt_module
 from exporters.device.errors import HeroError
 from exporters.device.trt_contract import (
+    REBUILD_COMMAND,
+    REBUILD_HINT,
     EngineConfig,
     batch_chunks,
     build_flags,
@@ -68,10 +71,10 @@ def test_batch_chunks_cover_every_row_in_order():
 
 def test_missing_or_corrupt_sidecar_tells_to_rebuild(tmp_path):
     engine = tmp_path / "model.engine"
-    with pytest.raises(HeroError, match="hero export --runtime tensorrt"):
+    with pytest.raises(HeroError, match=re.escape(REBUILD_HINT)):
         read_sidecar(engine)
     (tmp_path / "model.engine.json").write_text("{not json")
-    with pytest.raises(HeroError, match="hero export --runtime tensorrt"):
+    with pytest.raises(HeroError, match=re.escape(REBUILD_HINT)):
         read_sidecar(engine)
 
 
@@ -85,7 +88,7 @@ def test_sidecar_mismatch_names_both_values_and_the_fix(key, built):
     with pytest.raises(HeroError) as info:
         check_sidecar({**DEVICE, key: built}, DEVICE)
     message = str(info.value)
-    assert built in message and DEVICE[key] in message and "hero export --runtime tensorrt" in message
+    assert built in message and DEVICE[key] in message and REBUILD_HINT in message
 
 
 CODES = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
@@ -158,3 +161,12 @@ def test_modules_import_without_tensorrt_cuda_onnx_or_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_rebuild_hint_names_a_command_that_exists():
+    from exporters.device.validate_bundle import _parser
+
+    module, bundle, *options = REBUILD_COMMAND.removeprefix("python -m ").split()
+    assert module == "exporters.device.validate_bundle" and REBUILD_COMMAND in REBUILD_HINT
+    args = _parser().parse_args([bundle, *options])  # argparse exits (SystemExit) on an unknown option
+    assert args.runtime == "tensorrt"

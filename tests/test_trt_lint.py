@@ -1,8 +1,12 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
+from exporters.onnx import ExportOptions, export_onnx
+from exporters.quantize import QuantSpec, calibrate_activations, fold_bn
 from exporters.trt_lint import lint_explicit_quantization, main
 
 CHANNELS = 4
@@ -181,3 +185,29 @@ def test_cli_exit_codes_and_one_issue_per_line(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_text("not a model")
     assert main([str(tmp_path / "junk.onnx")]) == 2
     assert main([str(tmp_path / "missing.onnx")]) == 2
+
+
+# ---- what hero-deploy's own exporter writes ------------------------------------------------
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+@pytest.mark.parametrize("spec, options, words", [
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), None),
+    (QuantSpec(bits=3, per_channel=False), ExportOptions(), None),
+    (QuantSpec(bits=4, symmetric=False), ExportOptions(), ("0.weight_DequantizeLinear", "UINT8")),
+    (QuantSpec(bits=4), ExportOptions(int4_storage=True), ("0.weight_DequantizeLinear", "INT4", "Conv")),
+], ids=["w8a8-symmetric", "w3-per-tensor", "w4-asymmetric", "w4-int4-storage"])
+def test_exported_graphs_lint_clean_exactly_when_symmetric_int8(tmp_path, spec, options, words):
+    net = _small_net()
+    calibration = (calibrate_activations(fold_bn(net), [torch.randn(4, 2, 6, 6)], spec)
+                   if spec.act_bits is not None else None)
+    path = export_onnx(net, tmp_path / "m.onnx", spec, options, calibration, input_shape=(2, 6, 6))
+    issues = lint_explicit_quantization(str(path))
+    if words is None:
+        assert issues == []
+    else:
+        assert _has(issues, *words)

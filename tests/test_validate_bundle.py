@@ -23,6 +23,16 @@ for blocked in ("torch", "hero_train", "pipeline", "click", "onnx", "pydantic", 
 sys.argv = ["validate_bundle", *sys.argv[1:]]
 runpy.run_module("exporters.device.validate_bundle", run_name="__main__")
 """
+# A TensorRT-only device: the validator, the switcher and the shared timer and top-1 import without onnxruntime.
+_WITHOUT_ONNXRUNTIME = """
+import sys
+sys.modules["onnxruntime"] = None
+import numpy as np
+from exporters.device import switch, validate_bundle
+from exporters.device.runtime import median_ms, top1
+print(top1(np.eye(4), np.array([0, 1, 2, 0])), median_ms(lambda: None, 3) >= 0)
+sys.exit(validate_bundle.main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture
@@ -79,6 +89,15 @@ def test_device_report_numbers_follow_the_documented_definitions(tiny):
                (entry["sha256"], entry["torch_accuracy"], entry["host_accuracy"])
         assert v["latency_ms"] > 0 and v["runtime"] == "onnxruntime"
     assert report["gate"] == {"passed": True, "reasons": []}
+
+
+def test_validator_without_onnxruntime_imports_and_asks_for_it_in_one_line(tiny, tmp_path):
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_ONNXRUNTIME, str(tiny["bundle"]), "--out",
+                           str(tmp_path / "r.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["0.75 True"]
+    assert done.returncode == 2 and not (tmp_path / "r.json").exists()
+    assert done.stderr.startswith("validate_bundle: error: onnxruntime is not installed") and \
+           done.stderr.count("\n") == 1
 
 
 def test_tampered_bundle_is_exit_2_with_one_line_in_a_subprocess(tiny, tmp_path):

@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a script: the repository root makes benc
 import click
 
 from benchmarks.paper import figures as Fg
+from benchmarks.paper import plan as P
 from benchmarks.paper import tables as T
-from exporters.device.errors import HeroError
 
 HERE = Path(__file__).resolve().parent
 READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"
@@ -219,14 +219,10 @@ def aggregate(out_root: Path, results_dir: Path, contours: bool = True, scale: s
 @click.option("--no-contours", is_flag=True, help="skip Figure 3 (the only part that evaluates models)")
 def main(scale, out, results_dir, no_contours):
     """Build the tables, figures and RESULTS.md from the cells the driver finished."""
-    try:
-        results_dir = results_dir or (HERE if scale == "small" else HERE / "full")
-        path = aggregate(out / scale, results_dir, contours=not no_contours, scale=scale)
-        click.echo(f"wrote {path}")
-    except HeroError as exc:
-        click.echo(f"aggregate: {exc}", err=True)
-        sys.exit(2)
+    results_dir = results_dir or (HERE if scale == "small" else HERE / "full")
+    path = aggregate(out / scale, results_dir, contours=not no_contours, scale=scale)
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    P.run_command(main, "aggregate")

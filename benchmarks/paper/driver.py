@@ -168,10 +168,10 @@ def deploy_config(cell: P.Cell):
 
     return DeployConfig.model_validate({
         "name": cell.name.replace("/", "_"),
-        "train": {"data_root": cell.config.data_root} if cell.config.data_root else None,
+        "data": {"root": cell.config.data_root, "limit_test": cell.ptq_limit_test},
         "quantize": {"bits": list(P.PTQ_BITS), "symmetric": True, "per_channel": cell.ptq_per_channel},
         "runtime": {"name": "onnxruntime"},
-        "validate": {"limit_test": cell.ptq_limit_test, **P.PTQ_VALIDATE},
+        "validate": dict(P.PTQ_VALIDATE),
     })
 
 
@@ -328,42 +328,38 @@ def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, 
          dry_run):
     """Train and evaluate the cells of the HERO paper's tables and figures, in priority order."""
     started = time.monotonic()
-    try:
-        if (device or P.SCALES[scale_name].device).startswith("cuda") and not torch.cuda.is_available():
-            raise HeroError("this scale runs on --device cuda, but this torch has no CUDA device: "
-                            "pass --device cpu to run it here")
-        scale = make_scale(scale_name, device, gamma, epochs, noise_epochs, limit_train, data_root)
-        cells = P.select(P.build_plan(scale), parse_only(only))
-        if matches:
-            cells = P.match(cells, matches)
-            if not cells:
-                raise HeroError(f"--match {' '.join(matches)}: no cell of the plan has that in its name")
-        out_root = out / scale.name
-        if not P.hz_supported():
-            click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
-                       "Figure 2 will show the generalization gap only")
-        click.echo(f"scale {scale.name}: {len(cells)} cells; measuring the step cost ...")
-        if scale.device == "cpu":
-            keep_freed_memory()  # as hero_train.train.train sets it: measure what the cells will run
-        costs = measure_costs(cells)
-        click.echo("\n".join(cost_lines(costs)))
-        click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
-        if dry_run:
-            return
-        write_plan(scale, P.build_plan(scale), out_root, costs)
-        began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started)
-        log_invocation(out_root, {"argv": sys.argv[1:], "started": began, "minutes": (time.monotonic() - started) / 60,
-                                  "remaining": len(remaining), "machine": machine()})
-        if remaining:
-            click.echo(f"{len(remaining)} cells remain; run the same command again to continue:")
-            click.echo("\n".join(plan_lines(remaining, out_root, costs, budget_minutes * 60)))
-        else:
-            click.echo(f"every cell is done: python benchmarks/paper/aggregate.py --scale {scale.name} --out {out}")
-    except HeroError as exc:
-        click.echo(f"driver: {exc}", err=True)
-        sys.exit(2)
+    if (device or P.SCALES[scale_name].device).startswith("cuda") and not torch.cuda.is_available():
+        raise HeroError("this scale runs on --device cuda, but this torch has no CUDA device: "
+                        "pass --device cpu to run it here")
+    scale = make_scale(scale_name, device, gamma, epochs, noise_epochs, limit_train, data_root)
+    cells = P.select(P.build_plan(scale), parse_only(only))
+    if matches:
+        cells = P.match(cells, matches)
+        if not cells:
+            raise HeroError(f"--match {' '.join(matches)}: no cell of the plan has that in its name")
+    out_root = out / scale.name
+    if not P.hz_supported():
+        click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
+                   "Figure 2 will show the generalization gap only")
+    click.echo(f"scale {scale.name}: {len(cells)} cells; measuring the step cost ...")
+    if scale.device == "cpu":
+        keep_freed_memory()  # as hero_train.train.train sets it: measure what the cells will run
+    costs = measure_costs(cells)
+    click.echo("\n".join(cost_lines(costs)))
+    click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
+    if dry_run:
+        return
+    write_plan(scale, P.build_plan(scale), out_root, costs)
+    began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started)
+    log_invocation(out_root, {"argv": sys.argv[1:], "started": began, "minutes": (time.monotonic() - started) / 60,
+                              "remaining": len(remaining), "machine": machine()})
+    if remaining:
+        click.echo(f"{len(remaining)} cells remain; run the same command again to continue:")
+        click.echo("\n".join(plan_lines(remaining, out_root, costs, budget_minutes * 60)))
+    else:
+        click.echo(f"every cell is done: python benchmarks/paper/aggregate.py --scale {scale.name} --out {out}")
 
 
 if __name__ == "__main__":
-    main()
+    P.run_command(main, "driver")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 from hero_train.train import TrainConfig
@@ -319,3 +320,19 @@ def split_into_pieces(seconds: list[float], budget: float) -> list[list[int]]:
         pieces[-1].append(i)
         used += s
     return pieces
+
+
+def run_command(command, prog: str) -> None:
+    """Run a click command from the shell: a HeroError is one line `prog: message` on stderr, exit 2."""
+    import click
+
+    from exporters.device.errors import HeroError
+
+    try:
+        command.main(standalone_mode=False)
+    except HeroError as exc:
+        click.echo(f"{prog}: {exc}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

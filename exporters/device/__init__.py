@@ -6,3 +6,16 @@ validation, ``python -m exporters.device.validate_bundle``), `tensorrt` and `trt
 (engine build/load/refit and its pure rules). A test imports every module here in a process
 where torch, onnx, click, yaml and pydantic cannot be imported.
 """
+
+import importlib.metadata
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("hero-deploy")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+TOOL_VERSION = _installed_version()
+"""hero-deploy's version, from the installed package's metadata (pyproject.toml is its one source)."""

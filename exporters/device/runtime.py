@@ -1,25 +1,24 @@
-"""Run an exported ONNX model with ONNX Runtime: batched prediction, accuracy and latency.
+"""Run an exported ONNX model with ONNX Runtime: batched prediction, accuracy and latency; and the
+one latency timer (`median_ms`) and top-1 measure (`top1`) of host and device alike.
 
-Imports numpy and onnxruntime only, so it runs on a device without torch.
+Imports numpy and, when a runner is built, onnxruntime only, so it runs on a device without torch;
+the timer and `top1` also run where only TensorRT is installed.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 
 DEFAULT_BATCH_SIZE = 256
-_OPTIMIZATION_LEVELS = {
-    "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-}
+QUANTIZATION_KEY = "hero.quantization"  # the exporter's one metadata entry (JSON, see _has_quantized_weights)
+_OPTIMIZATION_LEVELS = {"default": "ORT_ENABLE_ALL", "disabled": "ORT_DISABLE_ALL"}  # ort.GraphOptimizationLevel
 # ORT rewrites DequantizeLinear -> MatMul into MatMulNBits, which by default (accuracy level 4)
 # quantizes the activations to int8 as well and so no longer computes the graph as written;
 # level 1 keeps float32 activations (onnxruntime_session_options_config_keys.h).
@@ -35,15 +34,59 @@ WEIGHT_DEQUANT_MODES = ("auto", "folded", "runtime")
 # Folding is measured on the CPU EP only; TensorRT and the NPU EPs read Q/DQ themselves and must see them.
 _FOLDING_PROVIDERS = {"CPUExecutionProvider"}
 _UNUSABLE_PROVIDERS = ("AzureExecutionProvider",)  # remote inference, not a local device
-_LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
-                ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException, ort_errors.EPFail)
 _ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of `fn()` over `repeats` timed calls, after `warmup` untimed
+    ones (the first run allocates and picks kernels). Host and device latency_ms both come from here."""
+    if repeats < 1 or warmup < 0:
+        raise HeroError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows of `logits` whose arg-max is the row's label: top-1 accuracy against true
+    labels, top-1 agreement with another run as `top1(logits, reference.argmax(1))`."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(logits),):
+        raise HeroError(f"got {len(logits)} predictions but labels of shape {labels.shape}: pass one label per image")
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def _has_quantized_weights(metadata: dict) -> bool:
+    """Whether the artifact's `hero.quantization` metadata (JSON, written by exporters.onnx:
+    {"spec": {"bits": int|null, ...}, "act_scales": ..., "weight_storage": ..., "tool_version": ...})
+    says its weights are quantized. Absent or unreadable metadata is a foreign artifact: False."""
+    try:
+        spec = json.loads(metadata[QUANTIZATION_KEY])["spec"]
+        bits = spec["bits"]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return isinstance(bits, int) and not isinstance(bits, bool)
+
+
+def _ort():
+    """onnxruntime, imported on first use (see the module docstring)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise HeroError("onnxruntime is not installed on this machine: pip install onnxruntime "
+                        "(onnxruntime-gpu for CUDA), or use the tensorrt runtime") from None
+    return onnxruntime
 
 
 def default_providers() -> list[str]:
     """ONNX Runtime's available execution providers in its priority order (TensorRT and CUDA
     before CPU), without the remote Azure provider."""
-    return [p for p in ort.get_available_providers() if p not in _UNUSABLE_PROVIDERS]
+    return [p for p in _ort().get_available_providers() if p not in _UNUSABLE_PROVIDERS]
 
 
 def _checked_providers(providers) -> list[str]:
@@ -54,6 +97,7 @@ def _checked_providers(providers) -> list[str]:
     a typo, and an error."""
     if providers is None:
         return default_providers()
+    ort = _ort()
     providers = [providers] if isinstance(providers, str) else list(providers)
     unknown = [p for p in providers if p not in ort.get_all_providers()]
     usable = [p for p in providers if p in ort.get_available_providers()]
@@ -72,8 +116,9 @@ class OnnxRuntimeRunner:
     `weight_dequant` says how DequantizeLinear on constant weights runs under "default":
     "folded" folds it into float weights when the session is built (ORT's QDQ fusions off),
     "runtime" leaves ORT's QDQ handling on, so it runs every inference unless ORT fuses it into an
-    int8 kernel; "auto" folds for hero artifacts with quantized weights (metadata hero.bits) when
-    the CPU is the only provider, and is "runtime" otherwise. Either way the outputs equal the literal graph's
+    int8 kernel; "auto" folds for hero artifacts with quantized weights (metadata hero.quantization
+    with spec.bits set) when the CPU is the only provider, and is "runtime"
+    otherwise (float, foreign or damaged metadata). Either way the outputs equal the literal graph's
     up to float rounding. The attribute `weight_dequant` is the mode the session runs in.
 
     `input_shape` is one sample's shape (dims without the batch one; a symbolic dim is its name),
@@ -84,9 +129,9 @@ class OnnxRuntimeRunner:
                  weight_dequant: str = "auto"):
         self.path = Path(path)
         if optimization not in _OPTIMIZATION_LEVELS:
-            raise HeroError(f"unknown optimization {optimization!r}: use one of {', '.join(_OPTIMIZATION_LEVELS)}")
+            raise HeroError(unknown_choice("optimization", optimization, _OPTIMIZATION_LEVELS))
         if weight_dequant not in WEIGHT_DEQUANT_MODES:
-            raise HeroError(f"unknown weight_dequant {weight_dequant!r}: use one of {', '.join(WEIGHT_DEQUANT_MODES)}")
+            raise HeroError(unknown_choice("weight_dequant", weight_dequant, WEIGHT_DEQUANT_MODES))
         if weight_dequant == "folded" and optimization == "disabled":
             raise HeroError("weight_dequant='folded' needs optimization='default': 'disabled' runs the literal graph")
         if not self.path.is_file():
@@ -96,7 +141,7 @@ class OnnxRuntimeRunner:
                                               and set(providers) <= _FOLDING_PROVIDERS)
         self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        if fold and weight_dequant == "auto" and self.metadata.get("hero.bits", "none") == "none":
+        if fold and weight_dequant == "auto" and not _has_quantized_weights(self.metadata):
             fold = False  # float or foreign: leave ORT's QDQ fusions as they are
             self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.weight_dequant = "folded" if fold else "runtime"
@@ -112,9 +157,12 @@ class OnnxRuntimeRunner:
         self.providers = self.session.get_providers()
 
     def _open(self, providers: list[str], optimization: str, intra_op_threads: int | None,
-              fold: bool) -> ort.InferenceSession:
+              fold: bool):
+        ort = _ort()
+        from onnxruntime.capi import onnxruntime_pybind11_state as errors
+
         options = ort.SessionOptions()
-        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
         options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
         if fold:
             options.add_session_config_entry(*_DISABLE_QDQ_FUSION)
@@ -122,7 +170,8 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = int(intra_op_threads)
         try:
             return ort.InferenceSession(str(self.path), options, providers=providers)
-        except _LOAD_ERRORS as exc:
+        except (errors.Fail, errors.InvalidArgument, errors.InvalidGraph, errors.InvalidProtobuf, errors.NoSuchFile,
+                errors.NotImplemented, errors.RuntimeException, errors.EPFail) as exc:
             raise HeroError(f"ONNX Runtime cannot load {self.path} ({exc}): the file is corrupt or not an ONNX "
                             "model this runtime supports; export it again") from None
 
@@ -148,22 +197,11 @@ def _shape_fits(shape: tuple, expected: tuple) -> bool:
 def evaluate_accuracy(runner: OnnxRuntimeRunner, images: np.ndarray, labels: np.ndarray,
                       batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[float, np.ndarray]:
     """(top-1 accuracy, logits) of `runner` on labelled images."""
-    labels = np.asarray(labels)
-    if labels.shape != (len(images),):
-        raise HeroError(f"got {len(images)} images but labels of shape {labels.shape}: pass one label per image")
     logits = runner.predict(images, batch_size=batch_size)
-    return float(np.mean(np.argmax(logits, axis=1) == labels)), logits
+    return top1(logits, labels), logits
 
 
-def time_batches(runner: OnnxRuntimeRunner, x: np.ndarray, repeats: int) -> float:
-    """Median wall-clock latency in milliseconds of `runner.predict(x)` over `repeats` runs,
-    after one untimed warm-up run."""
-    if repeats < 1:
-        raise HeroError(f"repeats must be >= 1, got {repeats}")
-    runner.predict(x)
-    latencies = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.predict(x)
-        latencies.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(latencies)
+def time_batches(runner, x: np.ndarray, repeats: int) -> float:
+    """`median_ms` of `runner.predict(x)` (any runner: ONNX Runtime, TensorRT, a PrecisionSwitcher)
+    over `repeats` runs after one warm-up run: the latency_ms of host and device reports."""
+    return median_ms(lambda: runner.predict(x), repeats)

@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.files import read_json, sha256_file
 
 FORMAT = "hero-deploy-bundle"
@@ -113,7 +113,7 @@ class PrecisionSwitcher:
 
     def __init__(self, bundle_dir, runtime: str = "onnxruntime", providers=None, *, engine_dir=None):
         if runtime not in RUNTIMES:
-            raise HeroError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+            raise HeroError(unknown_choice("runtime", runtime, RUNTIMES))
         self.bundle_dir = Path(bundle_dir)
         self.runtime = runtime
         self.manifest = read_manifest(self.bundle_dir)
@@ -218,18 +218,6 @@ def _prepared_engine(tensorrt, onnx_path: Path, variant: dict, engine_dir: Path,
     precision = "fp32" if variant["bits"] is None else "int8"
     tensorrt.build_engine(onnx_path, engine, EngineConfig(precision=precision, refit=refit))
     return engine
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall-clock milliseconds of `fn()` over `repeats` calls."""
-    if repeats < 1:
-        raise HeroError(f"repeats must be >= 1, got {repeats}")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
 
 
 def measure_switch_latency(switcher: PrecisionSwitcher, repeats: int) -> dict:

@@ -231,7 +231,7 @@ def load_engine(engine_path):
     """Deserialize an engine after checking its sidecar against this device (before deserializing)."""
     trt = _import_trt()
     if not os.path.isfile(engine_path):
-        raise HeroError(f"no TensorRT engine at {engine_path}; build it with `hero export --runtime tensorrt`")
+        raise HeroError(f"no TensorRT engine at {engine_path}: {REBUILD_HINT}")
     check_sidecar(read_sidecar(engine_path), device_identity())
     with open(engine_path, "rb") as f:
         data = f.read()

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.device.errors import HeroError
+from exporters.device.errors import HeroError, unknown_choice
 
-REBUILD_HINT = "rebuild the engine on this device with `hero export --runtime tensorrt`"
+REBUILD_COMMAND = "python -m exporters.device.validate_bundle BUNDLE --runtime tensorrt"
+REBUILD_HINT = f"build the engine on this device: `{REBUILD_COMMAND}` builds every engine a bundle needs"
 PRECISIONS = ("int8", "fp16", "fp32")
 
 
@@ -38,7 +39,7 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise HeroError(f"unknown TensorRT precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+            raise HeroError(unknown_choice("TensorRT precision", self.precision, PRECISIONS))
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise HeroError(f"batch sizes must satisfy 1 <= min <= opt <= max, got "
                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")

@@ -14,7 +14,8 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
 - torch_accuracy: the PyTorch emulation's accuracy as measured on the host (the device has no torch).
 - agreement: top-1 agreement with the float variant on this device (1.0 for the baseline).
 - drop, drop_points: baseline.accuracy minus runtime_accuracy, as a fraction and in points.
-- latency_ms: median time of one predict on ``latency_batch`` test images.
+- latency_ms: median time of one predict on ``latency_batch`` test images after a warm-up one
+  (`exporters.device.runtime.time_batches`, as on the host).
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
 - meta.switch_latency: `measure_switch_latency` ({"median_ms", "max_ms", "switches"}).
 - gate: fails a variant whose logits are not all finite; accuracy gates are ``hero check``'s job.
@@ -36,7 +37,8 @@ import numpy as np
 
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
-from exporters.device.switch import PrecisionSwitcher, measure_switch_latency, median_ms, read_manifest, verify_file
+from exporters.device.runtime import time_batches, top1
+from exporters.device.switch import PrecisionSwitcher, measure_switch_latency, read_manifest, verify_file
 
 TEST_DATA = "test.npz"
 
@@ -57,15 +59,6 @@ def load_test_data(bundle_dir, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
         raise HeroError(f"{path} must hold float32 x of shape (N, {', '.join(map(str, shape))}) and int64 y of "
                         f"shape (N,), got {x.dtype} {x.shape} and {y.dtype} {y.shape}: rebuild the bundle")
     return x, y
-
-
-def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
-
-
-def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Fraction of samples on which both runs predict the same class."""
-    return float(np.mean(np.argmax(logits, axis=1) == np.argmax(reference, axis=1)))
 
 
 def _runtime_version(runtime: str) -> str:
@@ -100,8 +93,8 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             "name": variant["name"], "bits": bits, "symmetric": variant["symmetric"],
             "per_channel": variant["per_channel"], "act_bits": variant["act_bits"], "runtime": runtime,
             "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
-            "runtime_accuracy": top1_accuracy(logits, y), "agreement": top1_agreement(logits, reference),
-            "latency_ms": median_ms(lambda: switcher.predict(x[:latency_batch]), latency_repeats),
+            "runtime_accuracy": top1(logits, y), "agreement": top1(logits, reference.argmax(1)),
+            "latency_ms": time_batches(switcher, x[:latency_batch], latency_repeats),
             "file_bytes": variant.get("file_bytes"), "artifact": variant["artifact"], "sha256": variant["sha256"],
         })
     baseline = dict(rows[0], accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
