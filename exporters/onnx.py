@@ -177,6 +177,8 @@ def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelP
                         f"got {input_shape!r}")
     shape = tuple(int(d) for d in shape)
     example = torch.zeros((2, *shape))  # batch 2: torch.export would specialise a batch of 1
+    with torch.no_grad():
+        model(example)  # a HeroError from the model reaches the caller as itself, not wrapped by torch.export
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=False, verbose=False,
                                     opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -187,7 +189,46 @@ def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelP
     ir.passes.Sequential(ir_passes.RemoveUnusedNodesPass(),
                          ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
                          ir_passes.RemoveUnusedNodesPass(), ir_passes.NameFixPass())(graph)
-    return ir.serde.serialize_model(graph)
+    proto = ir.serde.serialize_model(graph)
+    _fold_weight_transposes(proto)
+    return proto
+
+
+def _fold_weight_transposes(proto: onnx.ModelProto) -> None:
+    """Replace every Transpose of an initializer by one transposed initializer per (weight,
+    perm), shared by all its readers, in place. The constant folder above skips large outputs
+    of weights with several readers (a Linear called twice on (B, T, D) input), which would
+    leave a MatMul reading a Transpose instead of a weight initializer."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    folded: dict[tuple[str, tuple[int, ...]], str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.input[0] not in initializers:
+            kept.append(node)
+            continue
+        array = numpy_helper.to_array(initializers[node.input[0]])
+        perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), tuple(reversed(range(array.ndim))))
+        key = (node.input[0], perm)
+        if key not in folded:
+            graph.initializer.append(numpy_helper.from_array(np.transpose(array, perm), node.output[0]))
+            folded[key] = node.output[0]
+        renamed[node.output[0]] = folded[key]
+    if not renamed:
+        return
+    for node in kept:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    read = {name for node in kept for name in node.input} | {out.name for out in graph.output}
+    unused = {name for name, _ in folded} - read
+    live = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    info = [v for v in graph.value_info if v.name not in renamed]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _output_channel_axis(node: onnx.NodeProto) -> int:
@@ -256,19 +297,25 @@ def _dequantized_name(use: _WeightUse, taken: set[str]) -> str:
 def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], model: nn.Module,
                       spec: quantize.QuantSpec, int4_storage: bool) -> None:
     """Replace each used float weight initializer by DequantizeLinear(W_quantized, W_scale,
-    W_zero_point) -> W, so its consumers read the dequantized weight W."""
+    W_zero_point) -> W, so its consumers read the dequantized weight W: one per layer and stored
+    layout, which copies of one weight (a layer called twice) share."""
     graph = proto.graph
     _, dtype = _storage_type(spec, int4_storage)
     layers = dict(quantize.quantized_layers(model))
     taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
     renamed: dict[str, str] = {}
+    dequantized: dict[tuple[str, int], str] = {}
     dq_nodes = []
     for use in uses:
         if use.weight in renamed:
             continue
+        if (use.module, use.axis) in dequantized:
+            renamed[use.weight] = dequantized[use.module, use.axis]
+            continue
         q, scale, zero_point = quantize.quantize_tensor(layers[use.module].weight, spec.bits, symmetric=spec.symmetric,
                                                         per_channel=spec.per_channel, axis=0)
-        weight = renamed[use.weight] = _dequantized_name(use, taken)
+        weight = renamed[use.weight] = dequantized[use.module, use.axis] = _dequantized_name(use, taken)
+        taken.add(weight)
         names = [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"]
         graph.initializer.extend([numpy_helper.from_array(_stored_layout(q, use.axis).astype(dtype), names[0]),
                                   numpy_helper.from_array(scale.numpy().astype(np.float32), names[1]),
@@ -375,9 +422,13 @@ def read_quantization(metadata: Mapping[str, str], source) -> tuple[quantize.Qua
         entry = json.loads(metadata[QUANTIZATION_KEY])
         spec = quantize.QuantSpec.from_dict(entry["spec"])
         scales = entry["act_scales"]
+        if scales is not None and not isinstance(scales, dict):
+            raise TypeError(f"act_scales is a {type(scales).__name__}, not a mapping")
     except (ValueError, KeyError, TypeError) as exc:
         raise HeroError(f"{source}: its {QUANTIZATION_KEY} metadata is not readable ({exc})") from None
-    return spec, None if scales is None else quantize.Calibration(scales)
+    calibration = None if scales is None else quantize.Calibration(scales)
+    quantize.check_calibration(spec, calibration)
+    return spec, calibration
 
 
 def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:

@@ -240,6 +240,29 @@ def _consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+class _FoldedIntoLinear(nn.Identity):
+    """What replaces a BatchNorm folded into the Linear before it. A BatchNorm normalizes dim 1,
+    which is the Linear's feature dim only for 2-D (batch, features) input; on a (B, T, D) input
+    with T == D the fold would silently compute something else, so that raises instead."""
+
+    def __init__(self, layer: str, bn: str):
+        super().__init__()
+        self.layer, self.bn = layer, bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise HeroError(f"BatchNorm {self.bn} normalizes dim 1 of the {x.dim()}-D output of Linear {self.layer}, "
+                            "not its features, so it cannot be folded into it: quantize with fold_bn=False")
+        return x
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping a `_FoldedIntoLinear` (whose shape check fx cannot trace) a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, _FoldedIntoLinear) or super().is_leaf_module(m, qualified_name)
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
@@ -249,10 +272,12 @@ def fold_bn(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy of `model` with every BatchNorm that directly follows a Conv/Linear
     folded into it (`fold_conv_bn_weights`) and replaced by nn.Identity; module names stay the
     same. Pairs come from torch.fx tracing; a model that does not trace falls back to
-    `_consecutive_pairs` (with a warning). A BN with no preceding Conv/Linear stays."""
+    `_consecutive_pairs` (with a warning). A BN with no preceding Conv/Linear stays. A BN folded
+    into a Linear is replaced by an identity that raises HeroError on other than 2-D input
+    (`_FoldedIntoLinear`): tracing has no shapes, and only on 2-D input is the fold exact."""
     folded = copy.deepcopy(model).eval()
     try:
-        graph = torch.fx.symbolic_trace(folded).graph
+        graph = _Tracer().trace(folded)
     except Exception as exc:  # fx raises many types for untraceable control flow
         warnings.warn(f"torch.fx could not trace {type(model).__name__} ({exc}); folding BatchNorm into "
                       "the Conv/Linear registered just before it", stacklevel=2)
@@ -264,7 +289,8 @@ def fold_bn(model: nn.Module) -> nn.Module:
         weight, bias = fold_conv_bn_weights(layer.weight.detach(), layer.bias, folded.get_submodule(bn_name))
         layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias)
-        _replace(folded, bn_name, nn.Identity())
+        _replace(folded, bn_name, _FoldedIntoLinear(layer_name, bn_name) if isinstance(layer, nn.Linear)
+                 else nn.Identity())
     return folded
 
 

@@ -9,8 +9,10 @@ tcmalloc; glibc's own knobs (mallopt(3)) do the same job without a preload: rais
 threshold to its ceiling and the trim threshold out of reach. Measured here (2-core VM, torch
 2.13): ResNet20 SGD steps at batch 128 on 3x32x32, one process per setting, 289-318 ms against
 342-371 ms; a 5,120-image Fashion-MNIST SGD epoch 18.9-19.0 s against 19.9-21.8 s; exact HERO's
-double backward gains most (255,000 faults per step before). `benchmarks/step_cost.py` times
-with it, as `hero train` runs. The price: the process keeps its peak heap until it exits.
+double backward gains most (255,000 faults per step before). `hero train` sets it, and so does
+building a HERO, FirstOrder or GradL1 optimizer over CPU parameters, so a training loop of your
+own gets the same step cost; `benchmarks/step_cost.py` measures that library path. The price: the
+process keeps its peak heap until it exits. HERO_KEEP_FREED_MEMORY=0 turns it off.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 2**30  # the largest power of two a C int holds
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+OPT_OUT = "HERO_KEEP_FREED_MEMORY"  # "0": leave glibc's defaults
 
 
 def keep_freed_memory() -> bool:
     """Set the two thresholds; True if they took, False off glibc or where the user set their own.
 
     Idempotent and process-wide. Settings the user gave through glibc's MALLOC_*_ environment
-    variables win: then this does nothing.
+    variables win, and HERO_KEEP_FREED_MEMORY=0 opts out: then this does nothing.
     """
+    if os.environ.get(OPT_OUT) == "0":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ for name in USER_SETTINGS):

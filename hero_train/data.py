@@ -6,12 +6,14 @@ Files are found locally (argument, $HERO_DATA, the Debian package, the user cach
 downloaded when asked; CIFAR pickles go through a restricted unpickler.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import io
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from exporters.device.errors import HeroError, unknown_choice
+from hero_train import images as images_lib
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -49,7 +52,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar-100-python"),
 }
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")
 
 # The Debian package dataset-fashion-mnist installs the four .gz files here.
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,8 +77,10 @@ class Dataset:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None  # None: not known yet (a custom test split: use the training split's)
+    std: tuple[float, ...] | None
+    classes: tuple[str, ...] = ()
+    custom: bool = False  # a folder or .npz: trained with random-resized-crop + flip, else crop + flip
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -272,12 +277,135 @@ def download_dataset(name: str) -> Path:
     return cache / DATASETS[name].folder
 
 
-def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False) -> Dataset:
-    """Load a whole split as uint8 images and int64 labels; see `_search_dirs` for where it looks."""
-    if name not in DATASETS:
-        raise HeroError(unknown_choice("dataset", name, DATASETS))
+STATS_SAMPLES = 10_000  # training images the normalisation of a custom dataset is measured on
+DEFAULT_IMAGE_SIZE = 32
+
+
+def is_custom(name: str) -> bool:
+    """A dataset given as an .npz file or an image folder (anything else is a built-in name)."""
+    return name not in DATASETS and (str(name).endswith(".npz") or Path(name).expanduser().is_dir()
+                                     or os.sep in str(name))
+
+
+def check_dataset(name: str) -> None:
+    """A built-in name, an existing .npz file or an existing folder; else a HeroError."""
+    if name in DATASETS:
+        return
+    path = Path(name).expanduser()
+    if str(name).endswith(".npz") and not path.is_file():
+        raise HeroError(f"dataset {name}: no such .npz file")
+    if not str(name).endswith(".npz") and not path.is_dir():
+        if os.sep in str(name):
+            raise HeroError(f"dataset {name}: no such folder (an image folder holds train/<class>/ and test/<class>/)")
+        raise HeroError(unknown_choice("dataset", name, DATASETS) + ", a folder or an .npz file")
+
+
+IN_MEMORY_BYTES = int(os.environ.get("HERO_IN_MEMORY_BYTES", 2 * 2**30))  # decoded folders above this stream
+
+
+@dataclass
+class StreamedSplit:
+    """An image-folder split too large to hold decoded: its images are decoded batch by batch in
+    DataLoader worker processes (`batches`), so reading it costs memory for a few batches only."""
+
+    name: str
+    images: images_lib.FolderImages
+    num_classes: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    custom: bool = True
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.images.labels.copy())
+
+    def loader(self, batch_sampler) -> torch.utils.data.DataLoader:
+        """Decoded (uint8 images, labels) batches of the index lists `batch_sampler` yields, in order."""
+        return torch.utils.data.DataLoader(self.images, batch_sampler=batch_sampler,
+                                           num_workers=min(4, os.cpu_count() or 1), generator=_loader_seed())
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, int64 labels) of the first `limit` samples (all when None), in order."""
+        data = self.images if limit is None else torch.utils.data.Subset(self.images, range(min(limit, len(self))))
+        workers = min(4, os.cpu_count() or 1)
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                               generator=_loader_seed())
+
+
+def _loader_seed() -> torch.Generator:
+    """A DataLoader's own generator: without one it draws its worker seed from torch's global RNG,
+    so reading a streamed folder would change the dropout masks and initialisation of training."""
+    return torch.Generator().manual_seed(0)
+
+
+def _folder_index(path: Path, split: str):
+    """The folder's files in a fixed shuffled order (seed 0), so its first N samples mix the classes
+    as a built-in test set's do, and the count of skipped non-image files on stderr."""
+    index = images_lib.scan_folder(path, split)
+    if index.skipped:
+        print(f"dataset {path}: {split}: skipped {index.skipped} file(s) that are not images "
+              f"({', '.join(images_lib.IMAGE_SUFFIXES)})", file=sys.stderr)
+    order = torch.randperm(len(index.files), generator=torch.Generator().manual_seed(0)).tolist()
+    return dataclasses.replace(index, files=[index.files[i] for i in order], labels=[index.labels[i] for i in order])
+
+
+def _load_custom(name: str, split: str, channels: int | None, image_size: int | None, limit: int | None,
+                 stream: bool) -> Dataset | StreamedSplit:
+    """An .npz (arrays preprocessed to `channels` and `image_size` when given) or an image folder
+    (decoded with Pillow: shorter side to image_size, default 32, then center crop): in memory, or
+    streamed when `stream` and its decoded size exceeds IN_MEMORY_BYTES."""
+    check_dataset(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".npz":
+        images, labels, num_classes = images_lib.read_npz(path, split)
+        images, labels = images[:limit], labels[:limit]
+        classes = tuple(str(i) for i in range(num_classes))
+        c, h, w = images.shape[1:]
+        if channels is not None or image_size is not None or h != w:
+            images = images_lib.preprocess_array(images, channels or c, image_size or min(h, w))
+    else:
+        index = _folder_index(path, split)
+        if limit is not None:
+            index = dataclasses.replace(index, files=index.files[:limit], labels=index.labels[:limit])
+        c, size = channels or 3, image_size or DEFAULT_IMAGE_SIZE
+        classes, num_classes = tuple(index.classes), len(index.classes)
+        if stream and len(index.files) * c * size * size > IN_MEMORY_BYTES:
+            streamed = StreamedSplit(str(name), images_lib.FolderImages(index, c, size), num_classes, classes)
+            if split == "train":
+                streamed.mean, streamed.std = images_lib.channel_stats(
+                    images for images, _ in streamed.batches(1024, STATS_SAMPLES))
+                streamed.std = tuple(max(v, 1e-3) for v in streamed.std)
+            return streamed
+        workers = min(4, os.cpu_count() or 1) if len(index.files) >= 512 else 0
+        images, labels = images_lib.load_folder(index, c, size, workers)
+    mean = std = None
+    if split == "train":
+        sample = images[:STATS_SAMPLES]
+        mean, std = images_lib.channel_stats(sample[i : i + 1024] for i in range(0, len(sample), 1024))
+        std = tuple(max(v, 1e-3) for v in std)  # a constant channel must not divide by zero
+    return Dataset(str(name), images, labels, num_classes, mean, std, classes, custom=True)
+
+
+def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False, *,
+                 channels: int | None = None, image_size: int | None = None, limit: int | None = None,
+                 stream: bool = False) -> Dataset | StreamedSplit:
+    """Load a whole split as uint8 images and int64 labels. `name` is a built-in dataset (found as
+    `_search_dirs` says) or your own: an image folder (ROOT/train/<class>/*, ROOT/test/<class>/*,
+    optional ROOT/val/<class>/*) or an .npz with x_train, y_train, x_test, y_test; `channels` and
+    `image_size` set their preprocessing (`hero_train.images`); a folder's files come in a fixed
+    shuffled order. `limit` keeps the first samples only (a folder decodes no more). A custom
+    training split carries its normalisation, measured on its first STATS_SAMPLES images. With
+    `stream`, a folder larger than IN_MEMORY_BYTES decoded comes as a StreamedSplit."""
     if split not in SPLITS:
         raise HeroError(unknown_choice("split", split, SPLITS))
+    if name not in DATASETS:
+        return _load_custom(name, split, channels, image_size, limit, stream)
+    if split == "val":
+        raise HeroError(f"{name} has no val split: use train or test")
     info = DATASETS[name]
     files = _required_files(name, split)
     paths, looked = _locate(name, files, root)
@@ -291,7 +419,10 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, d
         images, labels = _read_fashion_mnist(paths, info)
     else:
         images, labels = _read_cifar(name, paths, info)
-    return Dataset(name, images, labels, info.num_classes, info.mean, info.std)
+    classes = tuple(str(i) for i in range(info.num_classes))
+    if channels not in (None, info.channels) or image_size not in (None, images.shape[-1]):
+        images = images_lib.preprocess_array(images, channels or info.channels, image_size or images.shape[-1])
+    return Dataset(name, images[:limit], labels[:limit], info.num_classes, info.mean, info.std, classes)
 
 
 def noisy_indices(n: int, ratio: float, generator: torch.Generator) -> torch.Tensor:

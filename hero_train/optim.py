@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from exporters.device.errors import HeroError, unknown_choice
+from hero_train.allocator import keep_freed_memory
 from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]
@@ -193,6 +194,8 @@ class _Wrapper(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
         self.hvp = hvp
+        if any(p.device.type == "cpu" for p in self._params()):
+            keep_freed_memory()  # the step cost `hero train` has, in a user's own loop too (allocator.py)
 
     def _params(self) -> Tensors:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]

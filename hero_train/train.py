@@ -28,10 +28,11 @@ from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.files import make_dirs
 from hero_train import data as hdata
 from hero_train import distributed
+from hero_train import images as images_lib
 from hero_train.allocator import keep_freed_memory
 from hero_train.checkpoint import load_checkpoint, save_checkpoint
 from hero_train.hessian import record_hz_norm
-from hero_train.models import MODELS, build_model
+from hero_train.models import ModelRef, create_model
 from hero_train.optim import HVP_MODES, HERO, VARIANTS, FirstOrder, GradL1
 
 OPTIMIZERS = ("sgd", "first-order", "gradl1", "hero")
@@ -43,8 +44,11 @@ METRICS = "metrics.jsonl"
 class TrainConfig:
     """Everything one training run depends on (the paper's recipe as defaults)."""
 
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
+    model: str = "resnet20"  # a built-in name or a factory "package.module:function"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    dataset: str = "fashion-mnist"  # a built-in name, an image folder or an .npz file
+    channels: int | None = None  # custom datasets: 1 or 3 (folders default to 3, arrays keep theirs)
+    image_size: int | None = None  # custom datasets: side after resize + center crop (folders: 32)
     optimizer: str = "hero"
     epochs: int = 200
     batch_size: int = 128
@@ -70,9 +74,8 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.model in MODELS, unknown_choice("model", self.model, MODELS)),
-            (self.dataset in hdata.DATASETS,
-             unknown_choice("dataset", self.dataset, hdata.DATASETS)),
+            (self.channels in (None, 1, 3), f"channels must be 1 or 3 (got {self.channels})"),
+            (self.image_size is None or self.image_size >= 8, f"image size must be >= 8 (got {self.image_size})"),
             (self.optimizer in OPTIMIZERS,
              unknown_choice("optimizer", self.optimizer, OPTIMIZERS)),
             (self.variant in VARIANTS, unknown_choice("variant", self.variant, VARIANTS)),
@@ -99,6 +102,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise HeroError(message)
+        self.model_ref()  # a known built-in name or a well-formed factory reference
+        hdata.check_dataset(self.dataset)
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef.parse(self.model, self.model_kwargs)
 
     @property
     def exact_hvp(self) -> bool:
@@ -140,9 +148,11 @@ def take_step(optimizer: torch.optim.Optimizer, closure, model: torch.nn.Module 
 
 
 def prepare_data(config: TrainConfig):
-    """Normalised float tensors for train and test (normalised once, augmented per batch)."""
-    train = hdata.load_dataset(config.dataset, "train", root=config.data_root)
-    test = hdata.load_dataset(config.dataset, "test", root=config.data_root)
+    """Normalised float tensors for train and test (normalised once, augmented per batch); a
+    training folder too large to decode into memory stays a StreamedSplit, read batch by batch."""
+    shape = dict(channels=config.channels, image_size=config.image_size)
+    train = hdata.load_dataset(config.dataset, "train", root=config.data_root, stream=True, **shape)
+    test = hdata.load_dataset(config.dataset, "test", root=config.data_root, limit=config.limit_test, **shape)
     images, labels = train.images, train.labels
     if config.limit_train is not None:
         images, labels = images[: config.limit_train], labels[: config.limit_train]
@@ -152,6 +162,8 @@ def prepare_data(config: TrainConfig):
     if config.limit_test is not None:
         test_images, test_labels = test_images[: config.limit_test], test_labels[: config.limit_test]
     norm = lambda x: hdata.normalize(x, train.mean, train.std)  # noqa: E731
+    if isinstance(train, hdata.StreamedSplit):  # decoded and normalised batch by batch
+        return train, (train, labels), (norm(test_images), test_labels)
     return train, (norm(images), labels), (norm(test_images), test_labels)
 
 
@@ -178,7 +190,9 @@ def _autocast(config: TrainConfig):
 
 
 def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: int,
-                    replica: distributed.Replica | None = None) -> dict:
+                    replica: distributed.Replica | None = None, custom: bool = False) -> dict:
+    """One epoch; `custom` data (a folder or .npz) trains with random-resized-crop + flip, the
+    built-in datasets with 4-pixel crop + flip."""
     replica = replica or distributed.Replica(device=config.device)
     images, labels = train_data
     gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -186,15 +200,21 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
         optimizer.penalty_enabled = epoch >= config.hero_warmup_epochs
     model.train()
     seen, loss_sum, correct = 0, 0.0, 0
-    batches = hdata.iterate_batches(len(labels), config.batch_size, shuffle=True, generator=gen)
+    batches = list(hdata.iterate_batches(len(labels), config.batch_size, shuffle=True, generator=gen))
     bar = tqdm(batches, total=math.ceil(len(labels) / config.batch_size), leave=False,
                desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if replica.is_main else True)
+    streamed = _streamed(images, batches, replica) if isinstance(images, hdata.StreamedSplit) else None
     for idx in bar:
-        x = images[idx]
-        if config.augment:
-            x = hdata.augment(x, gen)
-        rows = replica.rows(len(idx))  # this rank's share of the global batch, augmented as one
-        x, y = x[rows].to(replica.device), labels[idx[rows]].to(replica.device)
+        rows = replica.rows(len(idx))  # this rank's share of the global batch
+        if streamed is not None:  # only this rank's rows are decoded (by DataLoader workers)
+            x = hdata.normalize(next(streamed)[0], images.mean, images.std)
+            x = images_lib.random_resized_crop_flip(x, gen) if config.augment else x
+        else:
+            x = images[idx]
+            if config.augment:  # the global batch augmented as one
+                x = images_lib.random_resized_crop_flip(x, gen) if custom else hdata.augment(x, gen)
+            x = x[rows]
+        x, y = x.to(replica.device), labels[idx[rows]].to(replica.device)
         outputs = []
 
         def closure():
@@ -210,6 +230,12 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
         bar.set_postfix(loss=f"{float(loss):.3f}")
     loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], replica)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def _streamed(split: hdata.StreamedSplit, batches, replica: distributed.Replica):
+    """Decoded batches of this rank's rows of each global batch of `batches`, in order (the same
+    sharding as the in-memory path, with a batch sampler instead of a DistributedSampler)."""
+    return iter(split.loader([idx[replica.rows(len(idx))].tolist() for idx in batches]))
 
 
 METHOD_OPTIONS = {"sgd": set(), "first-order": {"h", "variant"}, "gradl1": {"lam", "hvp"},
@@ -268,8 +294,13 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
     state = distributed.on_main(lambda: _prepare_out_dir(out_dir, config, resume), replica)
     train_set, train_data, test_data = prepare_data(config)
     torch.manual_seed(config.seed)
-    in_channels = train_set.images.shape[1]
-    model = build_model(config.model, num_classes=train_set.num_classes, in_channels=in_channels)
+    streamed = isinstance(train_set, hdata.StreamedSplit)
+    sample_shape = list(train_set.images[0][0].shape if streamed else train_set.images.shape[1:])
+    if streamed and config.record_hz:
+        raise HeroError("--record-hz needs the training set in memory; this folder streams (see HERO_IN_MEMORY_BYTES)")
+    in_channels = sample_shape[0]
+    ref = config.model_ref()
+    model = create_model(ref, num_classes=train_set.num_classes, in_channels=in_channels)
     if config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm
     model.to(replica.device)
@@ -283,10 +314,11 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
         start = state["epoch"]
     net = distributed.wrap(model, replica)  # DDP under torchrun; `model` stays the plain module
     payload = {
-        "model": {"name": config.model, "num_classes": train_set.num_classes, "in_channels": in_channels},
-        "input_shape": list(train_set.images.shape[1:]),
-        "dataset": config.dataset,
-        "normalization": {"mean": list(train_set.mean), "std": list(train_set.std)},
+        "model": {**ref.to_dict(), "num_classes": train_set.num_classes, "in_channels": in_channels},
+        "input_shape": sample_shape,
+        "dataset": config.dataset, "classes": list(train_set.classes),
+        "normalization": {"mean": list(train_set.mean), "std": list(train_set.std),
+                          **({"samples": min(len(train_set), hdata.STATS_SAMPLES)} if train_set.custom else {})},
         "config": config.to_dict(),
     }
     if replica.is_main and state is None and config.epochs == 0:
@@ -294,7 +326,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
                              scheduler=scheduler.state_dict(), metrics={}), out_dir / CHECKPOINT)
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
-        line = {"epoch": epoch + 1, **train_one_epoch(net, optimizer, train_data, config, epoch, replica)}
+        line = {"epoch": epoch + 1, **train_one_epoch(net, optimizer, train_data, config, epoch, replica,
+                                                            custom=train_set.custom)}
         scheduler.step()
         if not replica.is_main:
             continue

@@ -34,6 +34,7 @@ from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.quantize import dequantize, quantize_tensor, quantized_layers
 from hero_train import hessian
+from hero_train.checkpoint import recorded_model
 from pipeline import stages
 
 ANALYSIS = "analysis.json"
@@ -117,7 +118,7 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
                                      n_params=n_params, n_nonzero=n_nonzero)
     config = loaded.ckpt.get("config", {})
     result = {
-        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": loaded.ckpt["model"]["name"],
+        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": recorded_model(loaded.ckpt).label,
         "dataset": loaded.ckpt["dataset"], "optimizer": config.get("optimizer"),
         "data": {"split": "train", "batches": len(batches), "batch_size": len(batches[0][1]),
                  "samples": sum(len(b[1]) for b in batches), "bn_mode": "eval"},
@@ -162,7 +163,8 @@ def summary(result: dict) -> str:
 
 def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: float, bits: tuple[int, ...],
                  asymmetric: bool, per_tensor: bool, iters: int, samples: int, contour: bool, steps: int, span: float,
-                 seed: int, data_root: str | None, device: str, out_dir) -> tuple[dict, Path]:
+                 seed: int, data_root: str | None, device: str, out_dir, named=None,
+                 dataset: str | None = None) -> tuple[dict, Path]:
     """`hero analyze`: check the options, analyse, write analysis.json (and the contour plot)
     to `out_dir` (default: analysis/ next to the checkpoint); returns the result and the folder."""
     if loss_increase <= 0:
@@ -173,7 +175,8 @@ def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: fl
         raise HeroError(f"--steps must be >= 2 and --span > 0 (got {steps}, {span})")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HeroError("--device cuda asked for, but this torch has no CUDA device")
-    loaded = stages.load_stage(Path(checkpoint))
+    describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
+    loaded = stages.load_stage(Path(checkpoint), named, dataset, describe)
     loaded.model.to(device)
     data = training_batches(loaded, batches, batch_size, data_root, device)
     result = analyze(loaded, data, loss_increase=loss_increase, bits=bits, symmetric=not asymmetric,

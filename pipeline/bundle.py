@@ -112,6 +112,8 @@ def _copy_checked(entry: dict, folder: Path) -> str:
 
 
 def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
+    from hero_train.checkpoint import class_names, recorded_model
+
     ckpt = loaded.ckpt
     variants = []
     for e in entries:
@@ -125,7 +127,8 @@ def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, sampl
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": TOOL_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": ckpt["model"]["name"], "dataset": ckpt["dataset"], "num_classes": ckpt["model"]["num_classes"],
+        "model": recorded_model(ckpt).label, "dataset": ckpt["dataset"], "num_classes": ckpt["model"]["num_classes"],
+        "classes": class_names(ckpt),
         "input_shape": list(ckpt["input_shape"]), "normalization": ckpt["normalization"],
         "source_sha256": loaded.sha256, "inputs_key": key,
         "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
@@ -200,8 +203,10 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     return out_dir
 
 
-def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions()) -> Path:
-    """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint."""
+def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions(), named=None,
+               dataset: str | None = None) -> Path:
+    """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint
+    (`named` and `dataset` as `pipeline.stages.load_stage` takes them)."""
     from pipeline import stages
 
     run_dir = Path(run_dir)
@@ -210,7 +215,8 @@ def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = 
     checkpoint = Path(checkpoint or meta.get("checkpoint") or "")
     if not checkpoint.is_file():
         raise HeroError(f"the checkpoint of {run_dir} ({checkpoint}) is not there: pass --checkpoint")
-    loaded = stages.load_stage(checkpoint)
+    describe = (lambda: stages.describe_dataset(dataset, options.data_root)) if dataset else None
+    loaded = stages.load_stage(checkpoint, named, dataset, describe)
     if meta.get("checkpoint_sha256") not in (None, loaded.sha256):
         raise HeroError(f"{checkpoint} is not the checkpoint {run_dir} was deployed from (sha256 differs): "
                         "pass the right --checkpoint or rerun `hero run`")

@@ -16,12 +16,35 @@ import click
 
 from exporters.device.errors import HeroError
 
+class _JsonMapping(click.ParamType):
+    """A JSON object given on the command line (model factory kwargs)."""
+
+    name = "JSON"
+
+    def convert(self, value, param, ctx):
+        import json
+
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            self.fail(f"{value!r} is not JSON ({exc})", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail(f"{value!r} is not a JSON object such as '{{\"width\": 32}}'", param, ctx)
+        return parsed
+
+
+JSON_MAPPING = _JsonMapping()
 DATA_ROOT_HELP = "folder holding the dataset files (else $HERO_DATA, system and cache paths)"
 
 # Help of `hero train` options; names, types and defaults come from hero_train.train.TrainConfig.
 TRAIN_HELP = {
-    "model": "resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18",
-    "dataset": "fashion-mnist|cifar10|cifar100",
+    "model": "resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18, or your factory package.module:function",
+    "model_kwargs": "JSON keyword arguments of the model factory, e.g. '{\"width\": 32}'",
+    "dataset": "fashion-mnist|cifar10|cifar100, an image folder (train/<class>/, test/<class>/) or an .npz",
+    "channels": "1 or 3: decode your images to this many channels",
+    "image_size": "your images: shorter side resized to N, then center-cropped to NxN (folders: 32)",
     "data_root": DATA_ROOT_HELP,
     "optimizer": "sgd|first-order|gradl1|hero",
     "lr": "initial LR of the cosine schedule",
@@ -52,7 +75,9 @@ def _train_options(command):
         name, kind, default = field.name, hints[field.name], field.default
         flag = "--" + name.replace("_", "-")
         help_text = TRAIN_HELP.get(name)
-        if kind is bool:
+        if kind is dict:
+            option = click.option(flag, name, type=JSON_MAPPING, default="{}", help=help_text)
+        elif kind is bool:
             decl = f"--no-{name.replace('_', '-')}" if default else flag
             option = click.option(decl, name, is_flag=True, flag_value=not default, default=default, help=help_text)
         else:
@@ -86,15 +111,25 @@ def train(out_dir, resume, **options):
 @click.argument("config_path", metavar="CONFIG")
 @click.option("--checkpoint", type=click.Path(), default=None, help="skip training: deploy this checkpoint")
 @click.option("--out", "out_dir", default=None, help="run directory (default runs/<config name>)")
+@click.option("--model", default=None, help="overrides the config's model section: a built-in name or your factory "
+                                            "package.module:function (needed for a checkpoint that records a factory)")
+@click.option("--model-kwargs", type=JSON_MAPPING, default=None, help="JSON keyword arguments of the factory")
+@click.option("--dataset", default=None, help="overrides the config's data.dataset (a built-in name, a folder, an .npz)")
 @click.option("--data-root", default=None, help="overrides the config's data.root: " + DATA_ROOT_HELP)
-def run(config_path, checkpoint, out_dir, data_root):
+def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_root):
     """Train → quantize → export → validate → report → gate. Exit 0 pass, 1 gate failed, 2 bad input."""
     from pipeline.config import load_config
     from pipeline.run import run_pipeline, summary
 
     config = load_config(config_path)
-    if data_root is not None:
-        config = config.model_copy(update={"data": config.data.model_copy(update={"root": data_root})})
+    named = _named(model, model_kwargs)
+    if named is not None:
+        section = {**config.model.model_dump(exclude_unset=True), **named.to_dict()}
+        config = config.model_copy(update={"model": type(config.model).model_validate(section)})
+    overrides = {k: v for k, v in (("dataset", dataset), ("root", data_root)) if v is not None}
+    if overrides:
+        data = type(config.data).model_validate({**config.data.model_dump(exclude_unset=True), **overrides})
+        config = config.model_copy(update={"data": data})
     run_dir = Path(out_dir or f"runs/{config.name}")
     report = run_pipeline(config, run_dir, Path(checkpoint) if checkpoint else None,
                           log=lambda m: click.echo(m, err=True))
@@ -141,6 +176,39 @@ def _scheme_options(command):
     return command
 
 
+def _model_options(command):
+    """--model/--model-kwargs (the network, for your own factory or a plain state_dict), --dataset and
+    --data-root (where the data is): what every command that loads a checkpoint takes."""
+    for decl, kwargs in reversed([
+        ("--model", dict(default=None, help="the checkpoint's network: a built-in name or your factory "
+                                            "package.module:function (required for a factory: code is imported "
+                                            "only from one you name)")),
+        ("--model-kwargs", dict(type=JSON_MAPPING, default=None, help="JSON keyword arguments of the factory")),
+        ("--dataset", dict(default=None, help="the data to evaluate on, if not the checkpoint's own: a built-in "
+                                              "name, an image folder or an .npz")),
+        ("--data-root", dict(default=None, help=DATA_ROOT_HELP)),
+    ]):
+        command = click.option(decl, **kwargs)(command)
+    return command
+
+
+def _named(model, model_kwargs):
+    from hero_train.models import ModelRef
+
+    if model is None:
+        if model_kwargs:
+            raise HeroError("--model-kwargs needs --model")
+        return None
+    return ModelRef.parse(model, model_kwargs)
+
+
+def _load(checkpoint, model, model_kwargs, dataset, data_root):
+    from pipeline import stages
+
+    describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
+    return stages.load_stage(checkpoint, _named(model, model_kwargs), dataset, describe)
+
+
 def _spec(bits, asymmetric: bool, per_tensor: bool, no_fold_bn: bool, act_bits=None):
     from exporters.quantize import QuantSpec
 
@@ -153,8 +221,9 @@ def _spec(bits, asymmetric: bool, per_tensor: bool, no_fold_bn: bool, act_bits=N
 @click.option("--bits", default="2-8", show_default=True, help="bit widths, e.g. 2-8 or 4,8")
 @_scheme_options
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="evaluate on the first N test samples")
-@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
-def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, data_root):
+@_model_options
+def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, model, model_kwargs, dataset,
+             data_root):
     """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
     from exporters.device.bits import parse_bits
     from exporters.device.runtime import top1
@@ -162,7 +231,7 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, d
     from pipeline import stages
 
     specs = [_spec(b, asymmetric, per_tensor, no_fold_bn) for b in (None, *parse_bits(bits))]
-    loaded = stages.load_stage(checkpoint)
+    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     x, y = stages.eval_data(loaded, "test", limit_test, data_root)
     click.echo("bits  accuracy")
     for spec in specs:
@@ -180,16 +249,16 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, d
 @click.option("--fp16", is_flag=True, help="float16 graph (float models only)")
 @click.option("--calibration-batches", type=click.IntRange(min=1), default=None,
               help="training batches of 128 for --act-bits 8 [default: the config's quantize.calibration_batches]")
-@click.option("--data-root", default=None, help=DATA_ROOT_HELP + "; read for --act-bits 8")
+@_model_options
 def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold_bn, int4_storage, fp16,
-           calibration_batches, data_root):
+           calibration_batches, model, model_kwargs, dataset, data_root):
     """Export one variant of a checkpoint to ONNX."""
     from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
 
     spec = _spec(bits, asymmetric, per_tensor, no_fold_bn, act_bits)
-    loaded = stages.load_stage(checkpoint)
+    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={"hero.source_sha256": loaded.sha256})
     batches = calibration_batches or QuantizeSection.model_fields["calibration_batches"].default
     calibration = stages.calibrate_stage(loaded, spec, batches, data_root)
@@ -201,13 +270,14 @@ def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold
 @click.argument("artifact")
 @click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="validate on the first N test samples")
-@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@_model_options
 @click.option("--logit-atol", type=float, default=None,
               help="largest |Δlogit| (times max(1, max |logit|)) still consistent [default: validate.logit_atol]")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="smallest top-1 agreement still consistent [default: validate.min_agreement]")
 @click.option("--json", "json_out", default=None, help="also write the result row to this file")
-def validate(artifact, checkpoint, limit_test, data_root, logit_atol, min_agreement, json_out):
+def validate(artifact, checkpoint, limit_test, model, model_kwargs, dataset, data_root, logit_atol, min_agreement,
+             json_out):
     """Run one exported artifact in ONNX Runtime and compare it with its PyTorch emulation."""
     import json
 
@@ -217,11 +287,12 @@ def validate(artifact, checkpoint, limit_test, data_root, logit_atol, min_agreem
 
     chosen = {"logit_atol": logit_atol, "min_agreement": min_agreement}
     section = ValidateSection(**{k: v for k, v in chosen.items() if v is not None})
-    loaded = stages.load_stage(checkpoint)
+    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     art, calibration = stages.artifact_from_file(Path(artifact), loaded)
     x, y = stages.eval_data(loaded, "test", limit_test, data_root)
     row = {"name": art.variant.name, "bits": art.variant.spec.bits,
-           **stages.validate_artifact(loaded, art, calibration, x, y, section, RuntimeSection())}
+           **stages.validate_artifact(loaded, art, calibration, stages.in_memory_batches(x, y, section.batch_size),
+                                      section, RuntimeSection())}
     if json_out:
         write_atomic(json_out, json.dumps(row, indent=2))
     for key in ("name", "bits", "torch_accuracy", "runtime_accuracy", "agreement", "max_logit_diff",
@@ -236,15 +307,16 @@ def validate(artifact, checkpoint, limit_test, data_root, logit_atol, min_agreem
 @click.option("--checkpoint", default=None, help="the run's checkpoint, if it moved since the run")
 @click.option("--test-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="test images to ship for on-device validation")
-@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@_model_options
 @click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
-def bundle(run_dir, out_dir, checkpoint, test_samples, data_root, providers):
+def bundle(run_dir, out_dir, checkpoint, test_samples, model, model_kwargs, dataset, data_root, providers):
     """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
     from pipeline.bundle import HOST_REPORT, BundleOptions, bundle_run
 
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
     path = bundle_run(run_dir, out_dir, checkpoint,
-                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen))
+                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen),
+                      _named(model, model_kwargs), dataset)
     click.echo(f"bundle: {path}")
     click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
                f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")
@@ -264,15 +336,15 @@ def bundle(run_dir, out_dir, checkpoint, test_samples, data_root, providers):
 @click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
 @click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@_model_options
 @click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
 @click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
-def analyze(checkpoint, bits, **options):
+def analyze(checkpoint, bits, model, model_kwargs, **options):
     """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
     from exporters.device.bits import parse_bits
     from pipeline.analyze import ANALYSIS, CONTOUR, run_analysis, summary
 
-    result, out = run_analysis(checkpoint, bits=parse_bits(bits), **options)
+    result, out = run_analysis(checkpoint, bits=parse_bits(bits), named=_named(model, model_kwargs), **options)
     click.echo(summary(result))
     click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))
 

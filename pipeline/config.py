@@ -3,8 +3,8 @@
 A config names what to train or deploy, how to quantize it and the target to ship it to::
 
     name: quickstart
-    model: {name: resnet20}                                  # the network
-    data: {dataset: fashion-mnist, root: null, limit_train: null, limit_test: 5000}
+    model: {name: resnet20}          # or {factory: my_pkg.nets:build, kwargs: {width: 32}}
+    data: {dataset: fashion-mnist, root: null, limit_test: 5000}    # or {dataset: path/to/folder_or.npz, image_size: 32}
     train: {optimizer: hero, epochs: 1, h: 1.0, gamma: 0.1}  # the other TrainConfig fields
     quantize: {bits: [8, 6, 4], symmetric: true, per_channel: true, act_bits: null}
     export: {int4_storage: true}
@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from exporters.device.errors import HeroError, unknown_choice
+from exporters.device.errors import HeroError
 from exporters.quantize import QuantSpec, check_bits
-from hero_train.data import DATASETS
-from hero_train.models import MODELS
+from hero_train.data import check_dataset
+from hero_train.models import ModelRef
 from hero_train.train import TrainConfig
 
 
@@ -39,34 +39,73 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
-def _one_of(what: str, choices):
-    """An after-validator refusing a value that is not among `choices`, in `unknown_choice`'s words."""
-    def check(value):
-        if value not in choices:
-            raise ValueError(unknown_choice(what, value, choices))
-        return value
-    return AfterValidator(check)
+class NormalizationSection(_Section):
+    mean: list[float]
+    std: list[float]
 
 
 class ModelSection(_Section):
-    """The network: a built-in architecture by name (class count and channels come from the data)."""
+    """The network: a built-in `name`, or your `factory` "package.module:function" with `kwargs`
+    (imported from the working directory and PYTHONPATH). `input_shape` [C, H, W],
+    `normalization` and `classes` describe the input of a plain state_dict checkpoint when no data
+    section says it."""
 
-    name: Annotated[str, _one_of("model", MODELS)] = "resnet20"
+    name: str | None = None
+    factory: str | None = None
+    kwargs: dict = Field(default_factory=dict)
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = None
+    normalization: NormalizationSection | None = None
+    classes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self):
+        try:
+            self.ref()
+        except HeroError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def ref(self) -> ModelRef:
+        """The ModelRef this section names (resnet20 when it names none)."""
+        if self.name is None and self.factory is None:
+            return ModelRef(name="resnet20", kwargs=self.kwargs)
+        return ModelRef(name=self.name, factory=self.factory, kwargs=self.kwargs)
+
+    def named(self) -> ModelRef | None:
+        """The model the user named, or None when the section names none (a checkpoint then says it)."""
+        return None if self.name is None and self.factory is None else self.ref()
+
+    def describes_input(self) -> bool:
+        return None not in (self.input_shape, self.normalization, self.classes)
 
 
 class DataSection(_Section):
-    """The dataset, where its files are (None: $HERO_DATA, the system and cache folders), and how
-    many of its training and test samples are used (None: all)."""
+    """The dataset (a built-in name, an image folder or an .npz), where a built-in one's files are
+    (None: $HERO_DATA, the system and cache folders), your images' `channels` and `image_size`, and
+    how many training and test samples are used (None: all)."""
 
-    dataset: Annotated[str, _one_of("dataset", DATASETS)] = "fashion-mnist"
+    dataset: str = "fashion-mnist"
     root: str | None = None
+    channels: Literal[1, 3] | None = None
+    image_size: int | None = Field(None, ge=8)
     limit_train: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
 
+    @field_validator("dataset")
+    @classmethod
+    def _exists(cls, dataset):
+        try:
+            check_dataset(dataset)
+        except HeroError as exc:
+            raise ValueError(str(exc)) from None
+        return dataset
+
 
 # TrainConfig's fields that the model and data sections say.
-_MODEL_DATA_FIELDS = {"model": ("model", "name"), "dataset": ("data", "dataset"), "data_root": ("data", "root"),
-                      "limit_train": ("data", "limit_train"), "limit_test": ("data", "limit_test")}
+_MODEL_DATA_FIELDS = {"model": ("model", "name"), "model_kwargs": ("model", "kwargs"), "dataset": ("data", "dataset"),
+                      "data_root": ("data", "root"), "channels": ("data", "channels"),
+                      "image_size": ("data", "image_size"), "limit_train": ("data", "limit_train"),
+                      "limit_test": ("data", "limit_test")}
 
 
 def _train_section() -> type[_Section]:
@@ -163,9 +202,10 @@ class DeployConfig(_Section):
         """The TrainConfig of the train, model and data sections (None without a train section)."""
         if self.train is None:
             return None
-        return TrainConfig(**self.train.model_dump(), model=self.model.name, dataset=self.data.dataset,
-                           data_root=self.data.root, limit_train=self.data.limit_train,
-                           limit_test=self.data.limit_test)
+        ref, d = self.model.ref(), self.data
+        return TrainConfig(**self.train.model_dump(), model=ref.label, model_kwargs=dict(ref.kwargs),
+                           dataset=d.dataset, data_root=d.root, channels=d.channels, image_size=d.image_size,
+                           limit_train=d.limit_train, limit_test=d.limit_test)
 
 
 def _location(error: dict) -> str:

@@ -13,6 +13,7 @@ import torch
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs
+from hero_train.checkpoint import class_names, recorded_model
 from pipeline import stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import DeployConfig, GateSection
@@ -24,11 +25,18 @@ def criteria_from(g: GateSection) -> GateCriteria:
     return GateCriteria(max_drop=g.max_drop, min_accuracy=g.min_accuracy, bits=tuple(g.bits) if g.bits else None)
 
 
-def _check_data(config: DeployConfig, loaded: stages.Loaded) -> None:
-    """A data section that names a dataset must name the checkpoint's own."""
-    if "dataset" in config.data.model_fields_set and config.data.dataset != loaded.ckpt["dataset"]:
-        raise HeroError(f"the config's data.dataset is {config.data.dataset!r} but {loaded.path} was trained on "
-                        f"{loaded.ckpt['dataset']!r}: fix data.dataset or pass the right --checkpoint")
+def _describe(config: DeployConfig):
+    """What a plain state_dict checkpoint's input is: the model section's description, else the data section's dataset."""
+    m, d = config.model, config.data
+
+    def describe():
+        if m.describes_input():
+            return {"input_shape": m.input_shape, "classes": m.classes, "normalization": m.normalization.model_dump(),
+                    "dataset": d.dataset if "dataset" in d.model_fields_set else None}
+        if "dataset" in d.model_fields_set:
+            return stages.describe_dataset(d.dataset, d.root, d.channels, d.image_size)
+        return None
+    return describe
 
 
 def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None, log=print) -> dict:
@@ -40,8 +48,9 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
     if checkpoint is None:
         log("[1/6] train")
         checkpoint = stages.train_stage(config.train_config(), run_dir)
-    loaded = stages.load_stage(checkpoint)
-    _check_data(config, loaded)
+    explicit = "dataset" in data.model_fields_set
+    loaded = stages.load_stage(checkpoint, config.model.named(), data.dataset if explicit else None,
+                               _describe(config))
     log(f"[2/6] quantize: {', '.join(f'w{b}' for b in q.bits)} from {checkpoint}")
     variants = stages.variants_stage(q)
     calibration = stages.calibrate_stage(loaded, variants[-1].spec, q.calibration_batches, data.root)
@@ -52,7 +61,8 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
     rows = stages.validate_stage(loaded, artifacts, calibration, v, config.runtime, test_split, run_dir)
     meta = {
         "config": config.name, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
-        "model": loaded.ckpt["model"]["name"], "dataset": loaded.ckpt["dataset"],
+        "model": recorded_model(loaded.ckpt).label, "dataset": loaded.ckpt["dataset"],
+        "classes": class_names(loaded.ckpt),
         "train_optimizer": loaded.ckpt["config"].get("optimizer"),
         "test_samples": data.limit_test, "data_root": data.root, "target": config.target.model_dump(),
         "tool_version": TOOL_VERSION, "torch": torch.__version__,

@@ -22,7 +22,8 @@ from exporters.onnx import ExportOptions, export_onnx, read_quantization
 from exporters.quantize import Calibration, QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
 from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
-from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
+from hero_train.checkpoint import load_for_deploy, model_from_checkpoint
+from hero_train.models import ModelRef
 from hero_train.train import TrainConfig, train
 from pipeline.cache import StageCache, input_key
 from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection
@@ -62,9 +63,28 @@ def train_stage(config: TrainConfig | None, run_dir: Path) -> Path:
     return train(config, run_dir / "train", resume=True)
 
 
-def load_stage(checkpoint: Path) -> Loaded:
-    ckpt = load_checkpoint(checkpoint)
+def load_stage(checkpoint: Path, named: ModelRef | None = None, dataset: str | None = None,
+               describe=None) -> Loaded:
+    """Read a checkpoint (or a plain state_dict: see `load_for_deploy`) and rebuild its model. `named`
+    is the model the user named; `dataset` (a built-in name, a folder or an .npz) replaces the one
+    the checkpoint records, e.g. a folder that moved or a checkpoint from save_for_deploy."""
+    ckpt = load_for_deploy(checkpoint, named, describe)
+    trained_on = ckpt.get("dataset")
+    if dataset in hdata.DATASETS and trained_on in hdata.DATASETS and dataset != trained_on:
+        raise HeroError(f"the dataset asked for is {dataset!r} but {checkpoint} was trained on {trained_on!r}: "
+                        "pass the dataset it was trained on (a moved folder or .npz may be given anew)")
+    if dataset is not None:
+        ckpt["dataset"] = dataset
     return Loaded(Path(checkpoint), ckpt, model_from_checkpoint(ckpt), sha256_file(checkpoint))
+
+
+def describe_dataset(dataset: str, root: str | None, channels: int | None = None,
+                     image_size: int | None = None) -> dict:
+    """What a plain state_dict's input is, read off a dataset's training split: input shape, class
+    names and normalisation (measured, for your own data)."""
+    train = hdata.load_dataset(dataset, "train", root=root, channels=channels, image_size=image_size)
+    return {"input_shape": list(train.images.shape[1:]), "classes": list(train.classes), "dataset": dataset,
+            "normalization": {"mean": list(train.mean), "std": list(train.std)}}
 
 
 def variants_stage(q: QuantizeSection) -> list[Variant]:
@@ -75,15 +95,37 @@ def variants_stage(q: QuantizeSection) -> list[Variant]:
     return out
 
 
-def eval_data(loaded: Loaded, split: str, limit: int | None, data_root: str | None = None):
-    """The checkpoint's dataset split, normalised as in training: float32 numpy images and labels."""
-    ds = hdata.load_dataset(loaded.ckpt["dataset"], split, root=data_root)
-    images, labels = ds.images, ds.labels
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+def _open(loaded: Loaded, split: str, limit: int | None, data_root: str | None, stream: bool):
+    """The checkpoint's dataset split, checked against its model (classes, input shape)."""
+    dataset = loaded.ckpt.get("dataset")
+    if dataset is None:
+        raise HeroError(f"{loaded.path} does not say which data it was trained on: pass --dataset "
+                        "(config: data: {dataset: ...})")
+    channels, size = loaded.ckpt["input_shape"][0], loaded.ckpt["input_shape"][-1]
+    custom = hdata.is_custom(dataset)
+    ds = hdata.load_dataset(dataset, split, root=data_root, channels=channels if custom else None,
+                            image_size=size if custom else None, limit=limit, stream=stream)
+    if ds.num_classes > loaded.ckpt["model"]["num_classes"]:
+        raise HeroError(f"{dataset} has {ds.num_classes} classes but the model of {loaded.path} predicts "
+                        f"{loaded.ckpt['model']['num_classes']}: pass the dataset it was trained on")
+    shape = list(ds.images[0][0].shape) if isinstance(ds, hdata.StreamedSplit) else list(ds.images.shape[1:])
+    if shape != list(loaded.ckpt["input_shape"]):
+        raise HeroError(f"{dataset} images are {shape}, the model of {loaded.path} takes "
+                        f"{list(loaded.ckpt['input_shape'])}: pass the dataset it was trained on")
+    return ds
+
+
+def _normalized(loaded: Loaded, images) -> np.ndarray:
     norm = loaded.ckpt["normalization"]
-    x = hdata.normalize(images, tuple(norm["mean"]), tuple(norm["std"]))
-    return x.numpy(), labels.numpy()
+    return hdata.normalize(images, tuple(norm["mean"]), tuple(norm["std"])).numpy()
+
+
+def eval_data(loaded: Loaded, split: str, limit: int | None, data_root: str | None = None):
+    """The checkpoint's dataset split (its first `limit` samples), preprocessed and normalised as
+    in training: float32 numpy images and labels, in memory. Your own images are decoded to the
+    checkpoint's input shape."""
+    ds = _open(loaded, split, limit, data_root, stream=False)
+    return _normalized(loaded, ds.images), ds.labels.numpy()
 
 
 def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: str | None) -> Calibration | None:
@@ -143,46 +185,67 @@ def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, flo
     return ort_runtime.top1(other, reference.argmax(1)), float(np.abs(reference - other).max())
 
 
-def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibration | None, x: np.ndarray,
-                      y: np.ndarray, v: ValidateSection, rt: RuntimeSection) -> dict:
-    """Accuracy of the PyTorch emulation and of the runtime artifact, and how well they agree."""
+def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibration | None, batches,
+                      v: ValidateSection, rt: RuntimeSection) -> dict:
+    """Accuracy of the PyTorch emulation and of the runtime artifact, and how well they agree, over
+    `batches()`: an iterable of (x float32, y) batches, consumed once, so a streamed test set is
+    never held whole. The literal (unoptimised) graph runs on the first v.unoptimized_samples."""
     spec = artifact.variant.spec
     emulation = quantize_model(loaded.model, spec, calibration if spec.act_bits else None)
-    reference = torch_logits(emulation, x, v.batch_size)
-    result = {"torch_accuracy": ort_runtime.top1(reference, y)}
     runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, intra_op_threads=rt.threads)
-    logits = runner.predict(x, batch_size=v.batch_size)
-    agreement, diff = compare_logits(reference, logits)
-    result.update(runtime_accuracy=ort_runtime.top1(logits, y), agreement=agreement,
-                  max_logit_diff=diff, providers=runner.providers,
-                  latency_ms=ort_runtime.time_batches(runner, x[: v.latency_batch], v.latency_repeats))
-    # Optimisation passes have been reported to change dequantize results: check the literal graph too.
-    n = v.unoptimized_samples or len(x)
     literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, optimization="disabled",
                                             intra_op_threads=rt.threads)
-    agreement, diff = compare_logits(reference[:n], literal.predict(x[:n], batch_size=v.batch_size))
-    result.update(agreement_unoptimized=agreement, max_logit_diff_unoptimized=diff)
-    scale = max(1.0, float(np.abs(reference).max()))
+    counts = dict.fromkeys(("n", "torch", "runtime", "agree", "n_literal", "agree_literal"), 0)
+    diff = diff_literal = 0.0
+    scale, latency, budget = 1.0, None, v.unoptimized_samples
+    for x, y in batches():
+        reference = torch_logits(emulation, x, v.batch_size)
+        logits = runner.predict(x, batch_size=v.batch_size)
+        if latency is None:
+            latency = ort_runtime.time_batches(runner, x[: v.latency_batch], v.latency_repeats)
+        top = reference.argmax(1)
+        counts["n"] += len(y)
+        counts["torch"] += int((top == y).sum())
+        counts["runtime"] += int((logits.argmax(1) == y).sum())
+        counts["agree"] += int((logits.argmax(1) == top).sum())
+        diff = max(diff, float(np.abs(reference - logits).max()))
+        scale = max(scale, float(np.abs(reference).max()))
+        # Optimisation passes have been reported to change dequantize results: check the literal graph too.
+        take = len(y) if budget is None else max(0, min(len(y), budget - counts["n_literal"]))
+        if take:
+            plain = literal.predict(x[:take], batch_size=v.batch_size)
+            counts["n_literal"] += take
+            counts["agree_literal"] += int((plain.argmax(1) == top[:take]).sum())
+            diff_literal = max(diff_literal, float(np.abs(reference[:take] - plain).max()))
+    if not counts["n"]:
+        raise HeroError(f"no test samples to validate {artifact.path} on: check the dataset and limit_test")
+    result = {"torch_accuracy": counts["torch"] / counts["n"], "runtime_accuracy": counts["runtime"] / counts["n"],
+              "agreement": counts["agree"] / counts["n"], "max_logit_diff": diff, "providers": runner.providers,
+              "latency_ms": latency, "agreement_unoptimized": counts["agree_literal"] / counts["n_literal"],
+              "max_logit_diff_unoptimized": diff_literal, "test_samples": counts["n"]}
     worst_agreement = min(result["agreement"], result["agreement_unoptimized"])
-    worst_diff = max(result["max_logit_diff"], result["max_logit_diff_unoptimized"])
+    worst_diff = max(diff, diff_literal)
     result["consistent"] = bool(worst_agreement >= v.min_agreement and worst_diff <= v.logit_atol * scale)
     return result
+
+
+def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """`validate_artifact`'s batches over arrays already in memory."""
+    return lambda: ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
 
 
 def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calibration | None,
                    v: ValidateSection, rt: RuntimeSection, test_data, run_dir: Path) -> list[dict]:
     """One result row per artifact, in the report.json schema; cached per artifact. `test_data`
-    is a callable returning (x, y), called only when some artifact is not cached, and a dict
-    of what it depends on (`test_data.key`)."""
-    cache, rows, data = StageCache(run_dir), [], None
+    is an EvalSplit (opened only when some artifact is not cached)."""
+    cache, rows = StageCache(run_dir), []
     for art in artifacts:
         key = input_key(artifact=art.sha256, checkpoint=loaded.sha256, validate=v.model_dump(),
                         runtime=rt.model_dump(), data=test_data.key)
         measured = cache.get("validate", art.variant.name, key)
         if measured is None:
-            if data is None:
-                data = test_data()
-            measured = validate_artifact(loaded, art, calibration, *data, v, rt)
+            batches = test_data.batches(max(v.batch_size, v.latency_batch))  # latency on a full first batch
+            measured = validate_artifact(loaded, art, calibration, batches, v, rt)
             cache.put("validate", art.variant.name, key, measured)
         spec = art.variant.spec
         # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
@@ -201,14 +264,24 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
 
 
 class EvalSplit:
-    """A checkpoint's test split, loaded on first call: (x, y) as `eval_data` gives them."""
+    """A checkpoint's test split for validation, opened on first use: held in memory, or (an image
+    folder larger than hero_train.data.IN_MEMORY_BYTES decoded) streamed batch by batch."""
 
     def __init__(self, loaded: Loaded, limit: int | None, root: str | None):
         self.loaded, self.limit, self.root = loaded, limit, root
         self.key = {"dataset": loaded.ckpt["dataset"], "limit": limit, "root": root}
-        self._data = None
+        self._split = None
 
-    def __call__(self):
-        if self._data is None:
-            self._data = eval_data(self.loaded, "test", self.limit, self.root)
-        return self._data
+    def batches(self, batch_size: int):
+        """A callable giving (x float32, y int64) numpy batches, normalised as in training."""
+        def iterate():
+            if self._split is None:
+                self._split = _open(self.loaded, "test", self.limit, self.root, stream=True)
+            split = self._split
+            if isinstance(split, hdata.StreamedSplit):
+                for images, labels in split.batches(batch_size, self.limit):
+                    yield _normalized(self.loaded, images), labels.numpy()
+                return
+            for i in range(0, len(split.labels), batch_size):
+                yield _normalized(self.loaded, split.images[i : i + batch_size]), split.labels[i : i + batch_size].numpy()
+        return iterate

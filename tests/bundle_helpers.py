@@ -19,14 +19,20 @@ CPU = ("CPUExecutionProvider",)
 _BUILT: dict = {}
 
 
+def tiny_conv(num_classes: int = 10, in_channels: int = 1) -> torch.nn.Module:
+    """A small conv net outside the zoo (factory `bundle_helpers:tiny_conv`)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_channels, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, num_classes))
+
+
 def tiny_loaded(data_root: Path) -> stages.Loaded:
     """A Loaded as load_stage would give (checkpoint file aside), for a small random conv net."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(8, 10)).eval()
-    ckpt = {"model": {"name": "tiny-conv", "num_classes": 10, "in_channels": 1}, "input_shape": [1, 28, 28],
+    model = tiny_conv().eval()
+    ckpt = {"model": {"name": None, "factory": "bundle_helpers:tiny_conv", "kwargs": {}, "num_classes": 10,
+                      "in_channels": 1}, "input_shape": [1, 28, 28],
             "dataset": "fashion-mnist", "normalization": {"mean": [0.2860], "std": [0.3530]}}
     return stages.Loaded(data_root / "tiny.pt", ckpt, model, "c0ffee" * 10 + "abcd")
 

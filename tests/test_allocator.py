@@ -14,7 +14,14 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's ma
 CYCLES = """
 import resource, sys, torch
 from hero_train.allocator import keep_freed_memory
-print(keep_freed_memory() if sys.argv[1] == "kept" else False)
+if sys.argv[1] == "kept":
+    print(keep_freed_memory())
+elif sys.argv[1] == "library":  # a user's own loop: building the optimizer is all it does
+    from hero_train.optim import HERO
+    HERO(torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+    print(True)
+else:
+    print(False)
 def cycle():
     blocks = [torch.ones(2**21) for _ in range(40)]
     del blocks
@@ -46,3 +53,11 @@ def test_kept_blocks_are_not_faulted_in_again():
 def test_the_users_malloc_settings_win():
     took, _ = faults("kept", MALLOC_TRIM_THRESHOLD_="131072")
     assert not took
+
+
+@glibc
+def test_building_a_hero_optimizer_on_cpu_keeps_freed_blocks_too():
+    _, library = faults("library")
+    _, default = faults("default")
+    _, opted_out = faults("library", HERO_KEEP_FREED_MEMORY="0")
+    assert library < default / 3 and opted_out > default / 2, (library, default, opted_out)

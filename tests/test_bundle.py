@@ -35,7 +35,8 @@ def test_manifest_lists_every_variant_with_checksums_and_host_accuracy(tiny):
     bundle = tiny["bundle"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert (manifest["format"], manifest["format_version"]) == ("hero-deploy-bundle", 1)
-    assert (manifest["model"], manifest["dataset"], manifest["num_classes"]) == ("tiny-conv", "fashion-mnist", 10)
+    assert (manifest["model"], manifest["dataset"], manifest["num_classes"]) == ("bundle_helpers:tiny_conv", "fashion-mnist", 10)
+    assert manifest["classes"] == [str(i) for i in range(10)]
     assert manifest["input_shape"] == [1, 28, 28] and manifest["normalization"]["std"] == [0.3530]
     assert manifest["source_sha256"] == tiny["loaded"].sha256
     with np.load(bundle / "test.npz") as data:

@@ -30,7 +30,9 @@ def test_every_trainconfig_field_is_a_hero_train_option_with_its_default():
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         param = params[field.name]
-        assert param.default == field.default, field.name
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        given = param.type.convert(param.default, param, None) if hints[field.name] is dict else param.default
+        assert given == default, field.name
         if hints[field.name] is bool:
             assert param.is_flag and param.opts == [("--no-" if field.default else "--") + field.name.replace("_", "-")]
         else:
@@ -115,4 +117,5 @@ def test_hero_run_refuses_a_data_section_naming_another_dataset(trained, tmp_pat
     config = tmp_path / "deploy.yaml"
     config.write_text(yaml.safe_dump({"name": "x", "data": {"dataset": "cifar10", "root": trained["data"]}}))
     assert main(["run", str(config), "--checkpoint", trained["checkpoint"], "--out", str(tmp_path / "r")]) == 2
-    assert "trained on 'fashion-mnist'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained on 'fashion-mnist'" in err and err.count("\n") == 1

@@ -33,7 +33,7 @@ def test_quickstart_trains_resnet20_on_fashion_mnist_and_gates():
     ("name: x\ntrain:\n  epocs: 3\n", "train.epocs: unknown key"),
     ("name: x\ntrain:\n  epochs: many\n", "train.epochs"),
     ("name: x\ntrain:\n  optimizer: adam\n", "unknown optimizer 'adam'"),
-    ("name: x\nmodel:\n  name: resnet9000\n", "model.name: unknown model 'resnet9000'"),
+    ("name: x\nmodel:\n  name: resnet9000\n", "model: unknown model 'resnet9000'"),
     ("name: x\ndata:\n  dataset: mnist-ish\n", "data.dataset: unknown dataset"),
     ("name: x\ndata:\n  limit_test: 0\n", "data.limit_test"),
     ("name: x\ntrain:\n  model: resnet20\n", "the model section says it (model: {name: ...})"),

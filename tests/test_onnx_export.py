@@ -243,7 +243,10 @@ def _entry(**changes) -> str:
     (_entry(spec={**QuantSpec(bits=4).to_dict(), "scheme": "symmetric"}), "fields"),
     (_entry(spec={**QuantSpec(bits=4).to_dict(), "bits": 12}), "bit width"),
     (_entry(spec=QuantSpec(bits=8, act_bits=8).to_dict(), act_scales={"conv1": -0.1}), "positive"),
-], ids=["not-json", "list", "string", "no-spec", "no-act-scales", "unknown-spec-field", "bad-bits", "bad-scale"])
+    (_entry(act_scales=[0.1]), "not readable"),
+    (_entry(act_scales={"conv1": 0.1}), "act_bits=8 needs a Calibration"),
+], ids=["not-json", "list", "string", "no-spec", "no-act-scales", "unknown-spec-field", "bad-bits", "bad-scale",
+        "scales-not-a-mapping", "scales-without-act-bits"])
 def test_read_quantization_refuses_malformed_entry(value, message):
     with pytest.raises(HeroError, match=message):
         read_quantization({QUANTIZATION_KEY: value}, "m.onnx")

@@ -49,7 +49,8 @@ def test_resumed_run_ends_with_identical_weights(tiny_fmnist, tmp_path, monkeypa
 def test_checkpoint_rebuilds_model_and_loads_weights_only(tiny_fmnist, tmp_path):
     path = train(config(tiny_fmnist, epochs=1, optimizer="sgd"), tmp_path / "run")
     ckpt = load_checkpoint(path)
-    assert ckpt["model"] == {"name": "resnet20", "num_classes": 10, "in_channels": 1}
+    assert ckpt["model"] == {"name": "resnet20", "factory": None, "kwargs": {}, "num_classes": 10, "in_channels": 1}
+    assert ckpt["classes"] == [str(i) for i in range(10)]
     assert ckpt["input_shape"] == [1, 28, 28] and ckpt["dataset"] == "fashion-mnist"
     assert len(ckpt["normalization"]["mean"]) == 1
     model = model_from_checkpoint(ckpt)

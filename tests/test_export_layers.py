@@ -1,0 +1,320 @@
+"""Export and quantization cover the layers real classifiers use, not only ResNets: depthwise,
+grouped and 1x1 convolutions, Linear on (B, T, D) tokens (MatMul with a transposed weight),
+attention, token mixing, SiLU/GELU/Hardswish, residual adds, concatenation, pooling, Dropout,
+BatchNorm that folds and BatchNorm that stays. Each model is checked against the emulation."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+from torch.nn import functional as F
+
+from exporters.device.errors import HeroError
+from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.onnx import ExportOptions, export_onnx, weight_initializers
+from exporters.quantize import (QuantSpec, calibrate_activations, fold_bn, quantize_model, quantize_tensor,
+                                quantized_layers)
+
+INPUT_SHAPE = (3, 8, 8)
+
+
+class MobileNetLike(nn.Module):
+    """Strided stem, depthwise + pointwise (1x1) convs, a grouped conv, SiLU/Hardswish, residual
+    adds, a BatchNorm after an add (no conv to fold into), two concatenated branches, adaptive
+    pooling, Dropout and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.dw_bn = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.pw, self.pw_bn = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.add_bn = nn.BatchNorm2d(8)
+        self.branch_a, self.branch_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.pool, self.drop, self.head = nn.AdaptiveAvgPool2d(1), nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.silu(self.stem_bn(self.stem(x)))
+        x = x + self.pw_bn(self.pw(F.hardswish(self.dw_bn(self.dw(x)))))
+        x = self.add_bn(x + self.grouped(x))
+        x = torch.cat([self.branch_a(x), torch.relu(self.branch_b(x))], dim=1)
+        return self.head(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+class Attention(nn.Module):
+    """Single-head scaled dot-product attention written out: q.k^T and attn.v are MatMuls
+    between activations, not weights."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.scale = dim**-0.5
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.out(torch.matmul(attn, v))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding by a strided conv, pre-norm attention and GELU MLP on (B, T, D) tokens,
+    mean over tokens, Linear head."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class MixerLike(nn.Module):
+    """MLP-Mixer block: token mixing is a Linear over the token axis of transposed tokens; then a
+    Linear -> BatchNorm1d on pooled features, which folds."""
+
+    def __init__(self, dim=12, tokens=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mix = nn.Sequential(nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens))
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.neck, self.neck_bn = nn.Linear(dim, dim), nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.channel_mix(self.norm2(x))
+        return self.head(torch.relu(self.neck_bn(self.neck(x.mean(1)))))
+
+
+class SharedProjection(nn.Module):
+    """One Linear called twice on tokens. The ONNX constant folder turns the two Transposes of a
+    small weight into two copies, and leaves those of a weight above its size limit (512 x 512
+    elements) unfolded."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.proj, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.proj(torch.relu(self.proj(x))).mean(1))
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d(16) on the (B, T=16, D=16) output of a Linear normalizes tokens, not features."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 2, stride=2)
+        self.fc, self.bn, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
+
+
+class WithMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention: its in_proj_weight is a bare parameter (not a Linear, stays float)
+    and out_proj a Linear whose weight F.multi_head_attention_forward reads directly."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)
+        self.mha, self.head = nn.MultiheadAttention(dim, 2, batch_first=True), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def _build(make):
+    torch.manual_seed(0)
+    model = make()
+    for bn in model.modules():  # non-trivial statistics so folding changes the weights
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+MODELS = [MobileNetLike, TinyViT, MixerLike]
+FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0}  # with fold_bn: only the BN after an add stays
+ACTIVATION_MATMULS = {MobileNetLike: 0, TinyViT: 2, MixerLike: 0}  # q.k^T and attn.v: no weight to quantize
+SPECS = [QuantSpec(bits=8), QuantSpec(bits=4), QuantSpec(bits=4, symmetric=False, per_channel=False),
+         QuantSpec(bits=8, act_bits=8)]
+SPEC_IDS = ["w8", "w4", "w4-asym-per-tensor", "w8a8"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(5, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def _calibration(model, spec, images):
+    return calibrate_activations(fold_bn(model) if spec.fold_bn else model, [images], spec) if spec.act_bits else None
+
+
+def _assert_runtime_matches(path, reference: torch.Tensor, images: torch.Tensor) -> None:
+    """Both ORT optimization levels reproduce the reference logits at batch 5 and batch 1."""
+    expected = reference.detach().numpy()
+    tolerance = 1e-4 * max(1.0, float(np.abs(expected).max()))
+    for optimization in ("default", "disabled"):
+        runner = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], optimization=optimization)
+        np.testing.assert_allclose(runner.predict(images.numpy()), expected, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(runner.predict(images[:1].numpy()), expected[:1], rtol=0, atol=tolerance)
+
+
+def _ops(path) -> list[str]:
+    return [node.op_type for node in onnx.load(path).graph.node]
+
+
+def _assert_every_layer_stored_quantized(path, model, spec) -> None:
+    """One DequantizeLinear weight per Conv/Linear, named after it, holding exactly
+    quantize_tensor's integers of the (folded) weight; no float weight matrix left."""
+    folded = fold_bn(model) if spec.fold_bn else model
+    weights = weight_initializers(path)
+    assert len(weights) == len(quantized_layers(model))
+    by_layer = {name.removesuffix("_transposed").removesuffix(".weight"): (name.endswith("_transposed"), w)
+                for name, w in weights.items()}
+    assert set(by_layer) == {name for name, _ in quantized_layers(model)}
+    for name, layer in quantized_layers(folded):
+        q, scale, zero_point = (t.numpy() for t in quantize_tensor(layer.weight, spec.bits, symmetric=spec.symmetric,
+                                                                   per_channel=spec.per_channel))
+        transposed, stored = by_layer[name]
+        assert stored.axis == ((1 if transposed else 0) if spec.per_channel else None)
+        np.testing.assert_array_equal(stored.q.T if transposed else stored.q, q)
+        np.testing.assert_array_equal(stored.scale, scale)
+        np.testing.assert_array_equal(stored.zero_point, zero_point)
+    floats = [t.name for t in onnx.load(path).graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1]
+    assert floats == []
+
+
+def _activation_matmuls(path) -> int:
+    """MatMul/Gemm nodes that read no quantized weight."""
+    proto = onnx.load(path)
+    weights = set(weight_initializers(proto))
+    return sum(node.op_type in ("MatMul", "Gemm") and not weights & set(node.input) for node in proto.graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("cls", MODELS, ids=lambda cls: cls.__name__)
+def test_export_matches_quantize_model_and_quantizes_every_layer(cls, spec, images, tmp_path):
+    model = _build(cls)
+    calibration = _calibration(model, spec, images)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
+    _assert_runtime_matches(path, quantize_model(model, spec, calibration)(images), images)
+    _assert_every_layer_stored_quantized(path, model, spec)
+    assert _ops(path).count("BatchNormalization") == FLOAT_BATCHNORMS[cls]
+    assert _activation_matmuls(path) == ACTIVATION_MATMULS[cls]
+    if spec.act_bits:
+        assert _ops(path).count("QuantizeLinear") == len(quantized_layers(model))
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda cls: cls.__name__)
+def test_every_layer_alone_moves_the_logits_beyond_the_export_tolerance(cls, images):
+    """The differential checks above can fail: restoring any single layer's float weights in the
+    4-bit emulation moves the logits past twice the tolerance, so an export that left one layer
+    float would not match."""
+    model = _build(cls)
+    folded = fold_bn(model)
+    with torch.no_grad():
+        expected = quantize_model(model, QuantSpec(bits=4))(images)
+        tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+        for name, _ in quantized_layers(folded):
+            one_float = quantize_model(model, QuantSpec(bits=4))
+            one_float.get_submodule(name).weight.copy_(folded.get_submodule(name).weight)
+            assert (one_float(images) - expected).abs().max() > 2 * tolerance, name
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda cls: cls.__name__)
+def test_fold_bn_keeps_the_float_outputs(cls, images):
+    model = _build(cls)
+    folded = fold_bn(model)
+    bns = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == FLOAT_BATCHNORMS[cls]
+    torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_unfolded_export_keeps_every_batchnorm_and_matches_quantize_model(images, tmp_path):
+    model, spec = _build(MobileNetLike), QuantSpec(bits=4, fold_bn=False)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
+    assert _ops(path).count("BatchNormalization") == 4
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
+    _assert_every_layer_stored_quantized(path, model, spec)
+
+
+def test_int4_storage_of_a_transformer_matches_quantize_model(images, tmp_path):
+    model, spec = _build(TinyViT), QuantSpec(bits=4, symmetric=False)
+    int4_path = export_onnx(model, tmp_path / "int4.onnx", spec, ExportOptions(int4_storage=True),
+                            input_shape=INPUT_SHAPE)
+    stored = {t.data_type for t in onnx.load(int4_path).graph.initializer if t.name.endswith("_quantized")}
+    assert stored == {TensorProto.UINT4}
+    _assert_runtime_matches(int4_path, quantize_model(model, spec)(images), images)
+    _assert_every_layer_stored_quantized(int4_path, model, spec)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=8, act_bits=8)], ids=["w4", "w8a8"])
+@pytest.mark.parametrize("dim", [16, 520], ids=["small", "above-fold-limit"])
+def test_a_linear_called_twice_shares_one_quantized_weight(dim, spec, images, tmp_path):
+    model = _build(lambda: SharedProjection(dim))
+    calibration = _calibration(model, spec, images)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
+    proto = onnx.load(path)
+    initializers = {t.name for t in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in initializers]
+    weights = weight_initializers(proto)
+    assert sorted(weights) == ["head.weight", "patch.weight", "proj.weight_transposed"]
+    readers = [n for n in proto.graph.node if n.op_type == "MatMul" and "proj.weight_transposed" in n.input]
+    assert len(readers) == 2
+    _assert_runtime_matches(path, quantize_model(model, spec, calibration)(images), images)
+
+
+def test_batchnorm_over_tokens_after_a_linear_is_refused_not_folded_wrongly(images, tmp_path):
+    model = _build(TokenBatchNorm)
+    with pytest.raises(HeroError, match="BatchNorm bn .* Linear fc.*fold_bn=False"):
+        quantize_model(model, QuantSpec(bits=4))(images)
+    with pytest.raises(HeroError, match="fold_bn=False"):
+        export_onnx(model, tmp_path / "m.onnx", QuantSpec(bits=4), input_shape=INPUT_SHAPE)
+    spec = QuantSpec(bits=4, fold_bn=False)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
+
+
+def test_folding_a_folded_model_traces_without_fallback(images):
+    folded = fold_bn(_build(MixerLike))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "could not trace" fallback warns
+        twice = fold_bn(folded)
+    assert isinstance(twice.neck_bn, nn.Identity)
+    torch.testing.assert_close(twice(images), folded(images), rtol=0, atol=0)
+
+
+def test_multihead_attention_quantizes_out_proj_and_leaves_in_proj_float(images, tmp_path):
+    model, spec = _build(WithMultiheadAttention), QuantSpec(bits=4)
+    path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
+    _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
+    assert sorted(weight_initializers(path)) == ["head.weight", "mha.out_proj.weight", "patch.weight"]
+    in_proj = model.mha.in_proj_weight.detach().numpy()
+    floats = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+              if t.data_type == TensorProto.FLOAT and len(t.dims) > 1]
+    assert len(floats) == 1 and any(np.array_equal(floats[0], w) for w in (in_proj, in_proj.T))  # in either layout
+    with pytest.raises(HeroError, match="mha.out_proj"):
+        calibrate_activations(model, [images], QuantSpec(bits=8, act_bits=8))
+
