@@ -45,6 +45,7 @@ from hero_train.data import normalize
 from hero_train.images import FolderImages, channel_stats, load_folder, random_resized_crop_flip, scan_folder
 from hero_train.models import build_model
 from hero_train.optim import HERO
+from step_cost import peak_rss_bytes  # a sibling script: run as python benchmarks/data_throughput.py
 
 SIZE = 32  # the training input, as CIFAR
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # fixed: normalisation cost, not its values, matters
@@ -124,22 +125,10 @@ def step_rates(batch_size: int, warmup: int, steps: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_peak_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def memory_probe(mode: str, root: Path, batch_size: int) -> tuple[int, int]:
     """(peak after imports and the scan, peak after one pass over the data), bytes, this process."""
     index = scan_folder(root, "train")
-    base = _rss_peak_bytes()
+    base = peak_rss_bytes()
     if mode == "streamed":
         loader = torch.utils.data.DataLoader(FolderImages(index, 3, SIZE), batch_size=batch_size)
         batches = (images for images, _labels in loader)
@@ -147,7 +136,7 @@ def memory_probe(mode: str, root: Path, batch_size: int) -> tuple[int, int]:
         everything, _labels = load_folder(index, 3, SIZE, batch_size=batch_size)
         batches = everything.split(batch_size)
     channel_stats(batches)  # one pass that reads every pixel
-    return base, _rss_peak_bytes()
+    return base, peak_rss_bytes()
 
 
 def _rss_in_subprocess(mode: str, root: Path, batch_size: int) -> tuple[int, int]:

@@ -122,7 +122,7 @@ def time_round_robin(device: str, batch_size: int, warmup: int, rounds: int) -> 
     return times
 
 
-def _rss_peak_bytes() -> int:
+def peak_rss_bytes() -> int:
     """Peak resident set size of this process.
 
     Linux's VmHWM belongs to this process image; ru_maxrss would carry the peak of the parent
@@ -148,13 +148,13 @@ def memory_probe(method: str, device: str, batch_size: int) -> int:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_peak_bytes()
+        base = peak_rss_bytes()
     for _ in range(MEMORY_PROBE_STEPS):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return _rss_peak_bytes() - base
+    return peak_rss_bytes() - base
 
 
 def _memory_in_subprocess(method: str, device: str, batch_size: int, threads: int | None) -> int:

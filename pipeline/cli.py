@@ -158,6 +158,8 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
     criteria = GateCriteria(max_drop=max_drop, min_accuracy=min_accuracy, max_regression=max_regression,
                             bits=selected, previous=previous)
     result = evaluate_gate(report, criteria)
+    if result.get("vacuous"):  # a gate that checks nothing must not pass a release
+        raise HeroError(result["reasons"][0])
     if junit:
         write_junit(result, junit)
     for reason in result["reasons"]:
@@ -360,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.ClickException as exc:
         click.echo(f"hero: error: {exc.format_message()}", err=True)
+        return 2
+    except OSError as exc:  # a path the user gave: missing, a folder, read-only, no permission, disk full
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"hero: error: {where}{exc.strerror or exc}", err=True)
         return 2
     return result if isinstance(result, int) else 0
 

@@ -170,6 +170,7 @@ class ValidateSection(_Section):
 
 
 class GateSection(_Section):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # refused at load, not after the work
     max_drop: float | None = Field(None, ge=0, description="largest accuracy drop from the baseline, points")
     min_accuracy: float | None = Field(None, ge=0, le=1)
     bits: list[int] | None = None

@@ -103,7 +103,7 @@ def test_hero_validate_refuses_an_artifact_without_hero_metadata(trained, tmp_pa
 
 def test_hero_run_with_a_checkpoint_and_no_train_section_reads_data_from_data_root(trained, tmp_path, capsys):
     config = tmp_path / "deploy.yaml"
-    config.write_text(yaml.safe_dump({"name": "ckpt", "quantize": {"bits": [8]}, "data": {"limit_test": 16},
+    config.write_text(yaml.safe_dump({"name": "ckpt", "quantize": {"bits": [8]}, "data": {"limit_test": 16}, "gate": {"max_drop": 100.0},
                                       "validate": {"batch_size": 16, "latency_repeats": 1, "unoptimized_samples": 8}}))
     out = tmp_path / "run"
     assert main(["run", str(config), "--checkpoint", trained["checkpoint"], "--out", str(out),
@@ -119,3 +119,13 @@ def test_hero_run_refuses_a_data_section_naming_another_dataset(trained, tmp_pat
     assert main(["run", str(config), "--checkpoint", trained["checkpoint"], "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "trained on 'fashion-mnist'" in err and err.count("\n") == 1
+
+
+def test_an_output_path_that_is_a_folder_is_one_error_line_and_exit_2(trained, tmp_path, capsys):
+    folder = tmp_path / "taken.onnx"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    assert main(["export", trained["checkpoint"], "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hero: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert (folder / "keep.txt").read_text() == "mine" and [p.name for p in folder.iterdir()] == ["keep.txt"]

@@ -40,6 +40,7 @@ def test_quickstart_trains_resnet20_on_fashion_mnist_and_gates():
     ("name: x\ntrain:\n  data_root: /data\n", "the data section says it (data: {root: ...})"),
     ("name: x\nvalidate:\n  limit_test: 10\n", "validate.limit_test: unknown key"),
     ("name: x\ntarget:\n  batch_sizes: [1]\n", "target.batch_sizes: unknown key"),
+    ("name: x\ngate:\n  max_drop: .inf\n", "gate.max_drop"),
     ("name: x\nvalidate:\n  batch_size: 0\n", "validate.batch_size"),
     ("quantize: {}\n", "name"),
     ("name: x\n  bad: : indentation\n", "not valid YAML"),

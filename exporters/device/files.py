@@ -54,5 +54,7 @@ def read_json(path: str | os.PathLike, what: str, missing_hint: str, broken_hint
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise HeroError(f"{what} {path} does not exist{missing_hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer too long to convert
         raise HeroError(f"{what} {path} is not valid JSON ({exc}){broken_hint}") from None
+    except RecursionError:  # json recurses once per nesting level
+        raise HeroError(f"{what} {path} nests too deeply to be a {what}{broken_hint}") from None
