@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,7 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
     bar = tqdm(batches, total=math.ceil(len(labels) / config.batch_size), leave=False,
                desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if replica.is_main else True)
     streamed = _streamed(images, batches, replica) if isinstance(images, hdata.StreamedSplit) else None
-    for idx in bar:
+    for step, idx in enumerate(bar, 1):
         rows = replica.rows(len(idx))  # this rank's share of the global batch
         if streamed is not None:  # only this rank's rows are decoded (by DataLoader workers)
             x = hdata.normalize(next(streamed)[0], images.mean, images.std)
@@ -224,12 +225,39 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
             return F.cross_entropy(logits.float(), y)
 
         loss = take_step(optimizer, closure, model)
+        _check_finite(loss, model, config, epoch, step)
         seen += len(y)
         loss_sum += float(loss) * len(y)
         correct += int((outputs[0].argmax(1) == y).sum())
         bar.set_postfix(loss=f"{float(loss):.3f}")
     loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], replica)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a nan or inf, or None."""
+    return next((name for name, t in tensors.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def diverged(epoch: int, step: int | None, what: str, config: TrainConfig) -> HeroError:
+    where = f"epoch {epoch + 1}" + (f", step {step}" if step is not None else "")
+    return HeroError(f"training diverged at {where}: {what}; lower --lr (now {config.lr:g}) or try another "
+                     "optimizer (the last good checkpoint, if any, is kept)")
+
+
+def _check_finite(loss: torch.Tensor, model: torch.nn.Module, config: TrainConfig, epoch: int, step: int) -> None:
+    """Stop a diverged run before anything of it is saved: a non-finite loss, or non-finite weights
+    after the step (one fused norm per step; the loss is synced for the progress bar anyway). Every
+    rank stops at the same step: the weights are the same on all of them after the all-reduce."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise diverged(epoch, step, f"loss is {value}", config)
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()]))).all()):
+        return
+    bad = first_nonfinite({name: p.detach() for name, p in model.named_parameters()})
+    if bad is not None:  # None: finite weights so large that a norm overflows; the loss will say it
+        raise diverged(epoch, step, f"weight {bad.removeprefix('module.')} is not finite", config)
 
 
 def _streamed(split: hdata.StreamedSplit, batches, replica: distributed.Replica):
@@ -274,9 +302,25 @@ def _prepare_out_dir(out_dir: Path, config: TrainConfig, resume: bool) -> dict |
     start = state["epoch"] if state is not None else 0
     metrics_path = out_dir / METRICS
     if metrics_path.exists():
-        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        kept = [line for line in _metrics_lines(metrics_path) if json.loads(line)["epoch"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     return state
+
+
+def _metrics_lines(path: Path) -> list[str]:
+    """The lines of metrics.jsonl; a torn last line (a kill during its write) is dropped with a note
+    on stderr, a broken line before it is a HeroError (the file was edited or damaged)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise HeroError(f"{path} line {i + 1} is not JSON: repair or delete the file to resume") from None
+            print(f"hero: {path}: dropped a torn last line (the run was stopped while writing it)",
+                  file=sys.stderr, flush=True)
+            return lines[:-1]
+    return lines
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
@@ -329,6 +373,9 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
         line = {"epoch": epoch + 1, **train_one_epoch(net, optimizer, train_data, config, epoch, replica,
                                                             custom=train_set.custom)}
         scheduler.step()
+        bad = first_nonfinite(model.state_dict())
+        if bad is not None:  # e.g. a BatchNorm running statistic: never saved, the last good checkpoint stays
+            raise diverged(epoch, None, f"{bad} is not finite", config)
         if not replica.is_main:
             continue
         line["test_loss"], line["test_accuracy"] = evaluate(model, *test_data, device=replica.device)

@@ -21,6 +21,7 @@ read it. A wrong key or type gets a one-line HeroError naming the key and the fi
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,7 +37,10 @@ from hero_train.train import TrainConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    """Unknown keys refused; strict types: an int field takes no 256.0 or "256" (a float field still
+    takes a YAML int such as ``gamma: 1``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class NormalizationSection(_Section):
@@ -216,6 +220,8 @@ def _location(error: dict) -> str:
 
 def _hint(error: dict) -> str:
     """The message of a pydantic error, saying where a TrainConfig field moved if that is the mistake."""
+    if error["type"].endswith("_type"):  # a wrong type: say what was given
+        return f"{error['msg']} (got {error['input']!r})"
     if error["type"] != "extra_forbidden":
         return error["msg"].removeprefix("Value error, ")
     loc = error["loc"]
@@ -225,17 +231,61 @@ def _hint(error: dict) -> str:
     return "unknown key"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-4`` as a float (YAML 1.2; YAML 1.1 wants ``1.0e-4``,
+    and the strict schema would refuse the string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+MAX_YAML_NODES = 100_000  # a deploy config has hundreds; an alias bomb ("billion laughs") billions
+
+
+def _read_yaml(path: Path):
+    """The document of a YAML file, read safely: composed first (aliases stay shared, so memory is
+    bounded by the file's size), checked for python tags and for how many nodes its aliases expand
+    to, and only then constructed."""
+    loader = _Loader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise HeroError(f"{path}: not valid YAML{where}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, path: Path) -> None:
+    """Walk the composed graph as construction would expand it, stopping past MAX_YAML_NODES
+    (a cyclic alias stops there too)."""
+    stack, seen = [root], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise HeroError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES} values "
+                            "(an alias bomb?): write the values out")
+        if node.tag.startswith("tag:yaml.org,2002:python/"):
+            raise HeroError(f"{path}: python tags are not allowed ({node.tag.split(':', 2)[-1]} at line "
+                            f"{node.start_mark.line + 1}): a deploy config holds plain values")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(child for pair in node.value for child in pair)
+
+
 def load_config(path: str | Path) -> DeployConfig:
     """Read and validate a deploy config; every problem is a one-line HeroError naming the key."""
     path = Path(path)
     if not path.is_file():
         raise HeroError(f"deploy config {path} does not exist (see deploy_configs/ for examples)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise HeroError(f"{path}: not valid YAML{where}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise HeroError(f"{path}: a deploy config is a YAML mapping with at least a 'name' key")
     try:

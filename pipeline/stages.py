@@ -24,7 +24,7 @@ from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import load_for_deploy, model_from_checkpoint
 from hero_train.models import ModelRef
-from hero_train.train import TrainConfig, train
+from hero_train.train import TrainConfig, first_nonfinite, train
 from pipeline.cache import StageCache, input_key
 from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection
 
@@ -67,7 +67,8 @@ def load_stage(checkpoint: Path, named: ModelRef | None = None, dataset: str | N
                describe=None) -> Loaded:
     """Read a checkpoint (or a plain state_dict: see `load_for_deploy`) and rebuild its model. `named`
     is the model the user named; `dataset` (a built-in name, a folder or an .npz) replaces the one
-    the checkpoint records, e.g. a folder that moved or a checkpoint from save_for_deploy."""
+    the checkpoint records, e.g. a folder that moved or a checkpoint from save_for_deploy. A model with a
+    non-finite weight or buffer is refused, naming the first."""
     ckpt = load_for_deploy(checkpoint, named, describe)
     trained_on = ckpt.get("dataset")
     if dataset in hdata.DATASETS and trained_on in hdata.DATASETS and dataset != trained_on:
@@ -75,7 +76,12 @@ def load_stage(checkpoint: Path, named: ModelRef | None = None, dataset: str | N
                         "pass the dataset it was trained on (a moved folder or .npz may be given anew)")
     if dataset is not None:
         ckpt["dataset"] = dataset
-    return Loaded(Path(checkpoint), ckpt, model_from_checkpoint(ckpt), sha256_file(checkpoint))
+    model = model_from_checkpoint(ckpt)
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:  # nothing sensible can be quantized, exported or measured from it
+        raise HeroError(f"{checkpoint}: tensor {bad} holds nan or inf values (the training diverged): "
+                        "deploy an earlier checkpoint or retrain with a lower --lr")
+    return Loaded(Path(checkpoint), ckpt, model, sha256_file(checkpoint))
 
 
 def describe_dataset(dataset: str, root: str | None, channels: int | None = None,
