@@ -326,14 +326,25 @@ class StreamedSplit:
     def loader(self, batch_sampler) -> torch.utils.data.DataLoader:
         """Decoded (uint8 images, labels) batches of the index lists `batch_sampler` yields, in order."""
         return torch.utils.data.DataLoader(self.images, batch_sampler=batch_sampler,
-                                           num_workers=min(4, os.cpu_count() or 1), generator=_loader_seed())
+                                           num_workers=_workers(), generator=_loader_seed())
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images, int64 labels) of the first `limit` samples (all when None), in order."""
         data = self.images if limit is None else torch.utils.data.Subset(self.images, range(min(limit, len(self))))
-        workers = min(4, os.cpu_count() or 1)
+        workers = _workers()
         yield from torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
                                                generator=_loader_seed())
+
+
+def _workers() -> int:
+    """DataLoader worker processes for decoding images."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _normalization(batches) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 batches; a constant channel's std is floored so it never divides by zero."""
+    mean, std = images_lib.channel_stats(batches)
+    return mean, tuple(max(v, 1e-3) for v in std)
 
 
 def _loader_seed() -> torch.Generator:
@@ -376,17 +387,15 @@ def _load_custom(name: str, split: str, channels: int | None, image_size: int | 
         if stream and len(index.files) * c * size * size > IN_MEMORY_BYTES:
             streamed = StreamedSplit(str(name), images_lib.FolderImages(index, c, size), num_classes, classes)
             if split == "train":
-                streamed.mean, streamed.std = images_lib.channel_stats(
+                streamed.mean, streamed.std = _normalization(
                     images for images, _ in streamed.batches(1024, STATS_SAMPLES))
-                streamed.std = tuple(max(v, 1e-3) for v in streamed.std)
             return streamed
-        workers = min(4, os.cpu_count() or 1) if len(index.files) >= 512 else 0
+        workers = _workers() if len(index.files) >= 512 else 0
         images, labels = images_lib.load_folder(index, c, size, workers)
     mean = std = None
     if split == "train":
         sample = images[:STATS_SAMPLES]
-        mean, std = images_lib.channel_stats(sample[i : i + 1024] for i in range(0, len(sample), 1024))
-        std = tuple(max(v, 1e-3) for v in std)  # a constant channel must not divide by zero
+        mean, std = _normalization(sample[i : i + 1024] for i in range(0, len(sample), 1024))
     return Dataset(str(name), images, labels, num_classes, mean, std, classes, custom=True)
 
 
