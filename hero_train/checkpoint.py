@@ -38,19 +38,50 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
 
 
 def _read(path: Path, what: str):
+    if path.is_dir():
+        raise HeroError(f"{what} {path} is a folder: pass the checkpoint file (e.g. {path / 'checkpoint.pt'})")
     if not path.is_file():
         raise HeroError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HeroError(f"{path} is not a readable checkpoint or state_dict ({first[:160]})") from None
+        raise HeroError(f"{path} is not a readable checkpoint or state_dict ({first})") from None
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _metadata_problem(ckpt: dict) -> str | None:
+    """What is wrong with a checkpoint's own description of its model and input, if anything."""
+    model, shape, norm = ckpt.get("model"), ckpt.get("input_shape"), ckpt.get("normalization")
+    if not isinstance(model, dict) or not _positive_int(model.get("num_classes")) \
+            or not _positive_int(model.get("in_channels")):
+        return "model must record num_classes and in_channels (integers >= 1)"
+    if not isinstance(ckpt.get("state_dict"), dict):
+        return "it holds no state_dict"
+    if not isinstance(shape, (list, tuple)) or not 2 <= len(shape) <= 4 or not all(map(_positive_int, shape)):
+        return f"input_shape must be [C, H, W] of positive integers, got {shape!r}"
+    if shape[0] != model["in_channels"]:
+        return f"input_shape {list(shape)} has {shape[0]} channels but the model takes {model['in_channels']}"
+    if not isinstance(norm, dict) or any(not isinstance(norm.get(k), (list, tuple)) or len(norm[k]) != shape[0]
+                                         for k in ("mean", "std")) or not all(s > 0 for s in norm["std"]):
+        return f"normalization must give {shape[0]} means and {shape[0]} positive stds, got {norm!r}"
+    classes = ckpt.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != model["num_classes"]):
+        return f"classes must list {model['num_classes']} names, got {classes!r}"
+    return None
 
 
 def _checked_format(ckpt: dict, path: Path) -> dict:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise HeroError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
                         f"this hero-deploy reads version {FORMAT_VERSION}")
+    problem = _metadata_problem(ckpt)
+    if problem is not None:
+        raise HeroError(f"{path}: the checkpoint's metadata is damaged ({problem}): use the checkpoint as "
+                        "`hero train` or save_for_deploy wrote it")
     return ckpt
 
 

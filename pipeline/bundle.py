@@ -43,7 +43,7 @@ import numpy as np
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs, sha256_file, write_atomic
-from exporters.device.switch import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
+from exporters.device.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
 from exporters.device.validate_bundle import TEST_DATA, validate_bundle
 from pipeline.cache import input_key
 from pipeline.gate import read_report
@@ -101,8 +101,22 @@ def _host_entries(rows: list[dict], paths: dict[str, Path]) -> list[dict]:
     return [dict(r, path=paths[r["name"]]) for r in rows]
 
 
+def _refuse_external_data(path: Path) -> None:
+    """A bundle's integrity is the sha256 of each file it lists; an artifact whose tensors live in
+    other files would run on data no hash covers, so it is refused."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    external = [t.name for t in model.graph.initializer if uses_external_data(t)]
+    if external:
+        raise HeroError(f"{path} keeps tensors {', '.join(external[:3])} in external data files, which a bundle "
+                        "cannot cover by sha256: export without external data (models under 2 GB need none)")
+
+
 def _copy_checked(entry: dict, folder: Path) -> str:
     """Copy the entry's artifact into `folder`; the copy must hash to the validated sha256."""
+    _refuse_external_data(Path(entry["path"]))
     target = folder / "artifacts" / entry["path"].name
     make_dirs(target.parent)
     shutil.copyfile(entry["path"], target)

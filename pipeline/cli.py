@@ -116,7 +116,8 @@ def train(out_dir, resume, **options):
 @click.option("--model-kwargs", type=JSON_MAPPING, default=None, help="JSON keyword arguments of the factory")
 @click.option("--dataset", default=None, help="overrides the config's data.dataset (a built-in name, a folder, an .npz)")
 @click.option("--data-root", default=None, help="overrides the config's data.root: " + DATA_ROOT_HELP)
-def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_root):
+@click.option("--overwrite", is_flag=True, help="replace a finished run of other inputs in --out")
+def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_root, overwrite):
     """Train → quantize → export → validate → report → gate. Exit 0 pass, 1 gate failed, 2 bad input."""
     from pipeline.config import load_config
     from pipeline.run import run_pipeline, summary
@@ -132,7 +133,7 @@ def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_roo
         config = config.model_copy(update={"data": data})
     run_dir = Path(out_dir or f"runs/{config.name}")
     report = run_pipeline(config, run_dir, Path(checkpoint) if checkpoint else None,
-                          log=lambda m: click.echo(m, err=True))
+                          log=lambda m: click.echo(m, err=True), overwrite=overwrite)
     click.echo(summary(report))
     return 0 if report["gate"]["passed"] else 1
 
@@ -153,10 +154,11 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
     if (baseline_path is None) != (max_regression is None):
         raise HeroError("--baseline and --max-regression go together")
     selected = parse_bits(bits) if bits else None
-    report = read_report(report_path)
-    previous = read_report(baseline_path) if baseline_path else None
     criteria = GateCriteria(max_drop=max_drop, min_accuracy=min_accuracy, max_regression=max_regression,
-                            bits=selected, previous=previous)
+                            bits=selected)  # thresholds checked before any file is read
+    report = read_report(report_path)
+    if baseline_path:
+        criteria = dataclasses.replace(criteria, previous=read_report(baseline_path))
     result = evaluate_gate(report, criteria)
     if result.get("vacuous"):  # a gate that checks nothing must not pass a release
         raise HeroError(result["reasons"][0])
@@ -260,6 +262,8 @@ def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold
     from pipeline.config import QuantizeSection
 
     spec = _spec(bits, asymmetric, per_tensor, no_fold_bn, act_bits)
+    if Path(out_path).is_dir():
+        raise HeroError(f"--out {out_path} is a folder: name the .onnx file to write")
     loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={"hero.source_sha256": loaded.sha256})
     batches = calibration_batches or QuantizeSection.model_fields["calibration_batches"].default
@@ -351,7 +355,7 @@ def analyze(checkpoint, bits, model, model_kwargs, **options):
     click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv) -> int:
     try:
         result = cli.main(args=argv, prog_name="hero", standalone_mode=False)
     except HeroError as exc:
@@ -368,6 +372,27 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"hero: error: {where}{exc.strerror or exc}", err=True)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Library warnings (torch's UserWarning, ...) are held back while it runs: a
+    command that stops with an error prints that one line only; one that finishes prints each
+    distinct warning once, as `hero: warning: ...`, except deprecation notices libraries give each
+    other (DeprecationWarning, FutureWarning: nothing a user of hero can act on)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run(argv)
+    if code in (0, 1):
+        seen = set()
+        for w in caught:
+            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+                continue
+            text = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0] if str(w.message).strip() else ''}"
+            if text not in seen:
+                seen.add(text)
+                click.echo(f"hero: warning: {text}", err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs
 from hero_train.checkpoint import class_names, recorded_model
-from pipeline import stages
+from pipeline import rundir, stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import DeployConfig, GateSection
 from pipeline.gate import GateCriteria, evaluate_gate
@@ -39,8 +39,12 @@ def _describe(config: DeployConfig):
     return describe
 
 
-def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None, log=print) -> dict:
-    """Run every stage; returns the report (also written to ``run_dir``)."""
+def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None, log=print,
+                 overwrite: bool = False) -> dict:
+    """Run every stage; returns the report (also written to ``run_dir``). A folder holding a finished
+    run of other inputs is refused unless `overwrite` (see pipeline.rundir)."""
+    inputs = rundir.run_inputs(config, checkpoint)
+    rundir.claim(run_dir, inputs, overwrite)
     make_dirs(run_dir)
     began, say = time.perf_counter(), log
     log = lambda message: say(f"{message}  [{time.perf_counter() - began:.0f}s]")  # noqa: E731
@@ -68,6 +72,7 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
         "tool_version": TOOL_VERSION, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "host": platform.platform(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_inputs": inputs,
     }
     report = build_report(rows, meta)
     if config.bundle.enabled:
@@ -77,6 +82,8 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
                                 providers=tuple(rt.providers) if rt.providers else None,
                                 latency_batch=v.latency_batch, latency_repeats=v.latency_repeats)
         write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, run_dir / "bundle", options)
+    for path in rundir.prune(run_dir, [a.path for a in artifacts], config.bundle.enabled):
+        log(f"      removed {path}: not produced by this run")
     log("[5/6] gate")
     result = evaluate_gate(report, criteria_from(config.gate))
     report["gate"] = {"passed": result["passed"], "reasons": result["reasons"]}

@@ -23,6 +23,9 @@ def make_dirs(path: str | os.PathLike) -> Path:
     """Create `path` and its missing parents as 0755 folders (before the umask), so a run or a
     bundle copied to a device can be read by another user."""
     path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise HeroError(f"{folder} is a file, not a folder: choose another output folder")
     path.mkdir(parents=True, exist_ok=True, mode=0o755)
     return path
 
@@ -32,6 +35,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | memoryview, mode: 
     never see half a file; the file gets `mode` (mkstemp's own 0600 would make a shared artifact
     unreadable to other users). Missing parent folders are created 0755."""
     path = Path(path)
+    if path.is_dir():
+        raise HeroError(f"{path} is a folder: name the file to write")
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -7,7 +7,8 @@ A bundle (written on the host by `pipeline.bundle`) is a folder::
     test.npz             x: preprocessed float32 test images, y: int64 labels
     host_report.json     the host's run of exporters.device.validate_bundle on this very bundle
 
-Every artifact's sha256 is checked against the manifest before anything runs.
+The manifest is checked field by field and every artifact's sha256 against it before anything
+runs (`exporters.device.manifest`).
 
 What a switch costs, by runtime:
 
@@ -36,66 +37,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from exporters.device.errors import HeroError, unknown_choice
-from exporters.device.files import read_json, sha256_file
+from exporters.device.manifest import read_manifest, verify_file
 
-FORMAT = "hero-deploy-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 RUNTIMES = ("onnxruntime", "tensorrt")
-_VARIANT_KEYS = ("name", "bits", "symmetric", "per_channel", "act_bits", "artifact", "sha256")
-
-
-def bundle_path(bundle_dir: Path, relative: str) -> Path:
-    """The file `relative` (a manifest path) inside the bundle; paths leaving the bundle are refused."""
-    rel = PurePosixPath(relative)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise HeroError(f"bundle manifest path {relative!r} is not a relative path inside the bundle: "
-                        "rebuild the bundle with `hero bundle`")
-    return Path(bundle_dir, *rel.parts)
-
-
-def verify_file(bundle_dir: Path, relative: str, sha256: str) -> Path:
-    """The bundle file `relative`, after checking that its sha256 is the manifest's."""
-    path = bundle_path(bundle_dir, relative)
-    if not path.is_file():
-        raise HeroError(f"bundle {bundle_dir} lacks {relative}, which its manifest lists: copy the whole bundle")
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise HeroError(f"{relative} in bundle {bundle_dir} has sha256 {actual[:12]}… but the manifest says "
-                        f"{str(sha256)[:12]}…: the file was changed or damaged in transfer; copy the bundle again")
-    return path
-
-
-def read_manifest(bundle_dir) -> dict:
-    """The bundle's manifest, checked for format, version and the fields every variant needs."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise HeroError(f"bundle folder {bundle_dir} does not exist: pass the folder `hero bundle` wrote")
-    path = bundle_dir / MANIFEST
-    if not path.is_file():
-        raise HeroError(f"{bundle_dir} has no {MANIFEST}: is it a bundle written by `hero bundle`?")
-    manifest = read_json(path, "manifest", "", ": copy the bundle again")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise HeroError(f"{path} is not a {FORMAT} manifest: pass the folder `hero bundle` wrote")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise HeroError(f"{path} has bundle format version {manifest.get('format_version')}, this reader "
-                        f"takes version {FORMAT_VERSION}: rebuild the bundle or update hero-deploy on the device")
-    variants = manifest.get("variants")
-    if not isinstance(variants, list) or not variants:
-        raise HeroError(f"{path} lists no variants: rebuild the bundle")
-    for i, v in enumerate(variants):
-        missing = [k for k in _VARIANT_KEYS if not isinstance(v, dict) or k not in v]
-        if missing:
-            raise HeroError(f"{path}: variants[{i}] lacks {', '.join(missing)}: rebuild the bundle")
-    bits = [v["bits"] for v in variants]
-    if len(set(bits)) != len(bits):
-        raise HeroError(f"{path} has several variants with the same bits {bits}: one precision per bits value")
-    return manifest
 
 
 def precision_order(bits: int | None) -> tuple:

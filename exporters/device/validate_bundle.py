@@ -18,6 +18,8 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
   (`exporters.device.runtime.time_batches`, as on the host).
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
 - meta.switch_latency: `measure_switch_latency` ({"median_ms", "max_ms", "switches"}).
+- meta.unlisted_files: files in the bundle its manifest does not list (no sha256 covers them; the
+  runtime never reads them unless an artifact names them as external data): printed as a note.
 - gate: fails a variant whose logits are not all finite; accuracy gates are ``hero check``'s job.
 
 Exit 0 when written with the gate passed, 1 when the gate failed, 2 on a bad bundle (one line on
@@ -38,7 +40,8 @@ import numpy as np
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.runtime import time_batches, top1
-from exporters.device.switch import PrecisionSwitcher, measure_switch_latency, read_manifest, verify_file
+from exporters.device.manifest import read_manifest, unlisted_files, verify_file
+from exporters.device.switch import PrecisionSwitcher, measure_switch_latency
 
 TEST_DATA = "test.npz"
 
@@ -105,6 +108,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
         "runtime_version": _runtime_version(runtime), "providers": list(switcher.providers),
         "switch_latency": measure_switch_latency(switcher, switch_repeats), "latency_batch": latency_batch,
+        "unlisted_files": unlisted_files(bundle_dir, manifest),
         "host": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
         "numpy": np.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -123,33 +127,57 @@ def summary_lines(report: dict) -> list[str]:
     switch = report["meta"]["switch_latency"]
     lines.append(f"precision switch: median {switch['median_ms']:.4f} ms, max {switch['max_ms']:.4f} ms "
                  f"over {switch['switches']} switches")
+    unlisted = report["meta"].get("unlisted_files") or []
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        lines.append(f"note: files the manifest does not list (no sha256 covers them): {shown}")
     lines += [f"FAIL {reason}" for reason in report["gate"]["reasons"]]
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and the message: one line here, like every other error
+        print(f"validate_bundle: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m exporters.device.validate_bundle",
+    parser = _Parser(prog="python -m exporters.device.validate_bundle",
                                      description="Validate a hero-deploy precision-switch bundle on this device.")
     parser.add_argument("bundle", help="the bundle folder written by `hero bundle`")
     parser.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     parser.add_argument("--out", default="device_report.json", help="the device report to write")
     parser.add_argument("--providers", default=None,
                         help="ONNX Runtime execution providers, comma-separated, in priority order")
-    parser.add_argument("--latency-batch", type=int, default=64)
-    parser.add_argument("--latency-repeats", type=int, default=10)
-    parser.add_argument("--switch-repeats", type=int, default=20)
+    parser.add_argument("--latency-batch", type=_count, default=64)
+    parser.add_argument("--latency-repeats", type=_count, default=10)
+    parser.add_argument("--switch-repeats", type=_count, default=20)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if Path(args.out).is_dir():
+        print(f"validate_bundle: error: --out {args.out} is a folder: name the report file", file=sys.stderr)
+        return 2
     try:
         report = validate_bundle(args.bundle, args.runtime, providers, latency_batch=args.latency_batch,
                                  latency_repeats=args.latency_repeats, switch_repeats=args.switch_repeats)
         write_atomic(args.out, json.dumps(report, indent=2))
     except HeroError as exc:
         print(f"validate_bundle: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out a folder, read-only, disk full; a bundle file unreadable
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"validate_bundle: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
     print(f"device report: {args.out}")

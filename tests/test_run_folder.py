@@ -1,0 +1,86 @@
+"""A run folder holds one run: `hero run` into a finished run of other inputs is refused (naming what
+differs) unless --overwrite, which removes what the new run does not produce; the same inputs reuse."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_fashion_mnist
+from test_faults import one_error, snapshot
+
+from hero_train.train import TrainConfig, train
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runfolder")
+    data = make_fashion_mnist(root / "fmnist", n_train=64, n_test=32)
+    config = TrainConfig(data_root=str(data), epochs=1, batch_size=32, optimizer="sgd", augment=False, limit_test=16)
+    first = train(config, root / "a")
+    second = train(TrainConfig(**{**config.__dict__, "seed": 1}), root / "b")
+    return {"data": str(data), "a": str(first), "b": str(second)}
+
+
+def config_file(tmp_path, data, bits, gate=None, bundle=False) -> str:
+    config = {"name": "folder", "data": {"dataset": "fashion-mnist", "root": data, "limit_test": 16},
+              "quantize": {"bits": bits}, "validate": {"batch_size": 16, "latency_repeats": 1},
+              "bundle": {"enabled": bundle, "test_samples": 16}, "gate": gate or {"max_drop": 100.0}}
+    path = tmp_path / f"c{'-'.join(map(str, bits))}{'-strict' if gate else ''}{'-b' if bundle else ''}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_silently_replaced(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = config_file(tmp_path, trained["data"], [8, 4], bundle=True)
+    assert main(["run", first, "--checkpoint", trained["a"], "--out", str(out)]) == 0
+    assert {p.name for p in (out / "artifacts").iterdir()} == {"fp32.onnx", "w8.onnx", "w4.onnx"}
+    assert (out / "bundle" / "manifest.json").is_file()
+    capsys.readouterr()
+    finished = snapshot(out)
+
+    # Another checkpoint, then another config: refused, naming what differs, nothing touched.
+    assert main(["run", first, "--checkpoint", trained["b"], "--out", str(out)]) == 2
+    one_error(capsys, "holds a finished run of other inputs", "checkpoint", "--overwrite")
+    other = config_file(tmp_path, trained["data"], [8])
+    assert main(["run", other, "--checkpoint", trained["a"], "--out", str(out)]) == 2
+    one_error(capsys, "quantize.bits", "bundle.enabled")
+    assert snapshot(out) == finished
+
+    # The same inputs with another gate re-gate the cached artifacts: nothing is rewritten but the report.
+    strict = config_file(tmp_path, trained["data"], [8, 4], gate={"min_accuracy": 0.999}, bundle=True)
+    assert main(["run", strict, "--checkpoint", trained["a"], "--out", str(out)]) == 1
+    capsys.readouterr()
+    unchanged = {k: v for k, v in finished.items() if "/report." not in k and not k.endswith(".png")}
+    assert {k: v for k, v in snapshot(out).items() if k in unchanged} == unchanged
+
+    # --overwrite: the new run's artifacts only; the stale w4 and the bundle no longer asked for are gone.
+    assert main(["run", other, "--checkpoint", trained["a"], "--out", str(out), "--overwrite"]) == 0
+    assert {p.name for p in (out / "artifacts").iterdir()} == {"fp32.onnx", "w8.onnx"}
+    assert not (out / "bundle").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert [v["bits"] for v in report["variants"]] == [8]
+    assert report["meta"]["run_inputs"]["config"]["quantize"]["bits"] == [8]
+
+
+def test_a_report_without_recorded_inputs_counts_as_another_run(trained, tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"meta": {"config": "folder"}, "variants": []}))
+    before = snapshot(out)
+    config = config_file(tmp_path, trained["data"], [8])
+    assert main(["run", config, "--checkpoint", trained["a"], "--out", str(out)]) == 2
+    one_error(capsys, "records no inputs")
+    assert snapshot(out) == before
+
+
+def test_out_that_is_a_file_is_one_line(trained, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("keep me")
+    assert main(["run", config_file(tmp_path, trained["data"], [8]), "--checkpoint", trained["a"],
+                 "--out", str(out)]) == 2
+    one_error(capsys, "is a file")
+    assert Path(out).read_text() == "keep me"
