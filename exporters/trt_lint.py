@@ -5,19 +5,28 @@ into an engine that computes something else. This lint runs anywhere (numpy + on
 the exporter can catch that on the training machine. Rules and sources:
 
 - QuantizeLinear / DequantizeLinear zero points are 0 or absent ("x_zero_point must be
-  zero", onnx-tensorrt docs/operators.md); their type is signed INT8, FP8 E4M3 or INT4.
-  UINT8 (also ONNX's default when a Q has no zero point) is not a quantized type there.
+  zero", onnx-tensorrt docs/operators.md); their type is signed INT8, FP8 E4M3, FP4 E2M1 or
+  INT4 (NvInfer.h IQuantizeLayer output types). UINT8 (also ONNX's default when a Q has no
+  zero point) is not a quantized type there.
 - Scales are constant, finite, strictly positive floats ("All scale coefficients must have
   strictly positive values", TensorRT IQuantizeLayer docs); float32, float16 or bfloat16
-  (the Q input types operators.md lists).
-- Scales are a scalar (per tensor), 1-D (per channel) or, for INT4 only, block-shaped.
+  (the Q input types operators.md lists). In strongly typed networks (every network on
+  TensorRT 11) a scale's type must match the float tensor it quantizes or dequantizes to:
+  NvInfer.h 10.0-10.12 "input data type must match the scale data type" (Q) and "output data
+  type is inferred from scale data type" (DQ); 10.13+ still for float16/bfloat16 scales. The
+  lint checks the strict form where the graph declares the tensor's type.
+- Scales are a scalar (per tensor), 1-D (per channel) or block-shaped: the input's rank, equal
+  to its shape except one of the last two axes. NvInfer.h allows block quantization for INT4,
+  FP8 and FP4 (10.13+, 11; 10.0-10.12 headers: INT4 only).
   Per-channel is for constant weights only; activations are quantized per tensor. The
   per-channel axis must be the output-channel axis of the weight's consumer:
   Conv W (M, C/g, k...) axis 0; ConvTranspose W (C, M/g, k...) axis 1; Gemm B axis 0
   with transB=1, axis 1 with transB=0; MatMul B (..., K, N) the last axis. Note ONNX's
   default `axis` is 1, so a Conv weight DQ without an explicit axis=0 is wrong.
-- INT4 is weight-only for MatMul/Gemm (TensorRT "Working with Quantized Types"), so
-  convolutions below 8 bits must stay INT8 codes on the n-bit grid.
+- INT4 only as weight-only MatMul/Gemm: TensorRT's guide ("Working with Quantized Types")
+  describes INT4 only as weight-only GEMM quantization; the headers do not state the
+  restriction, so this rule is conservative. Convolutions below 8 bits stay INT8 codes on the
+  n-bit grid.
 - Every QuantizeLinear feeds DequantizeLinear nodes with the same scale; every
   DequantizeLinear reads constant weights or a QuantizeLinear output.
 - Weight codes use the narrow symmetric range [-127, 127] (INT4: [-7, 7]). TensorRT
@@ -45,7 +54,8 @@ from exporters.device.errors import HeroError
 MIN_OPSET = 13
 MAX_OPSET = 20
 
-_QUANT_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+_QUANT_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1}
+_BLOCK_TYPES = {TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1}
 _SCALE_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _LOWEST_CODE = {TensorProto.INT8: -128, TensorProto.INT4: -8}
 _GEMM_OPS = {"MatMul", "Gemm"}
@@ -169,15 +179,16 @@ def _type_issues(node: onnx.NodeProto, g: _Graph, qtype: int | None) -> list[str
                 "(give the Q an int8 zero point of 0)"]
     if qtype not in _QUANT_TYPES:
         return [f"{where}: quantized type {_type_name(qtype)} is not one TensorRT quantizes to "
-                "(INT8, FP8 E4M3, or INT4 weight-only)"]
+                "(INT8, FP8 E4M3, FP4 E2M1, or INT4 weight-only)"]
     if qtype != TensorProto.INT4:
         return []
     if not is_const:
         return [f"{where}: INT4 on an activation; TensorRT supports INT4 only as weight-only quantization"]
     feeds = {op.op_type for op, _ in _weight_consumers(node, g)}
     if feeds - _GEMM_OPS:
-        return [f"{where}: INT4 weights feed {', '.join(sorted(feeds - _GEMM_OPS))}; TensorRT runs INT4 only "
-                "as weight-only MatMul/Gemm, so store convolution weights as INT8 codes on the n-bit grid"]
+        return [f"{where}: INT4 weights feed {', '.join(sorted(feeds - _GEMM_OPS))}; TensorRT documents INT4 only "
+                "as weight-only MatMul/Gemm (a conservative rule: its headers do not state it), so store "
+                "convolution weights as INT8 codes on the n-bit grid"]
     return []
 
 
@@ -229,10 +240,35 @@ def _scale_issues(node: onnx.NodeProto, g: _Graph, qtype: int | None) -> list[st
             return issues + [f"{where}: per-channel scale on an activation; TensorRT quantizes activations "
                              "per tensor (use one scalar scale)"]
         return issues + _axis_issues(node, g, scale.size)
-    if qtype != TensorProto.INT4 or not is_const:
-        issues.append(f"{where}: block-shaped scale {list(scale.shape)}; TensorRT takes block scales only "
-                      "for INT4 weights")
+    if qtype not in _BLOCK_TYPES:
+        return issues + [f"{where}: block-shaped scale {list(scale.shape)} for {_type_name(qtype)}; TensorRT takes "
+                         "block scales only for INT4, FP8 and FP4 (NvInfer.h)"]
+    if not is_const:
+        return issues + [f"{where}: block-shaped scale on an activation; TensorRT 10's headers allow block "
+                         "quantization only for constant weights"]
+    dims = list(g.consts[_weight_name(node, g)].dims)
+    blocked = [axis for axis, (d, s) in enumerate(zip(dims, scale.shape)) if d != s]
+    if scale.ndim != len(dims) or len(blocked) != 1 or blocked[0] < len(dims) - 2:
+        issues.append(f"{where}: block-shaped scale {list(scale.shape)} for weights {dims}; TensorRT needs the "
+                      "weights' rank and shape except along one of the last two axes")
     return issues
+
+
+def _float_type(name: str, g: _Graph) -> int | None:
+    """The declared element type of a float tensor (a constant's, or from the graph's type info)."""
+    return g.consts[name].data_type if name in g.consts else g.elem_types.get(name)
+
+
+def _scale_type_issues(node: onnx.NodeProto, g: _Graph) -> list[str]:
+    """Strongly typed networks: the scale's type is the float type on the float side of the Q/DQ."""
+    proto = g.consts.get(node.input[1])
+    float_side = node.input[0] if node.op_type == "QuantizeLinear" else node.output[0]
+    declared = _float_type(float_side, g)
+    if proto is None or declared is None or declared not in _SCALE_TYPES or declared == proto.data_type:
+        return []
+    role = "input" if node.op_type == "QuantizeLinear" else "output"
+    return [f"{_where(node)}: scale is {_type_name(proto.data_type)} but its {role} is {_type_name(declared)}; "
+            f"in strongly typed TensorRT networks they must match: store the scale as {_type_name(declared)}"]
 
 
 def _pairing_issues(node: onnx.NodeProto, g: _Graph) -> list[str]:
@@ -298,9 +334,13 @@ def lint_explicit_quantization(
     Raises HeroError when the file cannot be read as ONNX.
     """
     model = _load(model)
-    g = _index(model.graph)
+    try:  # the declared types of intermediate tensors, for the scale-type rule
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an uninferable graph is linted with the types it declares
+        typed = model
+    g = _index(typed.graph)
     issues = _opset_issues(model, max_opset)
-    for node in model.graph.node:
+    for node in typed.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         if node.domain not in ("", "ai.onnx"):
@@ -310,6 +350,7 @@ def lint_explicit_quantization(
         issues += _type_issues(node, g, qtype)
         issues += _zero_point_issues(node, g)
         issues += _scale_issues(node, g, qtype)
+        issues += _scale_type_issues(node, g)
         issues += _pairing_issues(node, g)
         if narrow_range:
             issues += _range_issues(node, g, qtype)

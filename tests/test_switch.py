@@ -134,7 +134,7 @@ class _FakeTensorRT:
         self.builds.append((Path(onnx_path).name, config.precision, config.refit))
         Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
         Path(engine_path).write_bytes(b"plan")
-        sidecar = {**self.device_identity(), "onnx_sha256": sha256_file(onnx_path), "flags": build_flags(config)}
+        sidecar = {**self.device_identity(), "onnx_sha256": sha256_file(onnx_path), "flags": build_flags(config, self.available()[1])}
         Path(sidecar_path(engine_path)).write_text(json.dumps(sidecar))
 
     def TensorRTRunner(self, engine_path):  # noqa: N802 - mirrors the class it stands in for

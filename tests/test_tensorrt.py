@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed as the re
 from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
 
 from exporters.device.errors import HeroError  # noqa: E402
-from exporters.device.trt_contract import REBUILD_HINT  # noqa: E402
+from exporters.device.trt_contract import REBUILD_HINT, tensorrt_major  # noqa: E402
 from exporters.nested_grid import nested_grid_codes  # noqa: E402
 from exporters.device.tensorrt import (  # noqa: E402
     EngineConfig,
@@ -19,6 +19,7 @@ from exporters.device.tensorrt import (  # noqa: E402
     available,
     build_engine,
     load_engine,
+    onnx_initializers,
 )
 
 OK, WHY_NOT = available()
@@ -39,10 +40,11 @@ ACT_SCALE = np.float32(4.0 / 127)
 INT8_ATOL = 5e-3
 
 
-def classifier(path, *, bits=None, scale=None, codes=None):
+def classifier(path, *, bits=None, scale=None, codes=None, half=False):
     """x (N,3,8,8) -> [Q/DQ] -> Conv -> Relu -> GAP -> Flatten -> Gemm -> logits; float when bits is None.
 
-    Quantized variants store INT8 codes (nested grid by default) behind a per-channel DQ.
+    Quantized variants store INT8 codes (nested grid by default) behind a per-channel DQ. half=True
+    (float only) computes in float16 between Casts, as ExportOptions(fp16=True) writes it.
     """
     inits = [numpy_helper.from_array(a, n) for a, n in ((CONV_B, "conv.bias"), (FC_W, "fc.weight"), (FC_B, "fc.bias"))]
     nodes, conv_in = [], "x"
@@ -65,6 +67,12 @@ def classifier(path, *, bits=None, scale=None, codes=None):
               helper.make_node("GlobalAveragePool", ["r"], ["p"]),
               helper.make_node("Flatten", ["p"], ["f"]),
               helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1)]
+    if half:
+        for i, tensor in enumerate(inits):
+            inits[i] = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
+        nodes[0].input[0], nodes[-1].output[0] = "x16", "logits16"
+        nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16), *nodes,
+                 helper.make_node("Cast", ["logits16"], ["logits"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
@@ -165,9 +173,39 @@ def test_sidecar_mismatch_or_absence_refuses_to_load(tmp_path):
         TensorRTRunner(engine)
 
 
+def test_fp16_engine_takes_its_precision_from_the_flag_on_10_and_the_onnx_types_on_11(tmp_path, images):
+    onnx_path = classifier(tmp_path / "fp16.onnx", half=True)
+    sidecar = build_engine(onnx_path, tmp_path / "fp16.engine", EngineConfig("fp16", max_batch=16))
+    strongly_typed = tensorrt_major(trt.__version__) >= 11
+    assert sidecar["flags"]["precision_from"] == ("onnx types" if strongly_typed else "builder flags")
+    assert ("FP16" in sidecar["flags"]["set"]) is not strongly_typed
+    if strongly_typed:
+        assert "HALF" in sidecar["network_types"]
+    logits = TensorRTRunner(tmp_path / "fp16.engine").predict(images)
+    np.testing.assert_allclose(logits, reference(onnx_path, images), atol=2e-2)
+
+
+@pytest.mark.skipif(tensorrt_major(trt.__version__) < 11, reason="TensorRT 10 builds fp16 from BuilderFlag.FP16")
+def test_fp16_engine_from_a_float32_onnx_is_refused_on_strongly_typed_tensorrt(tmp_path):
+    with pytest.raises(HeroError, match=r"ExportOptions\(fp16=True\)"):
+        build_engine(classifier(tmp_path / "fp32.onnx"), tmp_path / "x.engine", EngineConfig("fp16", max_batch=4))
+
+
+def test_refit_from_npz_sets_another_variants_weights_by_name(tmp_path, images):
+    eight, two = classifier(tmp_path / "w8.onnx", bits=8), classifier(tmp_path / "w2.onnx", bits=2)
+    build_engine(eight, tmp_path / "w8.engine", EngineConfig("int8", max_batch=16, refit=True))
+    runner = TensorRTRunner(tmp_path / "w8.engine")
+    np.savez(tmp_path / "w2.npz", **onnx_initializers(two))
+    runner.refit_from_npz(tmp_path / "w2.npz")
+    np.testing.assert_allclose(runner.predict(images), reference(two, images), atol=INT8_ATOL)
+    codes = onnx_initializers(eight)["conv.weight_q"]
+    with pytest.raises(HeroError, match="weight 'conv.weight_q' is float64 but the engine expects int8"):
+        runner.refit({"conv.weight_q": codes.astype(np.float64)})
+
+
 def test_timing_cache_is_saved_and_reused(tmp_path):
-    onnx_path, cache = classifier(tmp_path / "fp16.onnx"), tmp_path / "timing.cache"
-    config = EngineConfig("fp16", max_batch=4, timing_cache=str(cache))
+    onnx_path, cache = classifier(tmp_path / "fp32.onnx"), tmp_path / "timing.cache"
+    config = EngineConfig("fp32", max_batch=4, timing_cache=str(cache))
     assert build_engine(onnx_path, tmp_path / "a.engine", config)["timing_cache_reused"] is False
     assert cache.stat().st_size > 0
     assert build_engine(onnx_path, tmp_path / "b.engine", config)["timing_cache_reused"] is True

@@ -163,6 +163,57 @@ def test_int4_weight_only_matmul_is_accepted():
     assert lint_explicit_quantization(_gemm_model(trans_b=False, axis=1, weight_type=TensorProto.INT4, op="MatMul")) == []
 
 
+def test_int4_conv_rule_says_it_is_conservative():
+    codes = np.random.default_rng(1).integers(-7, 8, size=(CHANNELS, CHANNELS, 3, 3))
+    issues = lint_explicit_quantization(qdq_conv_model(weight_type=TensorProto.INT4, weight_codes=codes))
+    assert _has(issues, "dq_w", "conservative")
+
+
+def _block_model(codes, scale_shape=(2, 4), block_size=4):
+    """x (N, 8) -> MatMul(DQ(codes (8, 4), block scales along axis 0)) -> y, opset 21."""
+    inits = [numpy_helper.from_array(codes, "w"),
+             numpy_helper.from_array(np.full(scale_shape, 0.1, np.float32), "w_scale")]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale"], ["wf"], name="dq_w", axis=0, block_size=block_size),
+             helper.make_node("MatMul", ["x", "wf"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("dtype", ["int4", "float8_e4m3fn", "float4_e2m1fn"])
+def test_block_scales_are_accepted_for_int4_fp8_and_fp4_weights(dtype):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    codes = np.ones((8, 4), dtype=getattr(ml_dtypes, dtype))
+    assert lint_explicit_quantization(_block_model(codes), max_opset=21) == []
+
+
+def test_block_scales_are_refused_for_int8_and_when_not_matching_the_weight_shape():
+    int8 = lint_explicit_quantization(_block_model(np.ones((8, 4), np.int8)), max_opset=21)
+    assert _has(int8, "dq_w", "block scales only for INT4, FP8 and FP4")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    model = _block_model(np.ones((8, 4), ml_dtypes.int4), scale_shape=(2, 2))
+    model.graph.node[0].attribute.pop()  # block_size: onnx would refuse the shapes otherwise
+    assert _has(lint_explicit_quantization(model, max_opset=21), "dq_w", "last two axes")
+
+
+def _half_activation_model(scale_type):
+    """x (float16) -> Q/DQ (per tensor, scale of `scale_type`) -> y, opset 21 (scale and input types may differ)."""
+    scale = np.array(0.05, dtype=helper.tensor_dtype_to_np_dtype(scale_type))
+    inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["y"], name="dq_x")]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+                              [helper.make_tensor_value_info("y", scale_type, ["N", 4])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_scale_type_must_match_the_type_it_quantizes_in_strongly_typed_networks():
+    assert lint_explicit_quantization(_half_activation_model(TensorProto.FLOAT16), max_opset=21) == []
+    issues = lint_explicit_quantization(_half_activation_model(TensorProto.FLOAT), max_opset=21)
+    assert _has(issues, "q_x", "scale is FLOAT but its input is FLOAT16")
+    assert not _has(issues, "dq_x")  # its output is float32, as its scale
+
+
 def test_per_channel_quantize_of_constant_float_weights_is_accepted():
     model = qdq_conv_model()
     w_float = numpy_helper.from_array(np.ones((CHANNELS, CHANNELS, 3, 3), dtype=np.float32), "w_float")

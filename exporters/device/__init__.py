@@ -2,7 +2,9 @@
 
 `errors` (HeroError), `files` (checksums, atomic writes, JSON), `runtime` (ONNX Runtime runner,
 latency timer), `switch` (PrecisionSwitcher over a bundle), `validate_bundle` (on-device
-validation, ``python -m exporters.device.validate_bundle``), `tensorrt` and `trt_contract`
+validation, ``python -m exporters.device.validate_bundle``), `manifest` (the bundle manifest's
+schema, checked as untrusted input), `bits`, `tensorrt`, `trt_api` (the TensorRT names used, per
+major version, and the wrappers that turn its failures into one-line errors) and `trt_contract`
 (engine build/load/refit and its pure rules). A test imports every module here in a process
 where torch, onnx, click, yaml and pydantic cannot be imported.
 """

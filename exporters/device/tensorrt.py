@@ -1,64 +1,67 @@
 """TensorRT engines: build from ONNX, load only on the device they were built for, run, refit.
 
-Written against the TensorRT 10 Python API. `tensorrt` and `cuda-python` are imported
-lazily inside functions so this module imports on any machine; calling into TensorRT
-without it raises HeroError with the install hint. numpy and the standard library only:
-no torch (a Jetson may have none).
+For TensorRT 10 and 11: what differs between them (weak typing, precision flags) is decided by
+`exporters.device.trt_contract.build_flags`, and every TensorRT name used here is declared with the
+versions it is used on in `exporters.device.trt_api`, which tests/test_trt_api_surface.py checks
+against this file and against the real Python bindings. `tensorrt` and `cuda-python` are imported
+lazily inside functions so this module imports on any machine; without them, or without a usable
+CUDA GPU, every entry point raises a one-line HeroError. numpy and the standard library only: no
+torch (a Jetson may have none).
 
-Facts from TensorRT's headers to design around: Q/DQ zero points must be 0 and scales
-strictly positive; per-channel scales only for constant weights, activations per-tensor;
-INT4 only as weight-only for GEMM, so convolutions below 8 bits run as INT8 codes on the
-n-bit grid; refit needs the same weight count and dtype and a refittable engine may have a
-single optimization profile; kREFIT_IDENTICAL with kSTRIP_PLAN gives weight-stripped
-engines. Whether Q/DQ scales can be refit is not documented: a design where switching
-changes only weight values (nested grids, `exporters.nested_grid`: the n-bit scale a
-power-of-two multiple of the 8-bit scale) avoids depending on it. `exporters.trt_lint`
+Facts from TensorRT's headers to design around: Q/DQ zero points must be 0 and scales strictly
+positive; per-channel scales only for constant weights, activations per-tensor; refit needs the
+same weight count and type and a refittable engine may have a single optimization profile;
+kREFIT_IDENTICAL with kSTRIP_PLAN gives weight-stripped engines. Whether Q/DQ scales can be refit
+is not documented: switching by refit changes only weight values (nested grids,
+`exporters.nested_grid`), and a variant whose scales differ is refused. `exporters.trt_lint`
 checks the Q/DQ rules before a build.
 
 Choices:
-- "int8" (explicit Q/DQ graphs) builds a STRONGLY_TYPED network with no precision flag.
-  TensorRT 10 docs ("Explicit Quantization"): use explicit quantization with strong
-  typing, precision-control build flags are not required and should not be specified;
-  BuilderFlag.INT8 serves the deprecated calibrator path and is gone in TensorRT 11. No
-  calibrator: the Q/DQ scales are the calibration. Unquantized layers run in float32.
-- "fp16": weakly typed network + BuilderFlag.FP16 (TensorRT 10; removed in 11, where the
-  build raises HeroError). "fp32": weakly typed with TF32 cleared, so the engine matches
-  onnxruntime to float32 rounding.
+- Precision and flags: `build_flags` (explicit Q/DQ, no calibrator: the Q/DQ scales are the
+  calibration). Strongly typed networks must have the tensor types the precision names
+  (`check_network_precision`); the sidecar records the flags and the parsed network's types.
 - One optimization profile over the batch axis (refittable engines allow only one).
-- refit=True sets REFIT: any weights of the same count and dtype. strip_weights sets
-  STRIP_PLAN plus REFIT_IDENTICAL when refit is False (as fast as a plain engine, but
-  NvInfer.h: refitting different weights is undefined behaviour) or plus REFIT when refit
-  is True (small plan that can still switch variants).
 - A JSON sidecar `<engine>.json` (schema in `exporters.device.trt_contract`) records TensorRT
-  version, GPU name, compute capability, flags, profile and the ONNX hash; load_engine
-  refuses an engine whose sidecar does not match this device. Refittable engines also
-  record each initializer's shape, dtype and sha256, so refit can check shapes, keep
-  REFIT_IDENTICAL engines on their build-time weights, and refuse a variant whose
-  non-refittable initializers (e.g. Q/DQ scales) differ.
-- Device memory and streams use cuda-python (`cuda.bindings.runtime`, older
-  `cuda.cudart`), as NVIDIA's TensorRT samples do. refit_from_onnx needs the `onnx`
-  package; refit_from_npz needs only numpy.
+  version, GPU, flags, profile and the ONNX hash; load_engine refuses an engine whose sidecar does
+  not match this device. Refittable engines also record each initializer's shape, dtype and sha256.
+- Refit: refit_from_onnx refits through `trt.OnnxParserRefitter`, which knows the names TensorRT's
+  ONNX parser gave to weights it transformed, after checking the variant against the sidecar
+  (needs `onnx`); refit/refit_from_npz set named weights by hand, each checked against the
+  refitter's prototype (count and type, INT4 packed two per byte) before any is handed over.
+- Device memory and streams use cuda-python (`cuda.bindings.runtime`, older `cuda.cudart`), as
+  NVIDIA's TensorRT samples do.
 """
 
 import json
 import os
-import sys
 from datetime import datetime, timezone
 
 import numpy as np
 
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file, write_atomic
+from exporters.device.trt_api import (
+    create,
+    enum_member,
+    import_tensorrt,
+    shared_logger,
+    tensor_types,
+    to_weights,
+)
 from exporters.device.trt_contract import (
     REBUILD_HINT,
     EngineConfig,
     batch_chunks,
     build_flags,
+    changed_weights,
+    check_network_precision,
     check_refit_weights,
     check_sidecar,
+    identical_only_message,
     profile_shapes,
     read_sidecar,
     sidecar_path,
+    tensorrt_major,
     unrefittable_changes,
     weight_digest,
 )
@@ -66,17 +69,7 @@ from exporters.device.trt_contract import (
 __all__ = ["EngineConfig", "TensorRTRunner", "available", "build_engine", "device_identity", "load_engine",
            "onnx_initializers"]
 
-TRT_INSTALL_HINT = "TensorRT is not installed: pip install 'hero-deploy[tensorrt]' on an NVIDIA machine"
 CUDA_INSTALL_HINT = "cuda-python is not installed: pip install cuda-python (the TensorRT runner moves tensors with it)"
-_LOGGER = None
-
-
-def _import_trt():
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:
-        raise HeroError(TRT_INSTALL_HINT) from exc
-    return trt
 
 
 def _import_cudart():
@@ -91,9 +84,11 @@ def _import_cudart():
 
 
 def available() -> tuple[bool, str]:
-    """(True, TensorRT version) when the TensorRT runner can be used here, else (False, reason)."""
+    """(True, TensorRT version) when engines can be built and run here, else (False, one-line reason)."""
     try:
-        trt = _import_trt()
+        trt = import_tensorrt()
+        tensorrt_major(trt.__version__)
+        create(trt, trt.Runtime, shared_logger(trt))
         _import_cudart()
     except HeroError as exc:
         return False, str(exc)
@@ -110,40 +105,12 @@ def _cuda(cudart, result, what: str):
 
 def device_identity() -> dict:
     """TensorRT version, GPU name and compute capability of the current CUDA device."""
-    trt, cudart = _import_trt(), _import_cudart()
+    trt, cudart = import_tensorrt(), _import_cudart()
     props = _cuda(cudart, cudart.cudaGetDeviceProperties(_cuda(cudart, cudart.cudaGetDevice(), "cudaGetDevice")),
                   "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return {"tensorrt_version": trt.__version__, "gpu_name": name.split("\x00")[0].strip(),
             "compute_capability": f"{props.major}.{props.minor}"}
-
-
-def _logger(trt):
-    """One process-wide logger (outlives every builder/runtime/refitter); keeps errors for messages."""
-    global _LOGGER
-    if _LOGGER is None:
-        class _Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.errors = []
-
-            def log(self, severity, msg):
-                levels = trt.ILogger.Severity
-                if severity in (levels.INTERNAL_ERROR, levels.ERROR):
-                    self.errors.append(msg)
-                if severity in (levels.INTERNAL_ERROR, levels.ERROR, levels.WARNING):
-                    print(f"[TensorRT] {msg}", file=sys.stderr)
-
-        _LOGGER = _Logger()
-    return _LOGGER
-
-
-def _builder_flag(trt, name: str):
-    flag = getattr(trt.BuilderFlag, name, None)
-    if flag is None:
-        raise HeroError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}; hero-deploy engines are written "
-                        "for TensorRT 10: pip install 'tensorrt>=10,<11'")
-    return flag
 
 
 def onnx_initializers(onnx_path) -> dict[str, np.ndarray]:
@@ -178,16 +145,19 @@ def _set_timing_cache(config, path) -> bool:
 
 def build_engine(onnx_path, engine_path, config: EngineConfig) -> dict:
     """Parse `onnx_path`, build an engine, write it and its sidecar atomically; return the sidecar."""
-    trt = _import_trt()
+    trt = import_tensorrt()
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
     if not os.path.isfile(onnx_path):
         raise HeroError(f"no ONNX model at {onnx_path}; export it first with `hero export`")
-    flags, logger = build_flags(config), _logger(trt)
+    flags, logger = build_flags(config, trt.__version__), shared_logger(trt)
     logger.errors.clear()
-    builder = trt.Builder(logger)
-    typing = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags["strongly_typed"] else 0
-    network = builder.create_network(typing)
-    parser = trt.OnnxParser(network, logger)
+    builder = create(trt, trt.Builder, logger)
+    identity = device_identity()
+    creation = 0
+    for name in flags["network"]:
+        creation |= 1 << int(enum_member(trt, trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(creation)
+    parser = create(trt, trt.OnnxParser, network, logger)
     if not parser.parse_from_file(onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise HeroError(f"TensorRT could not parse {onnx_path}: {errors} "
@@ -195,14 +165,16 @@ def build_engine(onnx_path, engine_path, config: EngineConfig) -> dict:
     if network.num_inputs != 1 or network.num_outputs != 1:
         raise HeroError(f"{onnx_path} has {network.num_inputs} inputs and {network.num_outputs} outputs; "
                         "the TensorRT runner expects one image input and one logits output")
+    types = tensor_types(network)
+    check_network_precision(config.precision, flags, types)
     net_input = network.get_input(0)
     shapes = profile_shapes(tuple(net_input.shape), config)
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
     for name in flags["set"]:
-        builder_config.set_flag(_builder_flag(trt, name))
+        builder_config.set_flag(enum_member(trt, trt.BuilderFlag, name))
     for name in flags["clear"]:
-        builder_config.clear_flag(_builder_flag(trt, name))
+        builder_config.clear_flag(enum_member(trt, trt.BuilderFlag, name))
     profile = builder.create_optimization_profile()
     profile.set_shape(net_input.name, shapes["min"], shapes["opt"], shapes["max"])
     builder_config.add_optimization_profile(profile)
@@ -214,9 +186,10 @@ def build_engine(onnx_path, engine_path, config: EngineConfig) -> dict:
         write_atomic(config.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
     write_atomic(engine_path, memoryview(serialized))
     sidecar = {
-        **device_identity(),
+        **identity,
         "precision": config.precision,
         "flags": flags,
+        "network_types": sorted(types),
         "profile": {"input": net_input.name, **shapes},
         "onnx_sha256": sha256_file(onnx_path),
         "timing_cache_reused": cache_reused,
@@ -229,15 +202,16 @@ def build_engine(onnx_path, engine_path, config: EngineConfig) -> dict:
 
 def load_engine(engine_path):
     """Deserialize an engine after checking its sidecar against this device (before deserializing)."""
-    trt = _import_trt()
+    trt = import_tensorrt()
     if not os.path.isfile(engine_path):
         raise HeroError(f"no TensorRT engine at {engine_path}: {REBUILD_HINT}")
+    logger = shared_logger(trt)
+    logger.errors.clear()
+    runtime = create(trt, trt.Runtime, logger)
     check_sidecar(read_sidecar(engine_path), device_identity())
     with open(engine_path, "rb") as f:
         data = f.read()
-    logger = _logger(trt)
-    logger.errors.clear()
-    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
+    engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise HeroError(f"TensorRT could not deserialize {engine_path} ({'; '.join(logger.errors[-3:])}); "
                         f"{REBUILD_HINT}")
@@ -252,10 +226,11 @@ class TensorRTRunner:
     """
 
     def __init__(self, engine_path):
-        trt, self._cudart = _import_trt(), _import_cudart()
+        trt = import_tensorrt()
         self._trt, self._context, self._buffers, self._stream = trt, None, [], None
         self.engine_path = os.fspath(engine_path)
         self._engine = load_engine(self.engine_path)
+        self._cudart = _import_cudart()
         self.sidecar = read_sidecar(self.engine_path)
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -270,6 +245,7 @@ class TensorRTRunner:
         self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._input)))
         self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._output)))
         self._needs_weights = "STRIP_PLAN" in self.sidecar["flags"]["set"]
+        self._identical_only = "REFIT" not in self.sidecar["flags"]["set"]
 
     def _ensure_context(self) -> None:
         """Create the context and max-batch device buffers once (after any refit of a stripped plan)."""
@@ -326,25 +302,30 @@ class TensorRTRunner:
     def _refitter(self):
         if not {"REFIT", "REFIT_IDENTICAL"} & set(self.sidecar["flags"]["set"]):
             raise HeroError(f"{self.engine_path} was built without refit; rebuild with EngineConfig(refit=True)")
-        return self._trt.Refitter(self._engine, _logger(self._trt))
+        return create(self._trt, self._trt.Refitter, self._engine, shared_logger(self._trt))
 
-    def _apply(self, refitter, weights: dict) -> None:
-        trt = self._trt
-        arrays = {name: np.asarray(a) for name, a in weights.items()}
+    def _check_variant(self, arrays: dict, refittable: set, source) -> None:
+        """Refuse a variant that changes or lacks initializers this engine cannot refit."""
+        blocked = unrefittable_changes(arrays, refittable, self.sidecar.get("weights") or {})
+        if blocked:
+            raise HeroError(f"{source} changes or lacks {blocked[:5]}, which this engine cannot refit (Q/DQ scales are "
+                            "not documented as refittable); export variants on the nested grid so they share scales, "
+                            "or build one engine per variant")
+
+    def _set_weights(self, refitter, arrays: dict) -> None:
+        """Check every weight against the refitter's prototype and convert them all, then set them."""
         prototypes = {}
         for name in refitter.get_all_weights():
             proto = refitter.get_weights_prototype(name)
-            try:
-                dtype = np.dtype(trt.nptype(proto.dtype))
-            except TypeError:  # INT4/FP8/BF16 have no numpy dtype: check the count only
-                dtype = None
-            prototypes[name] = (dtype, int(proto.size))
-        identical_only = "REFIT" not in self.sidecar["flags"]["set"]
-        check_refit_weights(arrays, prototypes, self.sidecar.get("weights"), identical_only)
-        flat = {name: np.ascontiguousarray(a).reshape(-1) for name, a in arrays.items()}  # alive until refit ends
-        for name, array in flat.items():
-            if not refitter.set_named_weights(name, trt.Weights(array)):
+            prototypes[name] = (int(proto.size), proto.dtype.name)
+        check_refit_weights(arrays, prototypes, self.sidecar.get("weights"), self._identical_only)
+        converted = {name: to_weights(self._trt, name, a, prototypes[name][1]) for name, a in arrays.items()}
+        for name, (weights, _buffer) in converted.items():
+            if not refitter.set_named_weights(name, weights):
                 raise HeroError(f"TensorRT rejected refit weights {name!r} (count or type differs from the engine)")
+        self._finish_refit(refitter)
+
+    def _finish_refit(self, refitter) -> None:
         missing = list(refitter.get_missing_weights())
         if missing:
             raise HeroError(f"refit also needs weights {sorted(missing)[:5]} ({len(missing)} missing); pass every "
@@ -357,24 +338,23 @@ class TensorRTRunner:
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Replace named weights (same count, dtype and shape as at build time) in the running engine."""
-        self._apply(self._refitter(), weights)
-
-    def _refit_from_arrays(self, arrays: dict, source) -> None:
-        refitter = self._refitter()
-        refittable = set(refitter.get_all_weights())
-        blocked = unrefittable_changes(arrays, refittable, self.sidecar.get("weights") or {})
-        if blocked:
-            raise HeroError(f"{source} changes or lacks {blocked[:5]}, which this engine cannot refit (Q/DQ scales are "
-                            "not documented as refittable); export variants on the nested grid so they share scales, "
-                            "or build one engine per variant")
-        chosen = {name: a for name, a in arrays.items() if name in refittable}
-        if not chosen:
-            raise HeroError(f"{source} has none of the engine's refittable weights; is it a variant of the same model?")
-        self._apply(refitter, chosen)
+        self._set_weights(self._refitter(), {name: np.asarray(a) for name, a in weights.items()})
 
     def refit_from_onnx(self, onnx_path) -> None:
-        """Refit with another variant's initializers (INT8 codes and float weights); needs `onnx`."""
-        self._refit_from_arrays(onnx_initializers(onnx_path), onnx_path)
+        """Refit with another variant's ONNX file through TensorRT's ONNX parser refitter; needs `onnx`
+        to check the variant against the sidecar first."""
+        onnx_path, trt = os.fspath(onnx_path), self._trt
+        refitter = self._refitter()
+        arrays = onnx_initializers(onnx_path)
+        self._check_variant(arrays, set(refitter.get_all_weights()), onnx_path)
+        changed = changed_weights(arrays, self.sidecar.get("weights") or {})
+        if self._identical_only and changed:
+            raise HeroError(identical_only_message(f"{onnx_path} ({changed[:3]})"))
+        parser = create(trt, trt.OnnxParserRefitter, refitter, shared_logger(trt))
+        if not parser.refit_from_file(onnx_path):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise HeroError(f"TensorRT could not refit {self.engine_path} from {onnx_path}: {errors}")
+        self._finish_refit(refitter)
 
     def refit_from_npz(self, npz_path) -> None:
         """Refit from a bundle's .npz of named weights (numpy only, for devices without `onnx`)."""
@@ -383,7 +363,13 @@ class TensorRTRunner:
                 arrays = {name: archive[name] for name in archive.files}
         except (OSError, ValueError) as exc:
             raise HeroError(f"cannot read weights from {npz_path}: {exc}") from exc
-        self._refit_from_arrays(arrays, npz_path)
+        refitter = self._refitter()
+        refittable = set(refitter.get_all_weights())
+        self._check_variant(arrays, refittable, npz_path)
+        chosen = {name: a for name, a in arrays.items() if name in refittable}
+        if not chosen:
+            raise HeroError(f"{npz_path} has none of the engine's refittable weights; is it a variant of the same model?")
+        self._set_weights(refitter, chosen)
 
     def close(self) -> None:
         """Free device buffers and the stream now (a later predict allocates them again)."""
