@@ -7,6 +7,7 @@ model robust to bounded weight perturbations such as quantization. This module m
   ``hero_train.optim.double_backward_hvp``, the product HERO's optimizer takes;
 - ``hz_norm``: ||H z|| with z the perturbation of Eq. 11 (the paper's Figure 2a);
 - ``top_eigenvalue`` (power iteration) and ``hutchinson_trace`` (Hutchinson 1990);
+- ``block_traces``: Hutchinson on diagonal blocks of H, one per layer (HAWQ's per-layer traces);
 - ``loss_contour``: the loss on a plane through W along two filter-normalised random directions
   (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018; the paper's Figure 3);
 - ``theorem3_l2_bound`` (Eq. 6), ``theorem3_linf_bound`` (Eq. 7) and ``theorem3_bounds``: Theorem 3's
@@ -15,7 +16,9 @@ model robust to bounded weight perturbations such as quantization. This module m
 
 A ``loss_fn(model, batch) -> scalar tensor`` defines the loss; the Hessian is taken over every
 parameter with ``requires_grad``, in ``model.parameters()`` order (vectors are lists of tensors in
-that order), and over a list of batches it is the Hessian of the mean of the batch losses.
+that order), and over a list of batches it is the Hessian of the mean of the batch losses. Where a
+function takes ``params`` (a subset of the parameters), it works on the diagonal block H_SS of the
+Hessian over that subset instead (the other weights held fixed), and vectors follow ``params``.
 
 BatchNorm: by default the model is put in eval mode, so BatchNorm uses its running statistics and
 the loss is a deterministic function of the weights, the loss of the very model that is quantized
@@ -80,10 +83,11 @@ def _norm(a: Sequence[Tensor]) -> float:
     return math.sqrt(_dot(a, a))
 
 
-def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[[Tensors], Tensors]
-                  ) -> tuple[Tensors, Tensors]:
-    """g = grad L on the batch and H·v(g), from one forward pass (v may depend on g, as z does)."""
-    params = _params(model)
+def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[[Tensors], Tensors],
+                  params: Sequence[Tensor] | None = None) -> tuple[Tensors, Tensors]:
+    """g = grad L on the batch and H·v(g), from one forward pass (v may depend on g, as z does);
+    over `params` only when given (g_S and H_SS·v)."""
+    params = _params(model) if params is None else list(params)
     with torch.enable_grad():
         with SecondOrderKernels(model):  # same values, a faster double backward
             loss = loss_fn(model, batch)
@@ -93,10 +97,11 @@ def _grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch, v_of_grad: Callable[
     return g, hv
 
 
-def _mean_hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence, v: Tensors) -> Tensors:
+def _mean_hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence, v: Tensors,
+              params: Sequence[Tensor] | None = None) -> Tensors:
     total = [torch.zeros_like(t) for t in v]
     for batch in batches:
-        _, hv = _grad_and_hvp(model, loss_fn, batch, lambda g: v)
+        _, hv = _grad_and_hvp(model, loss_fn, batch, lambda g: v, params)
         total = [t + h for t, h in zip(total, hv)]
     return [t / len(batches) for t in total]
 
@@ -111,12 +116,14 @@ def _check_batches(batches: Sequence) -> Sequence:
 # --------------------------------------------------------------------------- Hessian products
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, batch, v: Sequence[Tensor], *, train_bn: bool = False) -> Tensors:
+def hvp(model: nn.Module, loss_fn: LossFn, batch, v: Sequence[Tensor], *, train_bn: bool = False,
+        params: Sequence[Tensor] | None = None) -> Tensors:
     """Exact H·v of loss_fn on one batch by double backprop: the gradient of <grad L, v>
-    (Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation 1994)."""
+    (Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation 1994); H_SS·v
+    with v shaped like `params` when given."""
     v = list(v)
     with _landscape(model, train_bn):
-        return _grad_and_hvp(model, loss_fn, batch, lambda g: v)[1]
+        return _grad_and_hvp(model, loss_fn, batch, lambda g: v, params)[1]
 
 
 def gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence, *, train_bn: bool = False) -> Tensors:
@@ -161,21 +168,23 @@ def record_hz_norm(model: nn.Module, train_data: tuple[Tensor, Tensor], config, 
 
 
 def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence, iters: int = 20, tol: float = 1e-3,
-                   seed: int = 0, *, train_bn: bool = False) -> tuple[float, Tensors]:
+                   seed: int = 0, *, train_bn: bool = False, params: Sequence[Tensor] | None = None
+                   ) -> tuple[float, Tensors]:
     """The dominant eigenvalue of H (largest in magnitude; the top one for a trained network) and
     its unit eigenvector, by power iteration on exact HVPs with the Rayleigh quotient v'Hv
     (Golub & Van Loan, Matrix Computations, Sec. 7.3.1), as PyHessian does (Yao et al. 2020).
-    Stops after `iters` products or when the estimate moves by less than tol·|estimate|."""
+    Stops after `iters` products or when the estimate moves by less than tol·|estimate|.
+    Of the block H_SS when `params` is given."""
     batches = _check_batches(batches)
     gen = torch.Generator().manual_seed(seed)
-    params = _params(model)
+    params = _params(model) if params is None else list(params)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
     scale = _norm(v)
     v = [t / scale for t in v]
     eigenvalue = 0.0
     with _landscape(model, train_bn):
         for step in range(iters):
-            hv = _mean_hvp(model, loss_fn, batches, v)
+            hv = _mean_hvp(model, loss_fn, batches, v, params)
             estimate = _dot(v, hv)
             hv_norm = _norm(hv)
             if hv_norm == 0.0:
@@ -194,19 +203,44 @@ def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> Ten
 
 
 def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence, samples: int = 20, seed: int = 0, *,
-                     train_bn: bool = False) -> float:
+                     train_bn: bool = False, params: Sequence[Tensor] | None = None) -> float:
     """tr(H) ≈ mean over Rademacher probes v of v'Hv (Hutchinson, "A stochastic estimator of the
-    trace of the influence matrix", 1990): unbiased since E[vv'] = I; exact when H is diagonal."""
+    trace of the influence matrix", 1990): unbiased since E[vv'] = I; exact when H is diagonal.
+    tr(H_SS) when `params` is given."""
+    return block_traces(model, loss_fn, batches, [_params(model) if params is None else list(params)],
+                        samples, seed, train_bn=train_bn)[0]
+
+
+def block_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence, blocks: Sequence[Sequence[Tensor]],
+                 samples: int = 20, seed: int = 0, *, joint: bool = False, train_bn: bool = False) -> list[float]:
+    """Hutchinson's estimate of tr(H_ii) for every block i of parameters (a layer's weight, say):
+    the per-layer traces of HAWQ-V2/V3 (Dong et al., NeurIPS 2020; Yao et al., ICML 2021).
+
+    Separate (default): `samples` probes per block, each v_i'H_ii v_i with v_i Rademacher on that
+    block alone, one HVP per probe and batch and block. `joint`: one Rademacher probe v over all
+    blocks at once and v_i'(H v)_i per block, still unbiased (E[v_i v_j'] = 0 for i != j removes
+    the off-diagonal blocks) at one HVP per probe and batch, but noisier by the off-diagonal
+    blocks' ||H_ij||_F² (NNCF's HAWQ estimator does the same)."""
     batches = _check_batches(batches)
     if samples < 1:
         raise HeroError(f"Hutchinson's estimator needs at least one probe (got {samples})")
+    blocks = [list(b) for b in blocks]
+    union = [p for block in blocks for p in block]
+    ends = np.cumsum([len(block) for block in blocks]).tolist()
     gen = torch.Generator().manual_seed(seed)
-    total = 0.0
+    totals = [0.0] * len(blocks)
     with _landscape(model, train_bn):
         for _ in range(samples):
-            v = rademacher_like(_params(model), gen)
-            total += _dot(v, _mean_hvp(model, loss_fn, batches, v))
-    return total / samples
+            if joint:
+                v = rademacher_like(union, gen)
+                hv = _mean_hvp(model, loss_fn, batches, v, union)
+                products = [_dot(v[end - len(block) : end], hv[end - len(block) : end])
+                            for block, end in zip(blocks, ends)]
+            else:
+                probes = [rademacher_like(block, gen) for block in blocks]
+                products = [_dot(v, _mean_hvp(model, loss_fn, batches, v, block)) for v, block in zip(probes, blocks)]
+            totals = [t + x for t, x in zip(totals, products)]
+    return [t / samples for t in totals]
 
 
 # --------------------------------------------------------------------------- loss landscape

@@ -2,8 +2,10 @@
 
 Measured on the first ``--batches`` batches of the checkpoint's training split (clean labels, no
 augmentation, BatchNorm in eval mode: the loss of the model that gets quantized), over every
-parameter. Writes ``analysis.json`` to ``--out`` (default: ``analysis/`` next to the checkpoint),
-and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
+parameter. Writes ``analysis.json`` and ``analysis.md`` (the summary, and the layer tables with
+``--layers``) to ``--out`` (default: ``analysis/`` next to the checkpoint), ``loss_contour.png``
+with ``--contour``, and ``layers.json`` and ``layers.png`` with ``--layers`` (pipeline.sensitivity,
+which documents them). Schema of ``analysis.json``:
 
 - ``checkpoint``, ``sha256``, ``model``, ``dataset``, ``optimizer``: what was analysed
 - ``data``: ``{"split", "batches", "batch_size", "samples", "bn_mode"}``
@@ -17,6 +19,7 @@ and ``loss_contour.png`` with ``--contour``. Schema of ``analysis.json``:
 - ``quantization``: ``{"symmetric", "per_channel", "rows": [...]}``, rows of
   ``quantization_safety``
 - ``contour``: ``null`` or ``{"file", "steps", "span", "alphas", "betas", "losses"}``
+- ``layers``: ``null`` or ``"layers.json"``, the per-layer analysis written beside it
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import torch
 
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
-from exporters.quantize import dequantize, quantize_tensor, quantized_layers
+from exporters.quantize import quantized_layers
 from hero_train import hessian
 from hero_train.checkpoint import recorded_model
-from pipeline import stages
+from pipeline import sensitivity, stages
 
 ANALYSIS = "analysis.json"
+REPORT = "analysis.md"
 CONTOUR = "loss_contour.png"
 
 
@@ -48,15 +52,10 @@ def quantization_perturbation(model: torch.nn.Module, bits: int, symmetric: bool
     the largest Δ/2 (Δ the scale of exporters.quantize; |δ_i| ≤ Δ/2 for round-to-nearest
     without clipping, HERO paper Theorem 2), ``linf`` the largest |δ_i| actually applied
     (it can exceed Δ/2 only where the asymmetric grid clips), ``l2`` = ||δ||_2 over all of them."""
-    half_step, linf, sq = 0.0, 0.0, 0.0
-    for _, layer in quantized_layers(model):
-        w = layer.weight.detach().to(torch.float32)
-        q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=0)
-        delta = (dequantize(q, scale, zero_point, axis=0) - w).double()
-        half_step = max(half_step, float(scale.max()) / 2.0)
-        linf = max(linf, float(delta.abs().max()))
-        sq += float((delta * delta).sum())
-    return {"half_step": half_step, "linf": linf, "l2": math.sqrt(sq)}
+    sizes = [sensitivity.layer_perturbation(layer.weight, bits, symmetric, per_channel)
+             for _, layer in quantized_layers(model)]
+    return {"half_step": max(s["half_step"] for s in sizes), "linf": max(s["linf"] for s in sizes),
+            "l2": math.sqrt(sum(s["sq"] for s in sizes))}
 
 
 def quantization_safety(model: torch.nn.Module, bounds: dict[str, float], bits_list: Sequence[int],
@@ -131,6 +130,7 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
         "quantization": {"symmetric": symmetric, "per_channel": per_channel,
                          "rows": quantization_safety(model, bounds, bits, symmetric, per_channel)},
         "contour": None,
+        "layers": None,
     }
     if contour is not None:
         steps, span = contour
@@ -161,18 +161,58 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_data(loaded: stages.Loaded, batches, limit_test: int | None, data_root: str | None, device: str):
+    """(x, y) tensors the per-layer accuracy drop is measured on: the first `limit_test` test
+    samples, or (None) the analysis batches themselves."""
+    if limit_test is None:
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+
+def analyze_layers(loaded: stages.Loaded, batches, result: dict, accuracy: tuple, accuracy_split: str, *,
+                   samples: int, seed: int, joint: bool, top_eigen_iters: int | None) -> dict:
+    """layers.json (pipeline.sensitivity) for the analysis `result` already computed on `batches`,
+    accuracies on `accuracy` ((x, y) tensors from `accuracy_split`)."""
+    q = result["quantization"]
+    bits = [r["bits"] for r in q["rows"]]
+    layers = sensitivity.layer_sensitivity(loaded.model, batches, accuracy, bits=bits, symmetric=q["symmetric"],
+                                           per_channel=q["per_channel"], bound_linf=result["theorem3"]["linf"],
+                                           samples=samples, seed=seed, joint=joint, top_eigen_iters=top_eigen_iters)
+    return {**{k: result[k] for k in ("checkpoint", "sha256", "model", "dataset", "optimizer")},
+            "scheme": {"symmetric": q["symmetric"], "per_channel": q["per_channel"], "fold_bn": False}, "bits": bits,
+            "data": {"loss": {"split": result["data"]["split"], "samples": result["data"]["samples"]},
+                     "accuracy": {"split": accuracy_split, "samples": len(accuracy[1])}},
+            "theorem3": {"loss_increase": result["theorem3"]["loss_increase"], "linf": result["theorem3"]["linf"]},
+            **layers}
+
+
+def report_markdown(result: dict, layers: dict | None) -> str:
+    """analysis.md: the summary `hero analyze` prints, then the layer tables when there are any."""
+    parts = [f"# hero analyze: {result['model']} ({result['optimizer']})", "", "```", summary(result), "```"]
+    if layers is not None:
+        parts += ["", sensitivity.layer_markdown(layers), "", f"![per-layer sensitivity]({sensitivity.LAYER_PLOT})"]
+    return "\n".join(parts) + "\n"
+
+
 def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: float, bits: tuple[int, ...],
                  asymmetric: bool, per_tensor: bool, iters: int, samples: int, contour: bool, steps: int, span: float,
-                 seed: int, data_root: str | None, device: str, out_dir, named=None,
-                 dataset: str | None = None) -> tuple[dict, Path]:
-    """`hero analyze`: check the options, analyse, write analysis.json (and the contour plot)
-    to `out_dir` (default: analysis/ next to the checkpoint); returns the result and the folder."""
+                 seed: int, data_root: str | None, device: str, out_dir, named=None, dataset: str | None = None,
+                 layers: bool = False, top_eigen: bool = False, joint_probes: bool = False,
+                 limit_test: int | None = None) -> tuple[dict, dict | None, Path]:
+    """`hero analyze`: check the options, analyse, write analysis.json and analysis.md (and the
+    contour plot; with `layers`, layers.json and its plot) to `out_dir` (default: analysis/ next to
+    the checkpoint); returns the result, the per-layer result (None without `layers`) and the folder."""
     if loss_increase <= 0:
         raise HeroError(f"--loss-increase must be > 0 (got {loss_increase})")
     if iters < 1 or samples < 1:
         raise HeroError(f"--iters and --samples must be >= 1 (got {iters}, {samples})")
     if contour and (steps < 2 or span <= 0):
         raise HeroError(f"--steps must be >= 2 and --span > 0 (got {steps}, {span})")
+    if not layers and (top_eigen or joint_probes or limit_test is not None):
+        raise HeroError("--top-eigen, --joint-probes and --limit-test are options of the per-layer analysis: add --layers")
+    if limit_test is not None and limit_test < 1:
+        raise HeroError(f"--limit-test must be >= 1 (got {limit_test})")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HeroError("--device cuda asked for, but this torch has no CUDA device")
     describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
@@ -183,10 +223,23 @@ def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: fl
                      per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
                      contour=(steps, span) if contour else None)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"
+    per_layer = None
+    if layers:
+        accuracy = accuracy_data(loaded, data, limit_test, data_root, device)
+        per_layer = analyze_layers(loaded, data, result, accuracy, "train" if limit_test is None else "test",
+                                   samples=samples, seed=seed, joint=joint_probes,
+                                   top_eigen_iters=iters if top_eigen else None)
     if result["contour"] is not None:
         grid = hessian.Contour(*(np.array(result["contour"][k]) for k in ("alphas", "betas", "losses")))
         image = io.BytesIO()
         hessian.plot_loss_contour(grid, image, f"{result['model']} ({result['optimizer']}) training loss")
         write_atomic(out / CONTOUR, image.getvalue())
+    if per_layer is not None:
+        image = io.BytesIO()
+        sensitivity.plot_layers(per_layer, image)
+        write_atomic(out / sensitivity.LAYER_PLOT, image.getvalue())
+        write_atomic(out / sensitivity.LAYERS, json.dumps(per_layer, indent=2) + "\n")
+        result["layers"] = sensitivity.LAYERS
+    write_atomic(out / REPORT, report_markdown(result, per_layer))
     write_atomic(out / ANALYSIS, json.dumps(result, indent=2) + "\n")
-    return result, out
+    return result, per_layer, out

@@ -341,18 +341,52 @@ def bundle(run_dir, out_dir, checkpoint, test_samples, model, model_kwargs, data
 @click.option("--contour", is_flag=True, help="also plot the loss contour (steps² loss evaluations)")
 @click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
 @click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
+@click.option("--layers", is_flag=True, help="per-layer sensitivity: traces, Ω, measured loss and accuracy per "
+                                             "bit width (layers.json, layers.png, analysis.md)")
+@click.option("--top-eigen", is_flag=True, help="with --layers: each layer's top Hessian eigenvalue too (--iters)")
+@click.option("--joint-probes", is_flag=True, help="with --layers: one Hutchinson probe over all layers per sample, "
+                                                   "layers-times cheaper and noisier")
+@click.option("--limit-test", type=int, default=None,
+              help="with --layers: accuracy on the first N test samples [default: the analysis batches]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_model_options
 @click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
 @click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
 def analyze(checkpoint, bits, model, model_kwargs, **options):
-    """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width."""
+    """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width (per layer with --layers)."""
     from exporters.device.bits import parse_bits
-    from pipeline.analyze import ANALYSIS, CONTOUR, run_analysis, summary
+    from pipeline.analyze import ANALYSIS, CONTOUR, REPORT, run_analysis, summary
+    from pipeline.sensitivity import LAYER_PLOT, LAYERS, layer_markdown
 
-    result, out = run_analysis(checkpoint, bits=parse_bits(bits), named=_named(model, model_kwargs), **options)
+    result, layers, out = run_analysis(checkpoint, bits=parse_bits(bits), named=_named(model, model_kwargs),
+                                       **options)
     click.echo(summary(result))
-    click.echo(f"wrote {out / ANALYSIS}" + (f" and {out / CONTOUR}" if result["contour"] else ""))
+    if layers is not None:
+        click.echo(layer_markdown(layers))
+    written = [ANALYSIS, REPORT] + ([CONTOUR] if result["contour"] else []) + ([LAYERS, LAYER_PLOT] if layers else [])
+    click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
+@click.option("--limit-test", type=int, default=None, help="compare on the first N test samples [default: 256]")
+@click.option("--atol", type=float, default=None,
+              help="largest |Δ| per layer (times max(1, max |output|)) still consistent [default: validate.logit_atol]")
+@click.option("--out", "out_path", default=None, help="the debug.json to write (default: ARTIFACT's name + .debug.json)")
+@_model_options
+def debug(artifact, checkpoint, limit_test, atol, out_path, model, model_kwargs, dataset, data_root):
+    """Layer by layer: SQNR of the emulation against float, and where ONNX Runtime parts from it.
+    Exit 0 when every layer agrees, 1 at a divergence."""
+    from pipeline.config import ValidateSection
+    from pipeline.debug import debug_table, run_debug
+
+    chosen = ValidateSection().logit_atol if atol is None else atol
+    result, out = run_debug(artifact, checkpoint, limit_test=limit_test, atol=chosen, out_path=out_path,
+                            named=_named(model, model_kwargs), dataset=dataset, data_root=data_root)
+    click.echo(debug_table(result))
+    click.echo(f"wrote {out}")
+    return 0 if result["first_divergence"] is None else 1
 
 
 def _run(argv) -> int:

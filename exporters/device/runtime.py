@@ -89,7 +89,7 @@ def default_providers() -> list[str]:
     return [p for p in _ort().get_available_providers() if p not in _UNUSABLE_PROVIDERS]
 
 
-def _checked_providers(providers) -> list[str]:
+def checked_providers(providers) -> list[str]:
     """The requested providers this build of ONNX Runtime has, in the requested order.
 
     A deploy config names the device's providers in priority order (TensorRT, CUDA, CPU); those a
@@ -105,6 +105,28 @@ def _checked_providers(providers) -> list[str]:
         raise HeroError(f"execution providers {unknown or providers} are not available in this ONNX Runtime: "
                         f"choose from {', '.join(ort.get_available_providers())}")
     return usable
+
+
+def session_options(optimization: str, fold: bool, intra_op_threads: int | None = None):
+    """The SessionOptions every hero session uses: `optimization` "default" or "disabled", MatMulNBits
+    on float activations, and (fold) ORT's QDQ handling off so constant weight DequantizeLinear
+    folds into float weights. For sessions the runner cannot make (several outputs: pipeline.debug)."""
+    if optimization not in _OPTIMIZATION_LEVELS:
+        raise HeroError(unknown_choice("optimization", optimization, _OPTIMIZATION_LEVELS))
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
+    options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
+    if fold:
+        options.add_session_config_entry(*_DISABLE_QDQ_FUSION)
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    return options
+
+
+def folds_weights(providers: list[str]) -> bool:
+    """Whether weight DequantizeLinear is folded at load for these providers (the CPU EP only)."""
+    return set(providers) <= _FOLDING_PROVIDERS
 
 
 class OnnxRuntimeRunner:
@@ -136,9 +158,9 @@ class OnnxRuntimeRunner:
             raise HeroError("weight_dequant='folded' needs optimization='default': 'disabled' runs the literal graph")
         if not self.path.is_file():
             raise HeroError(f"ONNX model {self.path} does not exist: export it first or fix the path")
-        providers = _checked_providers(providers)
+        providers = checked_providers(providers)
         fold = weight_dequant == "folded" or (weight_dequant == "auto" and optimization == "default"
-                                              and set(providers) <= _FOLDING_PROVIDERS)
+                                              and folds_weights(providers))
         self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if fold and weight_dequant == "auto" and not _has_quantized_weights(self.metadata):
@@ -161,13 +183,7 @@ class OnnxRuntimeRunner:
         ort = _ort()
         from onnxruntime.capi import onnxruntime_pybind11_state as errors
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
-        options.add_session_config_entry(*_MATMUL_NBITS_ACCURACY)
-        if fold:
-            options.add_session_config_entry(*_DISABLE_QDQ_FUSION)
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = int(intra_op_threads)
+        options = session_options(optimization, fold, intra_op_threads)
         try:
             return ort.InferenceSession(str(self.path), options, providers=providers)
         except (errors.Fail, errors.InvalidArgument, errors.InvalidGraph, errors.InvalidProtobuf, errors.NoSuchFile,
