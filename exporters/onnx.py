@@ -109,11 +109,11 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     quantize.check_calibration(spec, calibration)
     _check_options(spec, options)
     opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
-    float_model = (quantize.fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()).cpu()
+    float_model = (quantize.fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()).cpu()
     proto = export_float_graph(float_model, input_shape, opset)
     uses = _weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
-        _quantize_weights(proto, uses, float_model, spec, options.int4_storage)
+        _quantize_weights(proto, uses, quantize.weight_codes(model, spec), spec, options.int4_storage)
     if calibration is not None:
         _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
     if options.fp16:
@@ -132,8 +132,10 @@ def _check_options(spec: quantize.QuantSpec, options: ExportOptions) -> None:
         raise HeroError(f"options must be an ExportOptions, got {type(options).__name__}")
     if options.fp16 and (spec.bits is not None or spec.act_bits is not None):
         raise HeroError("fp16 export is for float models: use bits=None and act_bits=None, or fp16=False")
-    if options.int4_storage and (spec.bits is None or spec.bits > 4):
+    if options.int4_storage and (spec.bits is None or min(_widths(spec)) > 4):
         raise HeroError(f"int4_storage needs bits <= 4, got bits={spec.bits}: drop int4_storage or lower bits")
+    if options.int4_storage and spec.grid == "nested":
+        raise HeroError("grid nested stores every width as INT8 codes on the 8-bit scale: drop int4_storage")
     if QUANTIZATION_KEY in options.metadata:
         raise HeroError(f"metadata may not set {QUANTIZATION_KEY}: the exporter writes it")
 
@@ -278,11 +280,16 @@ def _weight_uses(proto: onnx.ModelProto, model: nn.Module) -> list[_WeightUse]:
     return uses
 
 
-def _storage_type(spec: quantize.QuantSpec, int4_storage: bool) -> tuple[int, type]:
-    """(ONNX element type, numpy dtype) holding the integer grid of `quantize.qrange`."""
-    if int4_storage:
+def _widths(spec: quantize.QuantSpec) -> list[int]:
+    return [b for _, b in spec.layer_bits] if spec.layer_bits is not None else [spec.bits]
+
+
+def _storage_type(bits: int, spec: quantize.QuantSpec, int4_storage: bool) -> tuple[int, type]:
+    """(ONNX element type, numpy dtype) holding a layer's `bits`-wide integer grid (`quantize.qrange`):
+    INT4 where int4_storage and bits <= 4 on the canonical grid, INT16 for 16 bits, else INT8."""
+    if int4_storage and bits <= 4 and spec.grid == "canonical":
         return (TensorProto.INT4, ml_dtypes.int4) if spec.symmetric else (TensorProto.UINT4, ml_dtypes.uint4)
-    if spec.bits == 16:
+    if bits == 16:
         return (TensorProto.INT16, np.int16) if spec.symmetric else (TensorProto.UINT16, np.uint16)
     return (TensorProto.INT8, np.int8) if spec.symmetric else (TensorProto.UINT8, np.uint8)
 
@@ -294,14 +301,12 @@ def _dequantized_name(use: _WeightUse, taken: set[str]) -> str:
     return name if name == use.weight or name not in taken else use.weight
 
 
-def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], model: nn.Module,
+def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], codes: dict[str, quantize.WeightCodes],
                       spec: quantize.QuantSpec, int4_storage: bool) -> None:
     """Replace each used float weight initializer by DequantizeLinear(W_quantized, W_scale,
     W_zero_point) -> W, so its consumers read the dequantized weight W: one per layer and stored
     layout, which copies of one weight (a layer called twice) share."""
     graph = proto.graph
-    _, dtype = _storage_type(spec, int4_storage)
-    layers = dict(quantize.quantized_layers(model))
     taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
     renamed: dict[str, str] = {}
     dequantized: dict[tuple[str, int], str] = {}
@@ -312,15 +317,16 @@ def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], model: nn.
         if (use.module, use.axis) in dequantized:
             renamed[use.weight] = dequantized[use.module, use.axis]
             continue
-        q, scale, zero_point = quantize.quantize_tensor(layers[use.module].weight, spec.bits, symmetric=spec.symmetric,
-                                                        per_channel=spec.per_channel, axis=0)
+        layer = codes[use.module]
+        q, scale, zero_point = layer.q.cpu(), layer.scale.cpu(), layer.zero_point.cpu()
+        _, dtype = _storage_type(layer.bits, spec, int4_storage)
         weight = renamed[use.weight] = dequantized[use.module, use.axis] = _dequantized_name(use, taken)
         taken.add(weight)
         names = [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"]
         graph.initializer.extend([numpy_helper.from_array(_stored_layout(q, use.axis).astype(dtype), names[0]),
                                   numpy_helper.from_array(scale.numpy().astype(np.float32), names[1]),
                                   numpy_helper.from_array(zero_point.numpy().astype(dtype), names[2])])
-        axis_attr = {"axis": use.axis} if spec.per_channel else {}
+        axis_attr = {"axis": use.axis} if scale.dim() else {}  # quantize-first: per channel after the fold
         dq_nodes.append(helper.make_node("DequantizeLinear", names, [weight], name=f"{weight}_DequantizeLinear",
                                          **axis_attr))
     kept = [t for t in graph.initializer if t.name not in renamed]
@@ -408,7 +414,8 @@ def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOp
     if spec.bits is None:
         storage = "float16" if options.fp16 else "float32"
     else:
-        storage = np.dtype(_storage_type(spec, options.int4_storage)[1]).name
+        storage = "+".join(sorted({np.dtype(_storage_type(b, spec, options.int4_storage)[1]).name
+                                   for b in _widths(spec)}))
     return {"spec": spec.to_dict(), "act_scales": None if calibration is None else dict(calibration.scales),
             "weight_storage": storage, "tool_version": TOOL_VERSION}
 

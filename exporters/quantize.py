@@ -4,7 +4,8 @@ The quantizer is the linear uniform one of HERO (Yang et al., DAC 2022), Theorem
 mapped onto 2^bits evenly spaced levels and back. Weights are quantized per output channel
 (axis 0) or per tensor, symmetric (TensorRT's restricted range, zero point 0) or asymmetric;
 input activations optionally per tensor, symmetric int8, with scales from calibration. BatchNorm
-is folded into the preceding Conv/Linear first, as an inference engine would do.
+is folded into the preceding Conv/Linear before quantization (bn "fold-first", as an inference engine
+would do), after it (into the scales: "quantize-first", the weights HERO trained) or kept (QuantSpec).
 
 This module is the single source of the quantization math: the ONNX exporter calls the same
 functions, so the fake-quantized PyTorch model and the exported QDQ graph compute the same thing.
@@ -25,50 +26,107 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn, fold_conv_bn_weights  # noqa: F401
 from exporters.device.bits import SUPPORTED_BITS, check_bits, parse_bits  # noqa: F401 (re-exported)
 from exporters.device.errors import HeroError, unknown_choice
+from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
-QUANTIZED_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_MODES = ("fold-first", "quantize-first", "keep")
+GRIDS = ("canonical", "nested")
 _ACT_METHODS = ("max", "percentile")
 _QUANTILE_MAX_SAMPLES = 1 << 20  # torch.quantile refuses inputs above 2^24 elements
+# Fields added after artifacts were first written: their value when an older artifact omits them.
+_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None}
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize a model, the one object that says it: weight `bits` (None = full
-    precision), scheme, BN folding, activations. Every field is checked here, once.
+    """How to quantize a model, the one object that says it. Every field is checked here, once.
 
-    `act_bits` is None (float activations) or 8 (per-tensor symmetric int8 on the input of every
-    Conv/Linear, scales from `calibrate_activations` with `act_method`/`act_percentile`).
+    - `bits`: weight bits (None = full precision); with `layer_bits` the widest layer's.
+    - `symmetric`, `per_channel`: the grid's zero point and scale granularity.
+    - `bn`: "fold-first" folds BatchNorm into the Conv/Linear, then quantizes the folded weights;
+      "quantize-first" quantizes the weights HERO trained (before folding), then folds BatchNorm
+      into the DequantizeLinear scales (per output channel) and a float bias, so the integer codes
+      are those of the trained weights (symmetric only); "keep" leaves BatchNorm a float op.
+    - `grid`: "canonical" (step amax / (2^(b-1) - 1)) or "nested" (every width stored as INT8 codes
+      on the 8-bit scale, `exporters.nested_grid`: one set of Q/DQ scales for every precision, so a
+      TensorRT engine switches precision by refitting weights only; symmetric, bits <= 8).
+    - `layer_bits`: mixed precision, a width per quantized layer (name -> bits), else None.
+    - `act_bits`: None (float activations) or 8 (per-tensor symmetric int8 on the input of every
+      Conv/Linear, scales from `calibrate_activations` with `act_method`/`act_percentile`).
     """
 
     bits: int | None = None
     symmetric: bool = True
     per_channel: bool = True
-    fold_bn: bool = True
+    bn: str = "fold-first"
+    grid: str = "canonical"
+    layer_bits: tuple[tuple[str, int], ...] | None = None
     act_bits: int | None = None
     act_method: str = "max"
     act_percentile: float = 99.99
 
     def __post_init__(self):
-        if self.bits is not None:
-            object.__setattr__(self, "bits", check_bits(self.bits))
-        for name in ("symmetric", "per_channel", "fold_bn"):
+        for name in ("symmetric", "per_channel"):
             if not isinstance(getattr(self, name), bool):
                 raise HeroError(f"quantization option {name} must be true or false, got {getattr(self, name)!r}")
+        if self.bn not in BN_MODES:
+            raise HeroError(unknown_choice("bn", self.bn, BN_MODES))
+        if self.grid not in GRIDS:
+            raise HeroError(unknown_choice("grid", self.grid, GRIDS))
+        if self.layer_bits is not None:
+            pairs = self.layer_bits.items() if isinstance(self.layer_bits, Mapping) else self.layer_bits
+            try:
+                pairs = tuple((str(name), check_bits(b)) for name, b in pairs)
+            except (TypeError, ValueError):
+                raise HeroError(f"layer_bits must map layer names to bit widths, got {self.layer_bits!r}") from None
+            if not pairs or len({n for n, _ in pairs}) != len(pairs):
+                raise HeroError("layer_bits must name each layer once, and at least one")
+            object.__setattr__(self, "layer_bits", pairs)
+            widest = max(b for _, b in pairs)
+            if self.bits is not None and check_bits(self.bits) != widest:
+                raise HeroError(f"with layer_bits, bits is the widest layer's ({widest}), got {self.bits}")
+            object.__setattr__(self, "bits", widest)
+        if self.bits is not None:
+            object.__setattr__(self, "bits", check_bits(self.bits))
+        if self.grid == "nested" and (not self.symmetric or (self.bits or 0) > 8):
+            raise HeroError("grid nested is symmetric and at most 8 bits (INT8 codes on the 8-bit scale): "
+                            "use symmetric: true and bits <= 8, or grid canonical")
+        if self.bn == "quantize-first" and not self.symmetric:
+            raise HeroError("bn quantize-first is defined for symmetric grids only (a negative BatchNorm gain "
+                            "negates the codes, which an asymmetric grid is not closed under): use symmetric: "
+                            "true, or bn fold-first")
         if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits != ACT_BITS):
             raise HeroError(f"act_bits must be null or {ACT_BITS}, got {self.act_bits!r}")
         _check_act_method(self.act_method, self.act_percentile)
 
+    def bits_for(self, layer: str) -> int | None:
+        """The width of one layer: its layer_bits entry, else bits."""
+        if self.layer_bits is None:
+            return self.bits
+        widths = dict(self.layer_bits)
+        if layer not in widths:
+            raise HeroError(f"layer_bits gives no width for layer {layer!r}: name every Conv/Linear of the model")
+        return widths[layer]
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        fields["layer_bits"] = None if self.layer_bits is None else dict(self.layer_bits)
+        return fields
 
     @classmethod
     def from_dict(cls, fields: dict) -> QuantSpec:
-        """The spec `to_dict` wrote; unknown or missing fields are a HeroError."""
+        """The spec `to_dict` wrote (an older artifact's `fold_bn` read as bn fold-first/keep, and
+        fields added since at their defaults); unknown or missing fields are a HeroError."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(fields, dict) and "fold_bn" in fields and "bn" not in fields:
+            folded = fields["fold_bn"]
+            fields = {k: v for k, v in fields.items() if k != "fold_bn"}
+            fields["bn"] = "keep" if folded is False else "fold-first"
+        if isinstance(fields, dict):
+            fields = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in fields}, **fields}
         if not isinstance(fields, dict) or set(fields) != names:
             got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
             raise HeroError(f"a quantization spec has the fields {sorted(names)}, got {got}")
@@ -136,13 +194,6 @@ def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[t
     return scale, zero_point
 
 
-def _along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """Reshape a per-channel vector so it broadcasts along `axis` of an ndim-dimensional tensor."""
-    if t.dim() == 0:
-        return t
-    return t.reshape([-1 if d == axis % ndim else 1 for d in range(ndim)])
-
-
 def quantize_with_qparams(x, scale, zero_point, qmin: int, qmax: int, axis: int = 0) -> torch.Tensor:
     """q = clamp(round(x / scale) + zero_point, qmin, qmax) as int32: ONNX QuantizeLinear
     (onnx.ai/onnx/operators/onnx__QuantizeLinear.html), computed in float32."""
@@ -158,15 +209,22 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                    axis: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    axis: int = 0, grid: str = "canonical") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `w` (cast to float32) to `bits`: returns int32 q on the grid of `qrange`, float32
     scale and int32 zero point, each of shape (w.shape[axis],) per channel or () per tensor.
     Ranges come from the tensor itself (symmetric: max |w|; asymmetric: [min(w, 0), max(w, 0)]),
-    per slice along `axis` when per_channel."""
+    per slice along `axis` when per_channel. grid "nested": the n-bit grid as INT8 codes on the
+    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only)."""
     if not torch.isfinite(w).all():
         raise HeroError("cannot quantize a tensor with NaN or infinite values: check the checkpoint")
     qmin, qmax = qrange(bits, symmetric)
     w = w.detach().to(torch.float32)
+    if grid == "nested":
+        if not symmetric:
+            raise HeroError("grid nested is symmetric only")
+        codes, s8 = nested_grid_codes(w.cpu().numpy(), bits, axis if per_channel else None)
+        scale = torch.from_numpy(s8).to(w.device)
+        return torch.from_numpy(codes).to(torch.int32).to(w.device), scale, torch.zeros_like(scale, dtype=torch.int32)
     flat = w.movedim(axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
     if symmetric:
         scale, zero_point = symmetric_qparams(flat.abs().amax(dim=1), bits)
@@ -183,115 +241,6 @@ def fake_quantize(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_cha
     """dequantize(quantize_tensor(w, ...)), returned in w's dtype (computed in float32)."""
     q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=axis)
     return dequantize(q, scale, zero_point, axis).to(w.dtype)
-
-
-def fold_conv_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None,
-                         bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm into the preceding layer (Jacob et al., "Quantization and
-    Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018,
-    Sec. 3.2): with k = gamma / sqrt(var + eps) per output channel,
-    W' = W * k and b' = (b - mean) * k + beta. Computed in float64, returned in weight's dtype."""
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    b = bias.double() if bias is not None else torch.zeros_like(var)
-    k = gamma / torch.sqrt(var + bn.eps)
-    folded_weight = weight.double() * _along(k, weight.dim(), 0)
-    return folded_weight.to(weight.dtype), ((b - mean) * k + beta).to(weight.dtype)
-
-
-def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(layer, QUANTIZED_LAYER_TYPES) or not isinstance(bn, _BN_TYPES):
-        return False
-    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return bn.running_mean is not None and bn.num_features == channels
-
-
-def _traced_pairs(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
-    """(layer, bn) names where the bn's only input is the layer's output and nothing else uses it,
-    from the torch.fx graph of `model`; modules called more than once are left alone."""
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
-            continue
-        if calls[node.target] == 1 and calls[source.target] == 1:
-            if _foldable(model.get_submodule(source.target), model.get_submodule(node.target)):
-                pairs.append((source.target, node.target))
-    return pairs
-
-
-def _consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, bn) names of a Conv/Linear registered directly before a BN in the same parent: exact
-    for nn.Sequential, a convention (self.conv1 then self.bn1) for attributes."""
-    pairs = []
-    for parent_name, parent in model.named_modules():
-        children = list(parent.named_children())
-        prefix = f"{parent_name}." if parent_name else ""
-        for (layer_name, layer), (bn_name, bn) in zip(children, children[1:]):
-            if _foldable(layer, bn):
-                pairs.append((prefix + layer_name, prefix + bn_name))
-    return pairs
-
-
-class _FoldedIntoLinear(nn.Identity):
-    """What replaces a BatchNorm folded into the Linear before it. A BatchNorm normalizes dim 1,
-    which is the Linear's feature dim only for 2-D (batch, features) input; on a (B, T, D) input
-    with T == D the fold would silently compute something else, so that raises instead."""
-
-    def __init__(self, layer: str, bn: str):
-        super().__init__()
-        self.layer, self.bn = layer, bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            raise HeroError(f"BatchNorm {self.bn} normalizes dim 1 of the {x.dim()}-D output of Linear {self.layer}, "
-                            "not its features, so it cannot be folded into it: quantize with fold_bn=False")
-        return x
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping a `_FoldedIntoLinear` (whose shape check fx cannot trace) a leaf."""
-
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return isinstance(m, _FoldedIntoLinear) or super().is_leaf_module(m, qualified_name)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-
-
-def fold_bn(model: nn.Module) -> nn.Module:
-    """An eval-mode deep copy of `model` with every BatchNorm that directly follows a Conv/Linear
-    folded into it (`fold_conv_bn_weights`) and replaced by nn.Identity; module names stay the
-    same. Pairs come from torch.fx tracing; a model that does not trace falls back to
-    `_consecutive_pairs` (with a warning). A BN with no preceding Conv/Linear stays. A BN folded
-    into a Linear is replaced by an identity that raises HeroError on other than 2-D input
-    (`_FoldedIntoLinear`): tracing has no shapes, and only on 2-D input is the fold exact."""
-    folded = copy.deepcopy(model).eval()
-    try:
-        graph = _Tracer().trace(folded)
-    except Exception as exc:  # fx raises many types for untraceable control flow
-        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({exc}); folding BatchNorm into "
-                      "the Conv/Linear registered just before it", stacklevel=2)
-        pairs = _consecutive_pairs(folded)
-    else:
-        pairs = _traced_pairs(folded, graph)
-    for layer_name, bn_name in pairs:
-        layer = folded.get_submodule(layer_name)
-        weight, bias = fold_conv_bn_weights(layer.weight.detach(), layer.bias, folded.get_submodule(bn_name))
-        layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-        layer.bias = nn.Parameter(bias)
-        _replace(folded, bn_name, _FoldedIntoLinear(layer_name, bn_name) if isinstance(layer, nn.Linear)
-                 else nn.Identity())
-    return folded
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -334,23 +283,78 @@ def checked_act_scales(model: nn.Module, calibration: Calibration) -> dict[str, 
     return {name: scales[name] for name, _ in quantized_layers(model)}
 
 
+@dataclass(frozen=True)
+class WeightCodes:
+    """One layer's quantized weight as the graph stores it: int32 codes `q` (the layer's weight
+    shape), float32 `scale` and int32 `zero_point` of shape (out channels,) or () per tensor, and
+    the layer's `bits` (which sets the storage type). Dequantized: (q - zero_point) * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero_point, axis=0)
+
+
+def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize first, then fold BatchNorm (issue 16): k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
+    folded weight keeps the trained weight's integer codes under per-output-channel scales
+    s'_c = |k_c|·s_c (k = gamma / sqrt(var + eps), `exporters.bn_fold.bn_factor`). Scales stay
+    strictly positive: a negative k_c negates that channel's codes (the symmetric grid is closed
+    under negation); where k_c = 0 (or s'_c underflows) the channel is the constant 0: zero codes
+    under the positive scale s_c. Returns (codes, float32 per-channel scale)."""
+    s = (scale.double().expand(k.shape) if scale.dim() == 0 else scale.double()) * k.abs()
+    s32 = s.to(torch.float32)
+    dead = ~(s32 > 0)
+    s32 = torch.where(dead, scale.to(torch.float32).expand(k.shape), s32)
+    sign = torch.where(dead, torch.zeros_like(k), torch.sign(k)).to(torch.int32)
+    return q * _along(sign, q.dim(), 0), s32
+
+
+def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
+    """{layer name: WeightCodes} of every Conv/Linear as `spec` quantizes `model` (the trained, unfolded
+    model; names are the same after folding): the one place both the emulation (`quantize_model`)
+    and the exporter take weights from. fold-first quantizes the folded weight, keep the trained
+    one, quantize-first the trained one with BatchNorm folded into its scales (`fold_into_scales`)."""
+    if spec.bits is None:
+        return {}
+    source = fold_bn(model) if spec.bn == "fold-first" else model
+    factors = bn_factors(model) if spec.bn == "quantize-first" else {}
+    out = {}
+    for name, layer in quantized_layers(source):
+        bits = spec.bits_for(name)
+        q, scale, zero_point = quantize_tensor(layer.weight, bits, symmetric=spec.symmetric,
+                                               per_channel=spec.per_channel, axis=0, grid=spec.grid)
+        if name in factors:
+            q, scale = fold_into_scales(q, scale, factors[name].to(q.device))
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        out[name] = WeightCodes(q, scale, zero_point, bits)
+    if spec.layer_bits is not None:
+        unknown = sorted(set(dict(spec.layer_bits)) - set(out))
+        if unknown:
+            raise HeroError(f"layer_bits names layers the model does not have: {unknown}")
+    return out
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration | None = None) -> nn.Module:
-    """An eval-mode copy of `model` (never modified) quantized as `spec` says: BN folded (if
-    spec.fold_bn) and every Conv/Linear weight fake-quantized to spec.bits per output channel
-    (axis 0) or per tensor; biases stay float. With spec.act_bits 8 (which needs `calibration`)
-    each Conv/Linear also fake-quantizes its input to int8 through an ActQuant child
-    `<layer>.act_quant` run by a forward pre-hook, so layer names do not change; the copy's
-    `act_scales` attribute is then the {layer name: scale} dict."""
+    """An eval-mode copy of `model` (never modified) computing what the exported graph computes:
+    BatchNorm folded unless spec.bn is "keep", every Conv/Linear weight replaced by its dequantized
+    `weight_codes`; biases stay float. With spec.act_bits 8 (which needs `calibration`) each
+    Conv/Linear also fake-quantizes its input to int8 through an ActQuant child `<layer>.act_quant`
+    run by a forward pre-hook, so layer names do not change; the copy's `act_scales` attribute is
+    then the {layer name: scale} dict."""
     if not isinstance(spec, QuantSpec):
         raise HeroError(f"quantize_model takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
     check_calibration(spec, calibration)
-    quantized = fold_bn(model) if spec.fold_bn else copy.deepcopy(model).eval()
+    quantized = fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()
     scales = None if calibration is None else checked_act_scales(quantized, calibration)
+    codes = weight_codes(model, spec)
     with torch.no_grad():
         for name, layer in quantized_layers(quantized):
-            if spec.bits is not None:
-                layer.weight.copy_(fake_quantize(layer.weight, spec.bits, symmetric=spec.symmetric,
-                                                 per_channel=spec.per_channel, axis=0))
+            if name in codes:
+                layer.weight.copy_(codes[name].dequantized().to(layer.weight.dtype))
             if scales is not None:
                 layer.act_quant = ActQuant(scales[name]).to(layer.weight.device)
                 layer.register_forward_pre_hook(_quantize_input)
@@ -410,8 +414,19 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
     return Calibration({name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()})
 
 
-def packed_weight_bytes(model: nn.Module, bits: int | None) -> int:
-    """Bytes of the Conv/Linear weights packed at `bits` per element: ceil(bits * n / 8), with
-    bits None meaning float32. Biases, BN and other float parameters are not counted."""
-    bits = 32 if bits is None else check_bits(bits)
-    return math.ceil(bits * sum(m.weight.numel() for _, m in quantized_layers(model)) / 8)
+def packed_weight_bytes(model: nn.Module, spec: QuantSpec) -> int:
+    """Bytes of the Conv/Linear weights packed at each layer's width (`spec.bits_for`), ceil(bits * n / 8)
+    per layer, float32 for a float spec. Biases, BN and other float parameters are not counted."""
+    total = 0
+    for name, layer in quantized_layers(model):
+        bits = 32 if spec.bits is None else spec.bits_for(name)
+        total += bits * layer.weight.numel()
+    return math.ceil(total / 8)
+
+
+def average_bits(model: nn.Module, spec: QuantSpec) -> float | None:
+    """Weight bits per Conv/Linear weight element (None for a float spec)."""
+    if spec.bits is None:
+        return None
+    n = sum(layer.weight.numel() for _, layer in quantized_layers(model))
+    return sum(spec.bits_for(name) * layer.weight.numel() for name, layer in quantized_layers(model)) / n

@@ -180,7 +180,7 @@ def analyze_layers(loaded: stages.Loaded, batches, result: dict, accuracy: tuple
                                            per_channel=q["per_channel"], bound_linf=result["theorem3"]["linf"],
                                            samples=samples, seed=seed, joint=joint, top_eigen_iters=top_eigen_iters)
     return {**{k: result[k] for k in ("checkpoint", "sha256", "model", "dataset", "optimizer")},
-            "scheme": {"symmetric": q["symmetric"], "per_channel": q["per_channel"], "fold_bn": False}, "bits": bits,
+            "scheme": {"symmetric": q["symmetric"], "per_channel": q["per_channel"], "bn": "keep"}, "bits": bits,
             "data": {"loss": {"split": result["data"]["split"], "samples": result["data"]["samples"]},
                      "accuracy": {"split": accuracy_split, "samples": len(accuracy[1])}},
             "theorem3": {"loss_increase": result["theorem3"]["loss_increase"], "linf": result["theorem3"]["linf"]},

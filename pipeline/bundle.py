@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `
     from pipeline.stages import Loaded
 
 HOST_REPORT = "host_report.json"
-_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits")
+_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits")
+_IDENTITY_DEFAULTS = {"bn": "fold-first", "grid": "canonical", "layer_bits": None}  # rows from before them
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -133,7 +134,7 @@ def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, sampl
     for e in entries:
         artifact = _copy_checked(e, folder)
         variants.append({
-            "name": e["name"], **{k: e[k] for k in _IDENTITY}, "runtime": e["runtime"], "artifact": artifact,
+            "name": e["name"], **{k: e.get(k, _IDENTITY_DEFAULTS.get(k)) for k in _IDENTITY}, "runtime": e["runtime"], "artifact": artifact,
             "sha256": e["sha256"], "file_bytes": (folder / artifact).stat().st_size,
             "refit_group": refit_group(folder / artifact), "torch_accuracy": e["torch_accuracy"],
             "report_accuracy": e["runtime_accuracy"], "host_accuracy": None,
@@ -188,8 +189,9 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     entries = _host_entries(rows, paths)
     key = input_key(format=FORMAT_VERSION, tool=TOOL_VERSION, source=loaded.sha256,
                     options=dataclasses.asdict(options),
-                    variants=[{k: e[k] for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy",
-                                                 "runtime_accuracy")} for e in entries])
+                    variants=[{k: e.get(k, _IDENTITY_DEFAULTS.get(k))
+                               for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy", "runtime_accuracy")}
+                              for e in entries])
     _check_replaceable(out_dir)
     if _unchanged(out_dir, key):
         return out_dir

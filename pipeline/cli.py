@@ -172,11 +172,19 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
 
 
 def _scheme_options(command):
-    """--asymmetric, --per-tensor and --no-fold-bn: the QuantSpec fields a command lets the user set."""
-    for decl, help_text in reversed([("--asymmetric", "asymmetric weight grid (zero point), else symmetric"),
-                                     ("--per-tensor", "one scale per tensor, else per output channel"),
-                                     ("--no-fold-bn", "keep BatchNorm as a float op, else fold it first")]):
-        command = click.option(decl, is_flag=True, help=help_text)(command)
+    """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
+    from exporters.quantize import BN_MODES, GRIDS
+
+    for decl, kwargs in reversed([
+        ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),
+        ("--per-tensor", dict(is_flag=True, help="one scale per tensor, else per output channel")),
+        ("--bn", dict(type=click.Choice(BN_MODES), default=BN_MODES[0], show_default=True,
+                      help="BatchNorm: fold then quantize, quantize the trained weights then fold into the "
+                           "scales, or keep it a float op")),
+        ("--grid", dict(type=click.Choice(GRIDS), default=GRIDS[0], show_default=True,
+                        help="nested: every width as INT8 codes on the 8-bit scale (TensorRT switches by refit)")),
+    ]):
+        command = click.option(decl, **kwargs)(command)
     return command
 
 
@@ -213,10 +221,11 @@ def _load(checkpoint, model, model_kwargs, dataset, data_root):
     return stages.load_stage(checkpoint, _named(model, model_kwargs), dataset, describe)
 
 
-def _spec(bits, asymmetric: bool, per_tensor: bool, no_fold_bn: bool, act_bits=None):
+def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None):
     from exporters.quantize import QuantSpec
 
-    return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, fold_bn=not no_fold_bn,
+    return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
+                     grid=grid if bits is not None else "canonical",
                      act_bits=act_bits)
 
 
@@ -226,7 +235,7 @@ def _spec(bits, asymmetric: bool, per_tensor: bool, no_fold_bn: bool, act_bits=N
 @_scheme_options
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="evaluate on the first N test samples")
 @_model_options
-def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, model, model_kwargs, dataset,
+def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, model, model_kwargs, dataset,
              data_root):
     """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
     from exporters.device.bits import parse_bits
@@ -234,7 +243,7 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, m
     from exporters.quantize import quantize_model
     from pipeline import stages
 
-    specs = [_spec(b, asymmetric, per_tensor, no_fold_bn) for b in (None, *parse_bits(bits))]
+    specs = [_spec(b, asymmetric, per_tensor, bn, grid) for b in (None, *parse_bits(bits))]
     loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     x, y = stages.eval_data(loaded, "test", limit_test, data_root)
     click.echo("bits  accuracy")
@@ -254,14 +263,14 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, no_fold_bn, limit_test, m
 @click.option("--calibration-batches", type=click.IntRange(min=1), default=None,
               help="training batches of 128 for --act-bits 8 [default: the config's quantize.calibration_batches]")
 @_model_options
-def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, no_fold_bn, int4_storage, fp16,
+def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, bn, grid, int4_storage, fp16,
            calibration_batches, model, model_kwargs, dataset, data_root):
     """Export one variant of a checkpoint to ONNX."""
     from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
 
-    spec = _spec(bits, asymmetric, per_tensor, no_fold_bn, act_bits)
+    spec = _spec(bits, asymmetric, per_tensor, bn, grid, act_bits)
     if Path(out_path).is_dir():
         raise HeroError(f"--out {out_path} is a folder: name the .onnx file to write")
     loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)

@@ -128,11 +128,29 @@ class QuantizeSection(_Section):
     bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3])
     symmetric: bool = True
     per_channel: bool = True
-    fold_bn: bool = True
+    bn: Literal["fold-first", "quantize-first", "keep"] = "fold-first"
+    grid: Literal["canonical", "nested"] = "canonical"
     act_bits: Literal[8] | None = None
     act_method: Literal["max", "percentile"] = "max"
     act_percentile: float = 99.99
     calibration_batches: int = Field(8, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "fold_bn" in data:
+            raise ValueError("quantize.fold_bn is now quantize.bn: fold-first (was true), keep (was false) or "
+                             "quantize-first")
+        return data
+
+    @model_validator(mode="after")
+    def _scheme(self):
+        try:
+            for bits in self.bits:
+                self.spec(bits)
+        except HeroError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("bits")
     @classmethod
@@ -147,7 +165,8 @@ class QuantizeSection(_Section):
 
     def spec(self, bits: int | None) -> QuantSpec:
         """The QuantSpec of one precision of this section (bits None: the float baseline)."""
-        return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, fold_bn=self.fold_bn,
+        return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, bn=self.bn,
+                         grid=self.grid if bits is not None else "canonical",
                          act_bits=None if bits is None else self.act_bits, act_method=self.act_method,
                          act_percentile=self.act_percentile)
 

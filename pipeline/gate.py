@@ -165,16 +165,29 @@ def _check_identity(v: dict, where: str) -> None:
     for key in ("symmetric", "per_channel"):
         if not isinstance(v[key], bool):
             raise HeroError(f"{where}: {key} must be true or false, got {v[key]!r}")
+    for key, choices in (("bn", ("fold-first", "quantize-first", "keep")), ("grid", ("canonical", "nested"))):
+        if key in v and v[key] not in choices:
+            raise HeroError(f"{where}: {key} must be one of {', '.join(choices)}, got {v[key]!r}")
+    layers = v.get("layer_bits")
+    if layers is not None and (not isinstance(layers, dict) or not all(
+            isinstance(k, str) and _is_integer(b) and b in SUPPORTED_BITS for k, b in layers.items())):
+        raise HeroError(f"{where}: layer_bits must be null or map layer names to bit widths")
 
 
 def variant_label(v: dict) -> str:
     scheme = ("sym" if v["symmetric"] else "asym") + ("/ch" if v["per_channel"] else "/tensor")
+    scheme += "".join(f", {v[k]}" for k, default in (("bn", "fold-first"), ("grid", "canonical"))
+                      if v.get(k, default) != default)
     act = f"a{v['act_bits']}" if v.get("act_bits") else ""
-    return f"w{v['bits']}{act} ({scheme})"
+    width = f"mixed ≤{v['bits']}" if v.get("layer_bits") else f"w{v['bits']}"
+    return f"{width}{act} ({scheme})"
 
 
 def _identity(v: dict) -> tuple:
-    return (v["bits"], v["symmetric"], v["per_channel"], v.get("act_bits"))
+    """What makes two variants the same precision: widths (per layer for mixed), scheme, activations."""
+    layers = v.get("layer_bits")
+    return (v["bits"], v["symmetric"], v["per_channel"], v.get("act_bits"), v.get("bn", "fold-first"),
+            v.get("grid", "canonical"), tuple(sorted(layers.items())) if isinstance(layers, dict) else None)
 
 
 def _samples(v: dict, meta: dict) -> int | None:

@@ -6,7 +6,10 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
     {"meta": {...},
      "baseline": {"accuracy": float, "runtime_accuracy": float, ...same keys as a variant...},
      "variants": [{"name": str, "bits": int, "symmetric": bool, "per_channel": bool,
-                   "act_bits": int|null, "runtime": str, "torch_accuracy": float,
+                   "act_bits": int|null, "bn": "fold-first"|"quantize-first"|"keep",
+                   "grid": "canonical"|"nested", "layer_bits": {layer: bits}|null (mixed precision),
+                   "average_bits": float, "canonical_torch_accuracy": float (nested grids only:
+                   the canonical grid's emulation at the same widths), "runtime": str, "torch_accuracy": float,
                    "runtime_accuracy": float, "agreement": float, "max_logit_diff": float,
                    "consistent": bool, "drop": float, "drop_points": float, "latency_ms": float,
                    "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str}, ...],
@@ -41,13 +44,21 @@ def build_report(rows: list[dict], meta: dict) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| variant | bits | runtime acc | torch acc | drop (pts) | agree | latency ms | file KiB | "
-            "weights KiB |\n|---|---|---|---|---|---|---|---|---|")
+    """One row per variant; a "canonical acc" column when a variant is on the nested grid (the
+    canonical grid's emulation accuracy at the same widths: the price of switching by refit)."""
+    rows = [dict(report["baseline"], name="fp32", drop_points=0.0)] + report["variants"]
+    nested = any("canonical_torch_accuracy" in r for r in rows)
+    head = ("| variant | bits | runtime acc | torch acc |" + (" canonical acc |" if nested else "") +
+            " drop (pts) | agree | latency ms | file KiB | weights KiB |\n|---|---|---|---|" + ("---|" if nested else "")
+            + "---|---|---|---|---|")
     lines = [head]
-    for r in [dict(report["baseline"], name="fp32", drop_points=0.0)] + report["variants"]:
-        bits = "fp" if r["bits"] is None else r["bits"]
+    for r in rows:
+        bits = "fp" if r["bits"] is None else (f"≤{r['bits']} (avg {r['average_bits']:.2f})" if r.get("layer_bits")
+                                               else r["bits"])
+        canonical = r.get("canonical_torch_accuracy")
+        extra = (f" {100 * canonical:.2f}% |" if canonical is not None else " — |") if nested else ""
         lines.append(
-            f"| {r['name']} | {bits} | {100 * r['runtime_accuracy']:.2f}% | {100 * r['torch_accuracy']:.2f}% | "
+            f"| {r['name']} | {bits} | {100 * r['runtime_accuracy']:.2f}% | {100 * r['torch_accuracy']:.2f}% |{extra} "
             f"{r['drop_points']:+.2f} | {r['agreement']:.4f}{'' if r['consistent'] else ' ✗'} | "
             f"{r['latency_ms']:.2f} | {r['file_bytes'] / 1024:.0f} | {r['packed_weight_bytes'] / 1024:.0f} |")
     return "\n".join(lines)
@@ -80,6 +91,7 @@ def write_report(report: dict, run_dir: Path, label: str) -> None:
     verdict = "PASSED" if gate["passed"] else "FAILED"
     reasons = "".join(f"\n- {r}" for r in gate["reasons"])
     write_atomic(run_dir / "report.md", f"# {label}\n\n{markdown_table(report)}\n\nGate: **{verdict}**{reasons}\n")
-    points = [(v["bits"], v["runtime_accuracy"]) for v in report["variants"] if v["bits"] <= 8]
+    points = [(v["average_bits"] if v.get("layer_bits") else v["bits"], v["runtime_accuracy"])
+              for v in report["variants"] if v["bits"] <= 8]
     plot_accuracy_vs_bits({label: points}, {label: report["baseline"]["accuracy"]},
                           run_dir / "accuracy_vs_bits.png")

@@ -20,7 +20,7 @@ its Hessian of: training split, BatchNorm in eval mode):
 Schema of ``layers.json``:
 
 - ``checkpoint``, ``sha256``, ``model``, ``dataset``, ``optimizer``: as in analysis.json
-- ``scheme``: ``{"symmetric", "per_channel", "fold_bn": false}``; ``bits``: the candidate widths
+- ``scheme``: ``{"symmetric", "per_channel", "bn": "keep"}`` (the trained parametrisation); ``bits``: the candidate widths
 - ``data``: ``{"loss": {"split", "samples"}, "accuracy": {"split", "samples"}}``
 - ``float``: ``{"loss", "accuracy"}`` of the unquantized model on those data
 - ``hessian``: ``{"samples", "seed", "probes": "separate" | "joint", "top_eigen_iters": int | null}``

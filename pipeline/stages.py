@@ -7,6 +7,7 @@ whose inputs did not change.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.onnx import ExportOptions, export_onnx, read_quantization
-from exporters.quantize import Calibration, QuantSpec, calibrate_activations, packed_weight_bytes, quantize_model
+from exporters.quantize import (Calibration, QuantSpec, average_bits, calibrate_activations, packed_weight_bytes,
+                                quantize_model)
 from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import load_for_deploy, model_from_checkpoint
@@ -145,7 +147,9 @@ def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: st
 
 def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, str]) -> ExportOptions:
     """The export section applied to one variant: INT4 storage only where bits <= 4, fp16 only for the baseline."""
-    return ExportOptions(int4_storage=export.int4_storage and spec.bits is not None and spec.bits <= 4,
+    widths = [b for _, b in spec.layer_bits] if spec.layer_bits else [spec.bits]
+    int4 = export.int4_storage and spec.bits is not None and min(widths) <= 4 and spec.grid == "canonical"
+    return ExportOptions(int4_storage=int4,
                          fp16=export.fp16_baseline and spec.bits is None, opset=export.opset, metadata=metadata)
 
 
@@ -164,7 +168,7 @@ def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection,
             export_onnx(loaded.model, path, spec, options, scales, input_shape=tuple(loaded.ckpt["input_shape"]))
             cache.put("export", variant.name, key, {"path": str(path)}, files=[path])
         out.append(Artifact(variant, path, sha256_file(path), path.stat().st_size,
-                            packed_weight_bytes(loaded.model, spec.bits)))
+                            packed_weight_bytes(loaded.model, spec)))
     return out
 
 
@@ -176,7 +180,7 @@ def artifact_from_file(path: Path, loaded: Loaded) -> tuple[Artifact, Calibratio
         raise HeroError(f"{path} was exported from another checkpoint (sha256 {meta['hero.source_sha256'][:12]}…)")
     name = meta.get("hero.variant", path.stem)
     return Artifact(Variant(name, spec), path, sha256_file(path), path.stat().st_size,
-                    packed_weight_bytes(loaded.model, spec.bits)), calibration
+                    packed_weight_bytes(loaded.model, spec)), calibration
 
 
 @torch.no_grad()
@@ -198,10 +202,13 @@ def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibrati
     never held whole. The literal (unoptimised) graph runs on the first v.unoptimized_samples."""
     spec = artifact.variant.spec
     emulation = quantize_model(loaded.model, spec, calibration if spec.act_bits else None)
+    # A nested grid's price: the canonical grid's accuracy at the same widths, on the same images.
+    canonical = (quantize_model(loaded.model, dataclasses.replace(spec, grid="canonical"),
+                                calibration if spec.act_bits else None) if spec.grid == "nested" else None)
     runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, intra_op_threads=rt.threads)
     literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, optimization="disabled",
                                             intra_op_threads=rt.threads)
-    counts = dict.fromkeys(("n", "torch", "runtime", "agree", "n_literal", "agree_literal"), 0)
+    counts = dict.fromkeys(("n", "torch", "runtime", "agree", "n_literal", "agree_literal", "canonical"), 0)
     diff = diff_literal = 0.0
     scale, latency, budget = 1.0, None, v.unoptimized_samples
     for x, y in batches():
@@ -214,6 +221,8 @@ def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibrati
         counts["torch"] += int((top == y).sum())
         counts["runtime"] += int((logits.argmax(1) == y).sum())
         counts["agree"] += int((logits.argmax(1) == top).sum())
+        if canonical is not None:
+            counts["canonical"] += int((torch_logits(canonical, x, v.batch_size).argmax(1) == y).sum())
         diff = max(diff, float(np.abs(reference - logits).max()))
         scale = max(scale, float(np.abs(reference).max()))
         # Optimisation passes have been reported to change dequantize results: check the literal graph too.
@@ -229,6 +238,8 @@ def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibrati
               "agreement": counts["agree"] / counts["n"], "max_logit_diff": diff, "providers": runner.providers,
               "latency_ms": latency, "agreement_unoptimized": counts["agree_literal"] / counts["n_literal"],
               "max_logit_diff_unoptimized": diff_literal, "test_samples": counts["n"]}
+    if canonical is not None:
+        result["canonical_torch_accuracy"] = counts["canonical"] / counts["n"]
     worst_agreement = min(result["agreement"], result["agreement_unoptimized"])
     worst_diff = max(diff, diff_literal)
     result["consistent"] = bool(worst_agreement >= v.min_agreement and worst_diff <= v.logit_atol * scale)
@@ -257,7 +268,9 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
         # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
         lint = lint_explicit_quantization(str(art.path)) if spec.bits is not None else []
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
-               "per_channel": spec.per_channel, "act_bits": spec.act_bits, "runtime": "onnxruntime",
+               "per_channel": spec.per_channel, "act_bits": spec.act_bits, "bn": spec.bn, "grid": spec.grid,
+               "layer_bits": None if spec.layer_bits is None else dict(spec.layer_bits),
+               "average_bits": average_bits(loaded.model, spec), "runtime": "onnxruntime",
                "target_runtime": rt.name, "trt_lint": lint, **measured, "file_bytes": art.file_bytes,
                "packed_weight_bytes": art.packed_weight_bytes,
                "artifact": str(art.path.relative_to(run_dir)), "sha256": art.sha256}

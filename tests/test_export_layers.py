@@ -154,7 +154,7 @@ def _build(make):
 
 
 MODELS = [MobileNetLike, TinyViT, MixerLike]
-FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0}  # with fold_bn: only the BN after an add stays
+FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0}  # folded: only the BN after an add stays
 ACTIVATION_MATMULS = {MobileNetLike: 0, TinyViT: 2, MixerLike: 0}  # q.k^T and attn.v: no weight to quantize
 SPECS = [QuantSpec(bits=8), QuantSpec(bits=4), QuantSpec(bits=4, symmetric=False, per_channel=False),
          QuantSpec(bits=8, act_bits=8)]
@@ -167,7 +167,7 @@ def images():
 
 
 def _calibration(model, spec, images):
-    return calibrate_activations(fold_bn(model) if spec.fold_bn else model, [images], spec) if spec.act_bits else None
+    return calibrate_activations(fold_bn(model) if spec.bn != "keep" else model, [images], spec) if spec.act_bits else None
 
 
 def _assert_runtime_matches(path, reference: torch.Tensor, images: torch.Tensor) -> None:
@@ -187,7 +187,7 @@ def _ops(path) -> list[str]:
 def _assert_every_layer_stored_quantized(path, model, spec) -> None:
     """One DequantizeLinear weight per Conv/Linear, named after it, holding exactly
     quantize_tensor's integers of the (folded) weight; no float weight matrix left."""
-    folded = fold_bn(model) if spec.fold_bn else model
+    folded = fold_bn(model) if spec.bn != "keep" else model
     weights = weight_initializers(path)
     assert len(weights) == len(quantized_layers(model))
     by_layer = {name.removesuffix("_transposed").removesuffix(".weight"): (name.endswith("_transposed"), w)
@@ -253,7 +253,7 @@ def test_fold_bn_keeps_the_float_outputs(cls, images):
 
 
 def test_unfolded_export_keeps_every_batchnorm_and_matches_quantize_model(images, tmp_path):
-    model, spec = _build(MobileNetLike), QuantSpec(bits=4, fold_bn=False)
+    model, spec = _build(MobileNetLike), QuantSpec(bits=4, bn="keep")
     path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
     assert _ops(path).count("BatchNormalization") == 4
     _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
@@ -288,11 +288,11 @@ def test_a_linear_called_twice_shares_one_quantized_weight(dim, spec, images, tm
 
 def test_batchnorm_over_tokens_after_a_linear_is_refused_not_folded_wrongly(images, tmp_path):
     model = _build(TokenBatchNorm)
-    with pytest.raises(HeroError, match="BatchNorm bn .* Linear fc.*fold_bn=False"):
+    with pytest.raises(HeroError, match='BatchNorm bn .* Linear fc.*bn="keep"'):
         quantize_model(model, QuantSpec(bits=4))(images)
-    with pytest.raises(HeroError, match="fold_bn=False"):
+    with pytest.raises(HeroError, match='bn="keep"'):
         export_onnx(model, tmp_path / "m.onnx", QuantSpec(bits=4), input_shape=INPUT_SHAPE)
-    spec = QuantSpec(bits=4, fold_bn=False)
+    spec = QuantSpec(bits=4, bn="keep")
     path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
     _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
 

@@ -157,7 +157,7 @@ def test_activation_qdq_matches_quantize_model_beyond_calibrated_range(model, im
 
 
 def test_unfolded_export_keeps_batchnorm_and_matches_quantize_model(model, images, tmp_path):
-    spec = QuantSpec(bits=4, fold_bn=False)
+    spec = QuantSpec(bits=4, bn="keep")
     path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
     assert [n.op_type for n in onnx.load(path).graph.node].count("BatchNormalization") == 2
     _assert_runtime_matches(path, quantize_model(model, spec)(images), images)
@@ -196,7 +196,7 @@ def test_matmul_weight_stored_in_out_is_quantized_per_output_channel(tmp_path):
 # ---- metadata: one hero.quantization entry -------------------------------------------------
 
 def test_metadata_is_one_quantization_entry_plus_caller_entries(model, tmp_path):
-    spec = QuantSpec(bits=4, symmetric=False, fold_bn=False)
+    spec = QuantSpec(bits=4, symmetric=False, bn="keep")
     options = ExportOptions(metadata={"hero.source_sha256": "ab" * 32, "note": 7})
     metadata = _metadata(export_onnx(model, tmp_path / "m.onnx", spec, options, input_shape=INPUT_SHAPE))
     assert set(metadata) == {QUANTIZATION_KEY, "hero.source_sha256", "note"}

@@ -155,7 +155,9 @@ def test_supported_bits_pass():
 @pytest.mark.parametrize("fields", [
     {"bits": 9}, {"bits": 4.0}, {"act_bits": 4}, {"act_bits": True}, {"act_method": "mse"},
     {"act_percentile": 0}, {"act_percentile": 101}, {"symmetric": "yes"}, {"per_channel": 1},
-    {"fold_bn": None}, {"bits": True},
+    {"bn": None}, {"bn": "fold"}, {"grid": "fine"}, {"bits": True}, {"bits": 16, "grid": "nested"},
+    {"bits": 4, "symmetric": False, "grid": "nested"}, {"bits": 4, "symmetric": False, "bn": "quantize-first"},
+    {"layer_bits": {"conv": 1}}, {"layer_bits": {}}, {"bits": 4, "layer_bits": {"a": 8}},
 ])
 def test_invalid_quant_spec_raises_hero_error(fields):
     with pytest.raises(HeroError):
@@ -201,10 +203,12 @@ def test_parse_bits_names_the_option_it_parses():
 
 @pytest.mark.parametrize("spec", [
     QuantSpec(),
-    QuantSpec(bits=4, symmetric=False, per_channel=False, fold_bn=False),
+    QuantSpec(bits=4, symmetric=False, per_channel=False, bn="keep"),
     QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.5),
     QuantSpec(bits=16),
-], ids=["float", "w4-asym-per-tensor", "w8a8-percentile", "w16"])
+    QuantSpec(bits=4, per_channel=False, bn="quantize-first", grid="nested"),
+    QuantSpec(layer_bits={"conv": 4, "fc": 8}),
+], ids=["float", "w4-asym-per-tensor", "w8a8-percentile", "w16", "w4-qf-nested", "mixed"])
 def test_quant_spec_round_trips_through_json_dict(spec):
     fields = json.loads(json.dumps(spec.to_dict()))
     assert QuantSpec.from_dict(fields) == spec
@@ -212,7 +216,7 @@ def test_quant_spec_round_trips_through_json_dict(spec):
 
 @pytest.mark.parametrize("change", [
     lambda d: {**d, "scheme": "symmetric"},
-    lambda d: {k: v for k, v in d.items() if k != "fold_bn"},
+    lambda d: {k: v for k, v in d.items() if k != "bn"},
     lambda d: {},
     lambda d: list(d.items()),
 ], ids=["unknown-field", "missing-field", "empty", "not-a-dict"])
@@ -414,7 +418,7 @@ def test_quantize_model_error_grows_as_bits_shrink():
 
 def test_quantize_model_without_folding_keeps_batchnorm():
     model = _with_running_stats(ConvBnNet(conv_bias=False))
-    quantized = quantize_model(model, QuantSpec(bits=8, fold_bn=False))
+    quantized = quantize_model(model, QuantSpec(bits=8, bn="keep"))
     assert len(_batchnorms(quantized)) == 3 and not quantized.training
 
 
@@ -446,9 +450,11 @@ def test_quantize_model_needs_a_calibration_exactly_with_act_bits():
 def test_packed_weight_bytes_matches_hand_count():
     # conv 4*3*3*3 = 108 + linear 10*4 = 40 -> 148 weights; 3 bits -> ceil(444 / 8) = 56.
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10))
-    assert packed_weight_bytes(model, 3) == 56
-    assert packed_weight_bytes(model, 8) == 148
-    assert packed_weight_bytes(model, None) == 148 * 4
+    assert packed_weight_bytes(model, QuantSpec(bits=3)) == 56
+    assert packed_weight_bytes(model, QuantSpec(bits=8)) == 148
+    assert packed_weight_bytes(model, QuantSpec()) == 148 * 4
+    # mixed: conv at 4 bits (432) + linear at 8 (320) -> 94 bytes
+    assert packed_weight_bytes(model, QuantSpec(layer_bits={"0": 4, "3": 8})) == 94
 
 
 # ---- activation calibration and int8 activations -------------------------------------------

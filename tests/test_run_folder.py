@@ -23,11 +23,11 @@ def trained(tmp_path_factory):
     return {"data": str(data), "a": str(first), "b": str(second)}
 
 
-def config_file(tmp_path, data, bits, gate=None, bundle=False) -> str:
+def config_file(tmp_path, data, bits, gate=None, bundle=False, **quantize) -> str:
     config = {"name": "folder", "data": {"dataset": "fashion-mnist", "root": data, "limit_test": 16},
-              "quantize": {"bits": bits}, "validate": {"batch_size": 16, "latency_repeats": 1},
+              "quantize": {"bits": bits, **quantize}, "validate": {"batch_size": 16, "latency_repeats": 1},
               "bundle": {"enabled": bundle, "test_samples": 16}, "gate": gate or {"max_drop": 100.0}}
-    path = tmp_path / f"c{'-'.join(map(str, bits))}{'-strict' if gate else ''}{'-b' if bundle else ''}.yaml"
+    path = tmp_path / f"c{'-'.join(map(str, bits))}{'-strict' if gate else ''}{'-b' if bundle else ''}{len(quantize)}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -84,3 +84,19 @@ def test_out_that_is_a_file_is_one_line(trained, tmp_path, capsys):
                  "--out", str(out)]) == 2
     one_error(capsys, "is a file")
     assert Path(out).read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_a_nested_grid_run_reports_the_canonical_price_and_bundles_one_refit_group(trained, tmp_path, capsys):
+    out = tmp_path / "nested"
+    config = config_file(tmp_path, trained["data"], [8, 4], bundle=True, grid="nested", bn="quantize-first",
+                         per_channel=False)
+    assert main(["run", config, "--checkpoint", trained["a"], "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for v in report["variants"]:
+        assert v["grid"] == "nested" and v["bn"] == "quantize-first" and v["consistent"], v
+        assert 0.0 <= v["canonical_torch_accuracy"] <= 1.0 and v["trt_lint"] == []
+    assert "canonical acc" in (out / "report.md").read_text()
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    groups = {v["name"]: v["refit_group"] for v in manifest["variants"]}
+    assert groups["w8"] == groups["w4"] != groups["fp32"]

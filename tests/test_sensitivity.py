@@ -234,7 +234,7 @@ def test_analyze_layers_writes_layers_json_plot_and_markdown(checkpoint, tmp_pat
     layers = json.loads((out / "layers.json").read_text())
     assert {"checkpoint", "sha256", "model", "dataset", "optimizer", "scheme", "bits", "data", "float", "hessian",
             "theorem3", "layers", "spearman"} <= set(layers)
-    assert layers["bits"] == [2, 4, 8] and layers["scheme"] == {"symmetric": True, "per_channel": True, "fold_bn": False}
+    assert layers["bits"] == [2, 4, 8] and layers["scheme"] == {"symmetric": True, "per_channel": True, "bn": "keep"}
     assert layers["data"] == {"loss": {"split": "train", "samples": 16}, "accuracy": {"split": "test", "samples": 30}}
     assert [e["name"] for e in layers["layers"]] == ["stem", "block.depthwise", "block.pointwise", "head"]
     analysis = json.loads((out / "analysis.json").read_text())

@@ -166,3 +166,36 @@ def test_tensorrt_switch_refits_one_engine_within_a_refit_group(tiny, tmp_path, 
     assert fake.refits == ["w4.onnx", "w8.onnx", "w4.onnx"]  # float has its own engine: no refit
     PrecisionSwitcher(bundle, runtime="tensorrt")
     assert len(fake.builds) == 2  # engines built on this device are reused
+
+
+def test_a_nested_grid_bundle_is_one_refit_group_and_switches_by_refit(tiny, tmp_path, monkeypatch):
+    from exporters.onnx import export_onnx
+    from exporters.quantize import QuantSpec
+    from pipeline.bundle import write_bundle
+
+    loaded, rows, paths = tiny["loaded"], [], {}
+    for name, spec in (("fp32", QuantSpec()), ("w8", QuantSpec(bits=8, grid="nested")),
+                       ("w4", QuantSpec(bits=4, grid="nested"))):
+        path = paths[name] = export_onnx(loaded.model, tmp_path / "run" / f"{name}.onnx", spec, input_shape=(1, 28, 28))
+        rows.append({"name": name, **{k: v for k, v in spec.to_dict().items() if k in
+                                      ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits")},
+                     "runtime": "onnxruntime", "torch_accuracy": 0.5, "runtime_accuracy": 0.5,
+                     "sha256": sha256_file(path), "artifact": f"artifacts/{name}.onnx"})
+    bundle = write_bundle(loaded, rows, paths, tmp_path / "bundle", tiny["options"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    group = {v["name"]: v["refit_group"] for v in manifest["variants"]}
+    assert group["w8"] == group["w4"] != group["fp32"]
+    assert {v["name"]: v["grid"] for v in manifest["variants"]} == {"fp32": "canonical", "w8": "nested", "w4": "nested"}
+
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
+    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
+    switcher = PrecisionSwitcher(bundle, runtime="tensorrt", engine_dir=tmp_path / "engines")
+    assert fake.builds == [("fp32.onnx", "fp32", False), ("w8.onnx", "int8", True)]  # one integer engine
+    for bits in (4, 8, 4):
+        switcher.set_precision(bits)
+    assert fake.refits == ["w4.onnx", "w8.onnx", "w4.onnx"]
+
+    (bundle / "artifacts" / "w4.onnx").write_bytes((bundle / "artifacts" / "w8.onnx").read_bytes())
+    with pytest.raises(HeroError, match="w4.onnx .*sha256"):
+        PrecisionSwitcher(bundle, runtime="tensorrt", engine_dir=tmp_path / "engines")

@@ -21,6 +21,7 @@ FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRIDS = ("canonical", "nested")
+BN_MODES = ("fold-first", "quantize-first", "keep")
 # Written next to the bundle's files on the device: never reported as unlisted.
 DEVICE_FILES = ("engines",)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -80,6 +81,7 @@ _VARIANT = {  # key: (required, check, what it must be)
     "symmetric": (True, lambda v: isinstance(v, bool), "true or false"),
     "per_channel": (True, lambda v: isinstance(v, bool), "true or false"),
     "act_bits": (True, lambda v: v is None or (_int(8, 8)(v)), "null or 8"),
+    "bn": (False, lambda v: v in BN_MODES, " or ".join(BN_MODES)),
     "grid": (False, lambda v: v in GRIDS, " or ".join(GRIDS)),
     "layer_bits": (False, _optional(_layer_bits), "null or an object of layer name -> bit width"),
     "runtime": (False, _text, "a runtime name"),

@@ -94,7 +94,9 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             reasons.append(f"{variant['name']}: the runtime produced non-finite logits on this device")
         rows.append({
             "name": variant["name"], "bits": bits, "symmetric": variant["symmetric"],
-            "per_channel": variant["per_channel"], "act_bits": variant["act_bits"], "runtime": runtime,
+            "per_channel": variant["per_channel"], "act_bits": variant["act_bits"],
+            "bn": variant.get("bn", "fold-first"), "grid": variant.get("grid", "canonical"),
+            "layer_bits": variant.get("layer_bits"), "runtime": runtime,
             "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
             "runtime_accuracy": top1(logits, y), "agreement": top1(logits, reference.argmax(1)),
             "latency_ms": time_batches(switcher, x[:latency_batch], latency_repeats),
