@@ -199,3 +199,18 @@ def test_a_nested_grid_bundle_is_one_refit_group_and_switches_by_refit(tiny, tmp
     (bundle / "artifacts" / "w4.onnx").write_bytes((bundle / "artifacts" / "w8.onnx").read_bytes())
     with pytest.raises(HeroError, match="w4.onnx .*sha256"):
         PrecisionSwitcher(bundle, runtime="tensorrt", engine_dir=tmp_path / "engines")
+
+
+def test_on_tensorrt_11_3_every_variant_gets_its_own_engine(tiny, tmp_path, monkeypatch):
+    fake = _FakeTensorRT()
+    fake.available = lambda: (True, "11.3.0.1")
+    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
+    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
+    assert [refit for _, _, refit in fake.builds] == [False, False, False]
+    switcher.set_precision(4)
+    assert fake.refits == []  # selected, not refit

@@ -28,7 +28,8 @@ What a switch costs, by runtime:
   engine, and switching between them refits it with the other variant's weights
   (`TensorRTRunner.refit_from_onnx`, which needs the `onnx` package). Variants with their own
   scales (ordinary per-bit-width PTQ) get their own engine, built once on this device and
-  cached next to the bundle; switching to them selects the prepared engine.
+  cached next to the bundle; switching to them selects the prepared engine. On TensorRT 11.3, whose
+  REFIT has a known issue (`trt_contract.refit_known_issue`), every variant gets its own engine.
 
 numpy and the runtime only (onnxruntime or TensorRT, imported when used): this runs on the device.
 """
@@ -127,8 +128,12 @@ class _TensorRTBackend:
         ok, why = tensorrt.available()
         if not ok:
             raise HeroError(why)
+        from exporters.device.trt_contract import refit_known_issue
+
         self._paths = paths
         self._group = {bits: v.get("refit_group") or v["sha256"] for bits, v in variants.items()}
+        if refit_known_issue(why):  # no REFIT on this version: every variant gets its own engine
+            self._group = {bits: v["sha256"] for bits, v in variants.items()}
         self._runners, self._loaded = {}, {}
         for bits in sorted(paths, key=precision_order):
             group = self._group[bits]
