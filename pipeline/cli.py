@@ -234,22 +234,44 @@ def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits
 @click.option("--bits", default="2-8", show_default=True, help="bit widths, e.g. 2-8 or 4,8")
 @_scheme_options
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="evaluate on the first N test samples")
+@click.option("--mixed-average-bits", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="also a mixed-precision row: per-layer widths from --bits (those <= 8) at this average, "
+                   "minimising HAWQ-V3's Hessian-weighted perturbation (4 training batches)")
 @_model_options
-def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, model, model_kwargs, dataset,
-             data_root):
+def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mixed_average_bits, model, model_kwargs,
+             dataset, data_root):
     """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
     from exporters.device.bits import parse_bits
     from exporters.device.runtime import top1
-    from exporters.quantize import quantize_model
+    from exporters.quantize import average_bits, quantize_model
     from pipeline import stages
+    from pipeline.config import MixedSection
 
-    specs = [_spec(b, asymmetric, per_tensor, bn, grid) for b in (None, *parse_bits(bits))]
+    widths = parse_bits(bits)
+    specs = [_spec(b, asymmetric, per_tensor, bn, grid) for b in (None, *widths)]
+    mixed = None
+    if mixed_average_bits is not None:
+        mixed = MixedSection.model_validate({"candidates": [b for b in widths if b <= 8] or [8],
+                                             "budget": {"average_bits": mixed_average_bits}})
     loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
     x, y = stages.eval_data(loaded, "test", limit_test, data_root)
+    if mixed is not None:
+        import tempfile
+
+        from pipeline.config import QuantizeSection
+
+        section = QuantizeSection(bits=list(widths), symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
+                                  grid=grid, mixed=mixed)
+        with tempfile.TemporaryDirectory() as scratch:
+            specs.append(stages.mixed_variant(loaded, section, data_root, Path(scratch)).spec)
     click.echo("bits  accuracy")
     for spec in specs:
         logits = stages.torch_logits(quantize_model(loaded.model, spec), x, 500)
-        click.echo(f"{'fp32' if spec.bits is None else spec.bits:>4}  {100 * top1(logits, y):.2f}%")
+        label = f"mixed {average_bits(loaded.model, spec):.2f}" if spec.layer_bits else \
+            ("fp32" if spec.bits is None else spec.bits)
+        click.echo(f"{label:>4}  {100 * top1(logits, y):.2f}%")
+        if spec.layer_bits:
+            click.echo("      " + ", ".join(f"{n}:{b}" for n, b in spec.layer_bits))
 
 
 @cli.command()

@@ -124,6 +124,43 @@ def _train_section() -> type[_Section]:
 TrainSection = _train_section()
 
 
+class MixedBudget(_Section):
+    """Exactly one of: the average weight bits, or the packed weight size in KiB."""
+    average_bits: float | None = Field(None, gt=0, allow_inf_nan=False)
+    weight_kib: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.average_bits is None) == (self.weight_kib is None):
+            raise ValueError("give exactly one of average_bits and weight_kib")
+        return self
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class MixedSection(_Section):
+    """A mixed-precision variant: each layer's width from `candidates`, minimising the summed cost
+    (HAWQ-V3's Ω from the Hessian, or the measured loss increase) under `budget` (pipeline.mixed)."""
+    candidates: list[int] = Field(default_factory=lambda: [8, 6, 4, 3])
+    budget: MixedBudget
+    objective: Literal["hessian", "measured"] = "hessian"
+    keep_8bit: list[str] = Field(default_factory=list)
+    batches: int = Field(4, ge=1, description="training batches of 128 the costs are measured on")
+    hessian_samples: int = Field(16, ge=1, description="Hutchinson probes (one over all layers each)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _known(cls, bits):
+        try:
+            checked = sorted({check_bits(b) for b in bits}, reverse=True)
+        except HeroError as exc:
+            raise ValueError(str(exc)) from None
+        if not checked or checked[0] > 8:
+            raise ValueError("candidates must be a non-empty list of widths <= 8")
+        return checked
+
+
 class QuantizeSection(_Section):
     bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3])
     symmetric: bool = True
@@ -134,6 +171,7 @@ class QuantizeSection(_Section):
     act_method: Literal["max", "percentile"] = "max"
     act_percentile: float = 99.99
     calibration_batches: int = Field(8, ge=1)
+    mixed: MixedSection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -163,11 +201,13 @@ class QuantizeSection(_Section):
             raise ValueError(str(exc)) from None
         return sorted(set(checked), reverse=True)
 
-    def spec(self, bits: int | None) -> QuantSpec:
-        """The QuantSpec of one precision of this section (bits None: the float baseline)."""
+    def spec(self, bits: int | None, layer_bits: dict[str, int] | None = None) -> QuantSpec:
+        """The QuantSpec of one precision of this section (bits None: the float baseline; layer_bits:
+        the mixed variant's widths)."""
+        quantized = bits is not None or layer_bits is not None
         return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, bn=self.bn,
-                         grid=self.grid if bits is not None else "canonical",
-                         act_bits=None if bits is None else self.act_bits, act_method=self.act_method,
+                         grid=self.grid if quantized else "canonical", layer_bits=layer_bits,
+                         act_bits=self.act_bits if quantized else None, act_method=self.act_method,
                          act_percentile=self.act_percentile)
 
 

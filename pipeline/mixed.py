@@ -167,3 +167,22 @@ def cost_table(layers: dict, objective: str, candidates: Sequence[int] | None = 
 def layer_sizes(layers: dict) -> dict[str, int]:
     """{layer: weight count} from a layers.json dict, in its layer order."""
     return {entry["name"]: int(entry["n_params"]) for entry in layers["layers"]}
+
+
+def assign_bits(model, batches, mixed, *, symmetric: bool, per_channel: bool, seed: int = 0) -> dict:
+    """The mixed variant's widths for `model`: per-layer costs measured on `batches` (training
+    (x, y) tensors; pipeline.sensitivity, one Hutchinson probe over all layers per sample), then
+    `solve_bits` under the MixedSection `mixed`'s budget. Returns the solution dict of `solve_bits`
+    plus "objective" and the "costs" table it minimised."""
+    import torch
+
+    from pipeline.sensitivity import layer_sensitivity
+
+    accuracy = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    layers = {"layers": layer_sensitivity(model, batches, accuracy, bits=mixed.candidates, symmetric=symmetric,
+                                          per_channel=per_channel, bound_linf=float("inf"),
+                                          samples=mixed.hessian_samples, seed=seed, joint=True)["layers"]}
+    costs = cost_table(layers, mixed.objective, mixed.candidates)
+    solution = solve_bits(costs, layer_sizes(layers), mixed.budget.as_dict(), mixed.keep_8bit)
+    return {**solution, "objective": mixed.objective, "costs": {n: {str(b): c for b, c in t.items()}
+                                                               for n, t in costs.items()}}

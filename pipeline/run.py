@@ -57,6 +57,9 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
                                _describe(config))
     log(f"[2/6] quantize: {', '.join(f'w{b}' for b in q.bits)} from {checkpoint}")
     variants = stages.variants_stage(q)
+    if q.mixed is not None:
+        log(f"      mixed precision: per-layer {q.mixed.objective} costs, budget {q.mixed.budget.as_dict()}")
+        variants.append(stages.mixed_variant(loaded, q, data.root, run_dir))
     calibration = stages.calibrate_stage(loaded, variants[-1].spec, q.calibration_batches, data.root)
     log(f"[3/6] export {len(variants)} ONNX artifacts to {run_dir / 'artifacts'}")
     artifacts = stages.export_stage(loaded, variants, config.export, calibration, run_dir)

@@ -8,6 +8,7 @@ whose inputs did not change.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,26 @@ def variants_stage(q: QuantizeSection) -> list[Variant]:
     for bits in q.bits:
         out.append(Variant(f"w{bits}" + (f"a{q.act_bits}" if q.act_bits else ""), q.spec(bits)))
     return out
+
+
+def mixed_variant(loaded: Loaded, q: QuantizeSection, data_root: str | None, run_dir: Path) -> Variant:
+    """The mixed-precision variant of q.mixed: widths solved on the first q.mixed.batches training
+    batches of 128 (pipeline.mixed.assign_bits), cached per checkpoint and settings."""
+    from pipeline.mixed import assign_bits
+
+    m = q.mixed
+    cache = StageCache(run_dir)
+    key = input_key(checkpoint=loaded.sha256, mixed=m.model_dump(), symmetric=q.symmetric,
+                    per_channel=q.per_channel, root=data_root, tool=TOOL_VERSION)
+    solution = cache.get("mixed", "assignment", key)
+    if solution is None:
+        x, y = eval_data(loaded, "train", 128 * m.batches, data_root)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(y), 128)]
+        solution = assign_bits(loaded.model, batches, m, symmetric=q.symmetric, per_channel=q.per_channel)
+        cache.put("mixed", "assignment", key, solution)
+    name = "mixed" + (f"a{q.act_bits}" if q.act_bits else "")
+    return Variant(name, q.spec(None, solution["bits"]))
 
 
 def _open(loaded: Loaded, split: str, limit: int | None, data_root: str | None, stream: bool):
@@ -275,11 +296,25 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
                "packed_weight_bytes": art.packed_weight_bytes,
                "artifact": str(art.path.relative_to(run_dir)), "sha256": art.sha256}
         if not row["consistent"]:
+            row["first_divergence"] = _first_divergence(loaded, art, test_data, v, rt)
+            where = row["first_divergence"]
             print(f"hero: {art.variant.name}: the runtime disagrees with the PyTorch emulation "
                   f"(agreement {min(row['agreement'], row['agreement_unoptimized']):.4f}, max |Δlogit| "
-                  f"{max(row['max_logit_diff'], row['max_logit_diff_unoptimized']):.3g})", file=sys.stderr)
+                  f"{max(row['max_logit_diff'], row['max_logit_diff_unoptimized']):.3g})"
+                  + (f"; first diverging layer: {where['module']} (max |Δ| {where['max_abs_diff']:.3g})"
+                     if where else ""), file=sys.stderr)
         rows.append(row)
     return rows
+
+
+def _first_divergence(loaded: Loaded, art: Artifact, test_data, v: ValidateSection, rt: RuntimeSection) -> dict | None:
+    """Where an inconsistent artifact parts from its emulation (pipeline.debug on 256 test images):
+    {"module", "node", "max_abs_diff", "tolerance"} of the first layer beyond tolerance, or None."""
+    from pipeline.debug import first_divergence
+
+    x = np.concatenate([b for b, _ in itertools.islice(test_data.batches(256)(), 1)])
+    row = first_divergence(loaded, art.path, x, atol=v.logit_atol, providers=rt.providers)
+    return None if row is None else {k: row[k] for k in ("module", "node", "max_abs_diff", "tolerance")}
 
 
 class EvalSplit:

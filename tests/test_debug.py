@@ -156,3 +156,18 @@ def test_debug_errors_are_one_line_hero_errors(trained, artifact, tmp_path, caps
     assert len(errors) == 4
     assert "does not exist" in errors[0] and "--atol" in errors[1] and "--limit-test" in errors[2]
     assert "another checkpoint" in errors[3]
+
+
+def test_validation_names_the_first_diverging_layer_of_an_inconsistent_variant(trained, artifact, tmp_path, capsys):
+    from exporters.device.files import sha256_file
+    from pipeline.config import RuntimeSection, ValidateSection
+
+    checkpoint, data, _ = trained
+    loaded = _loaded(checkpoint)
+    broken = corrupted_copy(artifact, tmp_path, "block.pointwise.weight_quantized")
+    art = stages.Artifact(stages.Variant("w4", QuantSpec(bits=4)), broken, sha256_file(broken),
+                          broken.stat().st_size, 0)
+    rows = stages.validate_stage(loaded, [art], None, ValidateSection(latency_repeats=1), RuntimeSection(),
+                                 stages.EvalSplit(loaded, 32, str(data)), tmp_path)
+    assert not rows[0]["consistent"] and rows[0]["first_divergence"]["module"] == "block.pointwise"
+    assert "first diverging layer: block.pointwise" in capsys.readouterr().err

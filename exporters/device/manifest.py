@@ -152,7 +152,7 @@ def read_manifest(bundle_dir) -> dict:
     _check_fields(manifest["test_data"], _TEST_DATA, "test_data.", path)
     for i, variant in enumerate(manifest["variants"]):
         _check_fields(variant, _VARIANT, f"variants[{i}].", path)
-    bits = [v["bits"] for v in manifest["variants"]]
+    bits = [v["bits"] for v in manifest["variants"] if not v.get("layer_bits")]
     if len(set(bits)) != len(bits):
         raise HeroError(f"{path} has several variants with the same bits {bits}: one precision per bits value")
     for key in ("name", "artifact"):

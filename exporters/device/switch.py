@@ -48,15 +48,22 @@ from exporters.device.manifest import read_manifest, verify_file
 RUNTIMES = ("onnxruntime", "tensorrt")
 
 
-def precision_order(bits: int | None) -> tuple:
-    """Sort key: float (None) first, then from the most bits to the fewest."""
-    return (bits is not None, -(bits or 0))
+def precision_key(variant: dict) -> int | str | None:
+    """How a variant is named to `set_precision`: its bits (None = float), or, for a mixed-precision
+    variant (per-layer widths), its name."""
+    return variant["name"] if variant.get("layer_bits") else variant["bits"]
+
+
+def precision_order(key: int | str | None) -> tuple:
+    """Sort key: float (None) first, then from the most bits to the fewest, then mixed variants by name."""
+    return (key is not None, isinstance(key, str), -(key or 0) if not isinstance(key, str) else 0, str(key))
 
 
 class PrecisionSwitcher:
     """One model, every precision of a bundle prepared, one of them active.
 
-    `precisions` lists the bundle's bits (None = float) float first, then descending; the float
+    `precisions` lists the bundle's bits (None = float; a mixed-precision variant by its name) float
+    first, then descending, then mixed; the float
     variant is active at start (else the widest). `last_switch_ms` is the wall-clock time of the
     last `set_precision`.
     """
@@ -67,7 +74,7 @@ class PrecisionSwitcher:
         self.bundle_dir = Path(bundle_dir)
         self.runtime = runtime
         self.manifest = read_manifest(self.bundle_dir)
-        self._variants = {v["bits"]: v for v in self.manifest["variants"]}
+        self._variants = {precision_key(v): v for v in self.manifest["variants"]}
         self.precisions = sorted(self._variants, key=precision_order)
         paths = {bits: verify_file(self.bundle_dir, v["artifact"], v["sha256"]) for bits, v in self._variants.items()}
         if runtime == "onnxruntime":
@@ -80,15 +87,16 @@ class PrecisionSwitcher:
         self._backend.select(self.precision)
         self.last_switch_ms: float | None = None
 
-    def variant(self, bits: int | None) -> dict:
-        """The manifest entry of the variant with `bits`."""
+    def variant(self, bits: int | str | None) -> dict:
+        """The manifest entry of the variant with `bits` (a mixed variant: its name)."""
         if bits not in self._variants:
             shown = ", ".join("float" if b is None else str(b) for b in self.precisions)
-            raise HeroError(f"this bundle has no {bits}-bit variant: choose one of {shown}")
+            what = f"variant {bits!r}" if isinstance(bits, str) else f"{bits}-bit variant"
+            raise HeroError(f"this bundle has no {what}: choose one of {shown}")
         return self._variants[bits]
 
-    def set_precision(self, bits: int | None) -> None:
-        """Make the variant with `bits` the one `predict` runs."""
+    def set_precision(self, bits: int | str | None) -> None:
+        """Make the variant with `bits` (None: float; a mixed variant's name) the one `predict` runs."""
         self.variant(bits)
         start = time.perf_counter()
         self._backend.select(bits)

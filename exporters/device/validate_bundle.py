@@ -93,7 +93,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         if not np.all(np.isfinite(logits)):
             reasons.append(f"{variant['name']}: the runtime produced non-finite logits on this device")
         rows.append({
-            "name": variant["name"], "bits": bits, "symmetric": variant["symmetric"],
+            "name": variant["name"], "bits": variant["bits"], "symmetric": variant["symmetric"],
             "per_channel": variant["per_channel"], "act_bits": variant["act_bits"],
             "bn": variant.get("bn", "fold-first"), "grid": variant.get("grid", "canonical"),
             "layer_bits": variant.get("layer_bits"), "runtime": runtime,
