@@ -1,11 +1,14 @@
 """Run the HERO paper's experiments as resumable cells (see ``plan.py`` for which cells and why).
 
 Every cell trains with ``hero_train.train.train(config, <cell>/train, resume=True)`` (a finished
-cell, whose checkpoint holds all its epochs, is skipped) and then, unless it only feeds the
-label-noise table, runs the real deploy pipeline on the final checkpoint
-(``pipeline.run.run_pipeline``: fp32 and 8..2-bit ONNX artifacts, each validated in ONNX Runtime;
-cached per stage). An invocation starts no cell that its measured cost estimate says would end past
-``--budget-minutes``, so each invocation is a resumable piece; it prints what remains.
+cell, whose checkpoint holds all its epochs, is skipped), is evaluated on its validation split
+(training images it never trained on; ``<cell>/validation.json``) and then, unless it only feeds
+the label-noise table, runs the real deploy pipeline on the final checkpoint once per PTQ scheme
+(``pipeline.run.run_pipeline`` into ``<cell>/ptq/<scheme>``: fp32 and 8..2-bit ONNX artifacts, each
+validated in ONNX Runtime; cached per stage). A scheme whose report belongs to the checkpoint is
+not run again, so adding a scheme re-runs only its PTQ. An invocation starts no cell that its
+measured cost estimate says would end past ``--budget-minutes``, so each invocation is a resumable
+piece; it prints what remains.
 
     python benchmarks/paper/driver.py --dry-run                  # the plan and its time estimate
     python benchmarks/paper/driver.py --budget-minutes 55        # one piece; repeat until done
@@ -134,45 +137,90 @@ def measure_costs(cells: list[P.Cell], rounds: int = 3) -> P.Costs:
 # --------------------------------------------------------------------------- cells
 
 
+VALIDATION_FILE = "validation.json"
+
+
 @dataclass(frozen=True)
 class CellStatus:
     epochs_done: int
-    ptq_done: bool
+    schemes_done: tuple[str, ...] = ()  # PTQ schemes whose report belongs to the final checkpoint
+    validated: bool = False
 
     def done(self, cell: P.Cell) -> bool:
-        return self.epochs_done >= cell.config.epochs and (self.ptq_done or not cell.ptq)
+        return (self.epochs_done >= cell.config.epochs
+                and (not cell.ptq or set(cell.ptq_schemes) <= set(self.schemes_done))
+                and (cell.validation is None or self.validated))
 
 
 def checkpoint_path(cell: P.Cell, out_root: Path) -> Path:
     return out_root / cell.name / "train" / CHECKPOINT
 
 
+def _belongs(path: Path, sha: str) -> bool:
+    """Whether a JSON file with meta.checkpoint_sha256 (or checkpoint_sha256) was made from `sha`."""
+    if not path.is_file():
+        return False
+    doc = json.loads(path.read_text())
+    return doc.get("meta", doc).get("checkpoint_sha256") == sha
+
+
 def cell_status(cell: P.Cell, out_root: Path) -> CellStatus:
-    """How far a cell got: the epochs its checkpoint holds, and whether its PTQ report belongs to
-    that checkpoint."""
+    """How far a cell got: the epochs its checkpoint holds, and which PTQ schemes and whether the
+    validation evaluation belong to that checkpoint."""
     ckpt = checkpoint_path(cell, out_root)
     if not ckpt.is_file():
-        return CellStatus(0, False)
+        return CellStatus(0)
     epochs = int(load_checkpoint(ckpt)["epoch"])
-    report = out_root / cell.name / "ptq" / "report.json"
-    ptq_done = False
-    if epochs >= cell.config.epochs and report.is_file():
-        meta = json.loads(report.read_text()).get("meta", {})
-        ptq_done = meta.get("checkpoint_sha256") == sha256_file(ckpt)
-    return CellStatus(epochs, ptq_done)
+    if epochs < cell.config.epochs:
+        return CellStatus(epochs)
+    sha = sha256_file(ckpt)
+    folder = out_root / cell.name
+    schemes = tuple(s for s in cell.ptq_schemes if _belongs(folder / "ptq" / P.scheme_dir(s) / "report.json", sha))
+    return CellStatus(epochs, schemes, _belongs(folder / VALIDATION_FILE, sha))
 
 
-def deploy_config(cell: P.Cell):
-    """The deploy config of a cell's PTQ evaluation: every bit width of the paper's Figure 1."""
+def bn_supported() -> bool:
+    """Whether the deploy config has the `quantize.bn` key the PTQ schemes are written in (issue 16)."""
+    from pipeline.config import QuantizeSection
+
+    return "bn" in QuantizeSection.model_fields
+
+
+def deploy_config(cell: P.Cell, scheme: str):
+    """The deploy config of a cell's PTQ evaluation under one scheme: every bit width of Figure 1."""
     from pipeline.config import DeployConfig
 
     return DeployConfig.model_validate({
-        "name": cell.name.replace("/", "_"),
+        "name": f"{cell.name.replace('/', '_')}_{P.scheme_dir(scheme)}",
         "data": {"root": cell.config.data_root, "limit_test": cell.ptq_limit_test},
-        "quantize": {"bits": list(P.PTQ_BITS), "symmetric": True, "per_channel": cell.ptq_per_channel},
+        "quantize": {"bits": list(P.PTQ_BITS), "symmetric": True, **P.PTQ_SCHEMES[scheme]},
         "runtime": {"name": "onnxruntime"},
         "validate": dict(P.PTQ_VALIDATE),
     })
+
+
+def validate_cell(cell: P.Cell, out_root: Path) -> dict:
+    """Loss and accuracy of the final checkpoint (eval mode, no augmentation) on the cell's held-out
+    training images [start, stop), written to <cell>/validation.json: what h and gamma are chosen on."""
+    from hero_train import data as hdata
+    from hero_train.checkpoint import model_from_checkpoint
+    from hero_train.train import evaluate
+
+    ckpt_path = checkpoint_path(cell, out_root)
+    ckpt = load_checkpoint(ckpt_path)
+    start, stop = cell.validation
+    train_split = hdata.load_dataset(cell.config.dataset, "train", root=cell.config.data_root)
+    if stop > len(train_split.labels):
+        raise HeroError(f"{cell.name}: validation images {start}..{stop} exceed the {len(train_split.labels)} "
+                        f"training images; lower the scale's validation or limit_train")
+    norm = ckpt["normalization"]
+    images = hdata.normalize(train_split.images[start:stop], tuple(norm["mean"]), tuple(norm["std"]))
+    loss, accuracy = evaluate(model_from_checkpoint(ckpt), images, train_split.labels[start:stop],
+                              device=cell.config.device)
+    result = {"checkpoint_sha256": sha256_file(ckpt_path), "images": [start, stop], "loss": loss,
+              "accuracy": accuracy}
+    write_atomic(out_root / cell.name / VALIDATION_FILE, json.dumps(result, indent=1))
+    return result
 
 
 def machine() -> dict:
@@ -182,7 +230,8 @@ def machine() -> dict:
 
 
 def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
-    """Train (or finish training) one cell, then evaluate it at every precision; records wall times."""
+    """Train (or finish training) one cell, evaluate it on its validation split, then at every
+    precision under each PTQ scheme not yet done; records wall times."""
     from pipeline.run import run_pipeline
 
     cell_dir = out_root / cell.name
@@ -195,10 +244,21 @@ def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
         began = time.perf_counter()
         train(cell.config, cell_dir / "train", resume=True)
         timing["train_wall_seconds"] = timing.get("train_wall_seconds", 0.0) + time.perf_counter() - began
-    if cell.ptq and not cell_status(cell, out_root).ptq_done:
+        status = cell_status(cell, out_root)
+    if cell.validation is not None and not status.validated:
+        validate_cell(cell, out_root)
+    left = [s for s in cell.ptq_schemes if s not in status.schemes_done] if cell.ptq else []
+    if left and not bn_supported():
+        log(f"{cell.name}: PTQ waits for the deploy config's quantize.bn (issue 16); rerun the driver once it "
+            f"exists: only the PTQ runs")
+        left = []
+    ptq_seconds = timing.get("ptq_wall_seconds", {})
+    for scheme in left:
         began = time.perf_counter()
-        run_pipeline(deploy_config(cell), cell_dir / "ptq", checkpoint_path(cell, out_root), log=log)
-        timing["ptq_wall_seconds"] = timing.get("ptq_wall_seconds", 0.0) + time.perf_counter() - began
+        run_pipeline(deploy_config(cell, scheme), cell_dir / "ptq" / P.scheme_dir(scheme),
+                     checkpoint_path(cell, out_root), log=log)
+        ptq_seconds[scheme] = ptq_seconds.get(scheme, 0.0) + time.perf_counter() - began
+    timing["ptq_wall_seconds"] = ptq_seconds
     write_atomic(timing_path, json.dumps({**timing, "machine": machine()}, indent=1))
     return cell_status(cell, out_root)
 
@@ -217,7 +277,7 @@ def run_plan(cells: list[P.Cell], out_root: Path, budget_seconds: float, costs: 
         status = cell_status(cell, out_root)
         if status.done(cell):
             continue
-        raw = P.estimate_cell_seconds(cell, costs, status.epochs_done, status.ptq_done)
+        raw = P.estimate_cell_seconds(cell, costs, status.epochs_done, status.schemes_done, status.validated)
         estimate = raw * (actual / estimated if estimated > 0 else 1.0)
         elapsed = time.monotonic() - started
         if ran and elapsed + estimate > budget_seconds:
@@ -241,9 +301,11 @@ def plan_lines(cells: list[P.Cell], out_root: Path, costs: P.Costs, budget_secon
     todo, estimates = [], []
     for i, cell in enumerate(cells):
         status = cell_status(cell, out_root)
-        est = 0.0 if status.done(cell) else P.estimate_cell_seconds(cell, costs, status.epochs_done, status.ptq_done)
+        est = 0.0 if status.done(cell) else P.estimate_cell_seconds(cell, costs, status.epochs_done,
+                                                                    status.schemes_done, status.validated)
         label = ("done" if status.done(cell) else
-                 f"{status.epochs_done}/{cell.config.epochs} ep" if status.epochs_done else "pending")
+                 f"PTQ {len(status.schemes_done)}/{len(cell.ptq_schemes)}" if status.epochs_done >= cell.config.epochs
+                 else f"{status.epochs_done}/{cell.config.epochs} ep" if status.epochs_done else "pending")
         lines.append(f"{i + 1:>3} {cell.priority:>4} {label:<10} {est / 60:>7.1f}  {cell.name:<66} "
                      f"{','.join(cell.tables)}")
         if est > 0:

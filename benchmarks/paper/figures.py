@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.paper import tables as T  # noqa: E402
+from benchmarks.paper import plan as P  # noqa: E402
 from benchmarks.paper.plan import method_label  # noqa: E402
 from pipeline.report import plot_accuracy_vs_bits  # noqa: E402
 
@@ -34,20 +35,25 @@ def _main_cells(plan: dict, cells: list[dict], tag: str, group: str,
 
 
 def figure1(plan: dict, cells: list[dict], results_dir: Path) -> list[Path]:
-    """Runtime accuracy against weight bits for every method (seed 0), one figure per dataset/model."""
+    """Runtime accuracy against weight bits for every method, mean over the finished seeds, one
+    figure per dataset/model and PTQ scheme."""
     paths, all_groups = [], T.groups(cells)
     for group in all_groups:
-        series, baselines = {}, {}
-        for cell in _main_cells(plan, cells, "fig1", group):
-            if not cell.get("report"):
-                continue
-            label = method_label(cell["config"])
-            series[label] = [(v["bits"], v["runtime_accuracy"]) for v in cell["report"]["variants"]]
-            baselines[label] = T.ptq_accuracy(cell, None)
-        if series:
-            path = results_dir / f"fig1_ptq{_suffix(group, len(all_groups) > 1)}.png"
-            paths.append(plot_accuracy_vs_bits(series, baselines, path,
-                                               title=f"PTQ in ONNX Runtime, {group}"))
+        for scheme in T.schemes(plan):
+            series, baselines = {}, {}
+            for optimizer in ("sgd", "gradl1", "first-order", "hero"):
+                chosen = [c for c in T.pick(cells, "fig1", group, **T.main_match(plan, optimizer))
+                          if scheme in c.get("reports", {})]
+                if not chosen:
+                    continue
+                label = f"{method_label({'optimizer': optimizer})} ({len(chosen)} seed{'s' * (len(chosen) > 1)})"
+                bits = [v["bits"] for v in chosen[0]["reports"][scheme]["variants"]]
+                series[label] = [(b, float(np.mean([T.ptq_accuracy(c, b, scheme) for c in chosen]))) for b in bits]
+                baselines[label] = float(np.mean([T.ptq_accuracy(c, None, scheme) for c in chosen]))
+            if series:
+                path = results_dir / f"fig1_ptq{_suffix(group, len(all_groups) > 1)}_{P.scheme_dir(scheme)}.png"
+                paths.append(plot_accuracy_vs_bits(series, baselines, path,
+                                                   title=f"PTQ in ONNX Runtime, {group}, {scheme}"))
     return paths
 
 

@@ -2,8 +2,9 @@
 
 A cell's folder (see driver.py) holds ``cell.json``, ``train/metrics.jsonl`` (one line per epoch:
 train_loss, train_accuracy, test_loss, test_accuracy, seconds and, when recorded, hz_norm),
-``ptq/report.json`` (pipeline.report's schema) and ``timing.json`` (wall seconds of training and
-of the PTQ evaluation, and the machine). Accuracies here are fractions; tables print percent.
+``ptq/<scheme>/report.json`` per PTQ scheme (pipeline.report's schema), ``validation.json`` (loss and
+accuracy on the held-out training images) and ``timing.json`` (wall seconds of training and of each
+scheme's PTQ evaluation, and the machine). Accuracies here are fractions; tables print percent.
 
 "Final" is the accuracy after the last epoch, the number we report. "Best" is the highest test
 accuracy over the epochs, what the authors' script prints: it selects an epoch on the test set, so
@@ -17,7 +18,8 @@ import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks.paper.plan import SCALES, build_plan, method_label, plan_document, step_kind
+from benchmarks.paper import paper_numbers as PN
+from benchmarks.paper.plan import PTQ_SCHEMES, SCALES, build_plan, method_label, plan_document, scheme_dir, step_kind
 
 MISSING = "—"
 BEST_NOTE = "best over epochs (selects on the test set, as the authors' script does)"
@@ -41,8 +43,10 @@ def load_cell(cell: dict, out_root: Path) -> dict:
     folder = out_root / cell["name"]
     metrics = json_lines(folder / "train" / "metrics.jsonl")
     finished = bool(metrics) and metrics[-1]["epoch"] == cell["config"]["epochs"]
+    reports = {s: _json(folder / "ptq" / scheme_dir(s) / "report.json") for s in cell.get("ptq_schemes", [])}
     return dict(cell, folder=str(folder), metrics=metrics, finished=finished,
-                report=_json(folder / "ptq" / "report.json"), timing=_json(folder / "timing.json") or {})
+                reports={s: r for s, r in reports.items() if r}, validation=_json(folder / "validation.json"),
+                timing=_json(folder / "timing.json") or {})
 
 
 def load_results(out_root: Path, scale: str | None = None) -> tuple[dict, list[dict]]:
@@ -70,9 +74,13 @@ def best_accuracy(cell: dict) -> float | None:
     return max(m["test_accuracy"] for m in cell["metrics"]) if cell["finished"] else None
 
 
-def ptq_accuracy(cell: dict, bits: int | None) -> float | None:
-    """Accuracy of the exported artifact in ONNX Runtime; bits None is the fp32 artifact."""
-    report = cell.get("report")
+def validation_accuracy(cell: dict) -> float | None:
+    return (cell.get("validation") or {}).get("accuracy") if cell["finished"] else None
+
+
+def ptq_accuracy(cell: dict, bits: int | None, scheme: str = "per-channel") -> float | None:
+    """Accuracy of the exported artifact of `scheme` in ONNX Runtime; bits None is the fp32 artifact."""
+    report = cell.get("reports", {}).get(scheme)
     if not report:
         return None
     if bits is None:
@@ -99,16 +107,17 @@ def pct(x: float | None) -> str:
     return MISSING if x is None else f"{100 * x:.2f}"
 
 
-def mean_sd(values: list[float | None]) -> str:
-    """Mean ± sample standard deviation (n − 1) in percent, with the per-seed values; values of
-    unfinished cells are left out and a single value is printed alone."""
+def mean_sd(values: list[float | None], per_seed: bool = True) -> str:
+    """Mean ± sample standard deviation (n − 1) in percent, with the per-seed values unless
+    `per_seed` is false; values of unfinished cells are left out and a single value is printed
+    alone, marked (1 seed)."""
     done = [v for v in values if v is not None]
     if not done:
         return MISSING
     if len(done) == 1:
-        return pct(done[0])
-    per_seed = " / ".join(pct(v) for v in done)
-    return f"{100 * statistics.mean(done):.2f} ± {100 * statistics.stdev(done):.2f} ({per_seed})"
+        return pct(done[0]) + (" (1 seed)" if len(values) > 1 else "")
+    seeds = f" ({' / '.join(pct(v) for v in done)})" if per_seed else ""
+    return f"{100 * statistics.mean(done):.2f} ± {100 * statistics.stdev(done):.2f}{seeds}"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -154,13 +163,18 @@ def table1(plan: dict, cells: list[dict]) -> str:
                                                                                     "best over epochs†", "paper"]
     rows = []
     for group in groups(cells):
-        for optimizer in ("sgd", "gradl1", "hero"):
+        model = group.split(" / ")[1]
+        for optimizer in ("sgd", "gradl1", "first-order", "hero"):
             chosen = pick(cells, "table1", group, **main_match(plan, optimizer))
+            if not chosen:
+                continue
             by_seed = {c["config"]["seed"]: c for c in chosen}
             finals = [final_accuracy(by_seed[s]) if s in by_seed else None for s in seeds]
             rows.append([group, method_label({"optimizer": optimizer})] + [pct(f) for f in finals]
-                        + [mean_sd(finals), mean_sd([best_accuracy(c) for c in chosen]), "not retrieved"])
-    return markdown(header, rows) + f"\n\n† {BEST_NOTE}."
+                        + [mean_sd(finals), mean_sd([best_accuracy(c) for c in chosen]),
+                           PN.table1_value(model, optimizer)])
+    return (markdown(header, rows) + f"\n\n† {BEST_NOTE}. paper: the paper's Table 1 for the same model on "
+            "CIFAR-10 (ours is Fashion-MNIST, a training subset, a few epochs; Table 1 has no first-order row).")
 
 
 def table2(plan: dict, cells: list[dict]) -> str:
@@ -169,6 +183,7 @@ def table2(plan: dict, cells: list[dict]) -> str:
     header = ["dataset / model", "method"] + [f"{round(100 * r)}% noise" for r in ratios] + ["paper"]
     rows = []
     for group in groups(cells):
+        model = group.split(" / ")[1]
         for optimizer in ("sgd", "gradl1", "hero"):
             row = [group, method_label({"optimizer": optimizer})]
             for ratio in ratios:
@@ -176,38 +191,63 @@ def table2(plan: dict, cells: list[dict]) -> str:
                 cell = chosen[0] if chosen else None
                 row.append(MISSING if cell is None or not cell["finished"]
                            else f"{pct(final_accuracy(cell))} ({pct(best_accuracy(cell))}†)")
-            rows.append(row + ["not retrieved"])
+            rows.append(row + [" / ".join(PN.table2_value(model, optimizer, r) for r in ratios)])
     epochs = plan["scale"]["noise_epochs"]
     return (markdown(header, rows) + f"\n\nFinal accuracy after {epochs} epochs on the clean test set; "
-            f"in brackets the {BEST_NOTE}.")
+            f"in brackets the {BEST_NOTE}. paper: the paper's Table 2 for the same model on CIFAR-10, "
+            "at the same ratios in order.")
+
+
+def schemes(plan: dict) -> list[str]:
+    return list(plan["scale"].get("ptq_schemes") or PTQ_SCHEMES)
+
+
+def selected_setting(plan: dict, cells: list[dict], group: str) -> dict | None:
+    """The HERO grid cell (first seed) of `group` with the highest validation accuracy: h and gamma
+    chosen on held-out training images, never on the test set; None until a grid cell is validated."""
+    seed = plan["scale"]["seeds"][0]
+    grid = [c for c in pick(cells, "gamma", group, seed=seed) if validation_accuracy(c) is not None]
+    return max(grid, key=validation_accuracy) if grid else None
+
+
+def _ptq_rows(plan: dict, cells: list[dict], tag: str, bits_list, paper) -> list[list[str]]:
+    """Rows scheme x method of runtime accuracy (mean ± sd over the seeds) at each of `bits_list`
+    (None: the fp32 artifact), then HERO at the validation-selected setting (first seed) where it
+    differs from the main one."""
+    rows = []
+    for group in groups(cells):
+        methods = [(o, method_label({"optimizer": o}), pick(cells, tag, group, **main_match(plan, o)))
+                   for o in ("hero", "first-order", "gradl1", "sgd")]
+        methods = [m for m in methods if m[2]]
+        selected = selected_setting(plan, cells, group)
+        main = next((chosen for optimizer, _, chosen in methods if optimizer == "hero"), [])
+        if selected is not None and all(selected["name"] != c["name"] for c in main):
+            c = selected["config"]
+            methods.append(("hero", f"HERO, selected (h {c['h']:g}, gamma {c['gamma']:g}; seed {c['seed']})",
+                            [selected]))
+        for scheme in schemes(plan):
+            for optimizer, label, chosen in methods:
+                rows.append([group, scheme, label]
+                            + [mean_sd([ptq_accuracy(c, b, scheme) for c in chosen], per_seed=False) for b in bits_list]
+                            + [paper(optimizer)])
+    return rows
 
 
 def table3(plan: dict, cells: list[dict], bits_list=(3, 4, 6, 8)) -> str:
-    """Post-training quantization: runtime accuracy (%) of HERO, first-order only and SGD at 4, 6
-    and 8 bits (the paper's columns), 3 bits (ours: where the methods part) and full precision,
-    mean ± sd over the seeds."""
-    header = ["dataset / model", "method"] + [f"{b}-bit" for b in bits_list] + ["full precision", "paper"]
-    rows = []
-    for group in groups(cells):
-        for optimizer in ("hero", "first-order", "sgd"):
-            chosen = pick(cells, "table3", group, **main_match(plan, optimizer))
-            rows.append([group, method_label({"optimizer": optimizer})]
-                        + [mean_sd([ptq_accuracy(c, b) for c in chosen]) for b in (*bits_list, None)]
-                        + ["not retrieved"])
+    """Post-training quantization: runtime accuracy (%) at 4, 6 and 8 bits (the paper's columns),
+    3 bits (ours: where the methods part) and full precision, per scheme and method, mean ± sd over
+    the seeds."""
+    header = (["dataset / model", "scheme", "method"] + [f"{b}-bit" for b in bits_list]
+              + ["fp32 (ORT)", "paper"])
+    rows = _ptq_rows(plan, cells, "table3", (*bits_list, None), PN.table3_value)
     return markdown(header, rows)
 
 
 def ptq_curve_table(plan: dict, cells: list[dict], bits_list=(8, 7, 6, 5, 4, 3, 2)) -> str:
-    """Figure 1's numbers: runtime accuracy (%) at every bit width, seed 0, every method."""
-    seed = plan["scale"]["seeds"][0]
-    header = ["dataset / model", "method", "fp32"] + [f"w{b}" for b in bits_list]
-    rows = []
-    for group in groups(cells):
-        for optimizer in ("sgd", "gradl1", "first-order", "hero"):
-            chosen = pick(cells, "fig1", group, seed=seed, **main_match(plan, optimizer))
-            cell = chosen[0] if chosen else {}
-            rows.append([group, method_label({"optimizer": optimizer})]
-                        + [pct(ptq_accuracy(cell, b)) if cell else MISSING for b in (None, *bits_list)])
+    """Figure 1's numbers: runtime accuracy (%) at every bit width, per scheme and method, mean ± sd
+    over the seeds."""
+    header = ["dataset / model", "scheme", "method", "fp32"] + [f"w{b}" for b in bits_list] + ["paper (Sec. 5.3)"]
+    rows = _ptq_rows(plan, cells, "fig1", (None, *bits_list), PN.figure1_value)
     return markdown(header, rows)
 
 
@@ -221,7 +261,8 @@ def step_ratio(step_seconds: dict[str, float], config: dict) -> float | None:
 def variants_table(plan: dict, cells: list[dict]) -> str:
     """HERO's own choices at full precision and 4 bits, with their training cost against SGD's."""
     seed = plan["scale"]["seeds"][0]
-    header = ["dataset / model", "HERO variant", "hvp", "gamma", "final test acc", "fp32 (ORT)", "4-bit (ORT)",
+    header = ["dataset / model", "HERO variant", "hvp", "gamma", "final test acc", "fp32 (ORT)",
+              "4-bit per-tensor quantize-first",
               "s / epoch", "x SGD", "step x SGD‡"]
     costs = plan.get("step_costs") or {}
     rows = []
@@ -233,7 +274,7 @@ def variants_table(plan: dict, cells: list[dict]) -> str:
             s = seconds_per_epoch(cell)
             ratio = step_ratio(costs.get("step_seconds", {}), c)
             rows.append([group, c["variant"], c["hvp"], f"{c['gamma']:g}", pct(final_accuracy(cell)),
-                         pct(ptq_accuracy(cell, None)), pct(ptq_accuracy(cell, 4)),
+                         pct(ptq_accuracy(cell, None)), pct(ptq_accuracy(cell, 4, "per-tensor quantize-first")),
                          MISSING if s is None else f"{s:.1f}",
                          MISSING if s is None or not sgd_s else f"{s / sgd_s:.2f}",
                          MISSING if ratio is None else f"{ratio:.2f}"])
@@ -245,20 +286,33 @@ def variants_table(plan: dict, cells: list[dict]) -> str:
             f"driver's measurement at its last invocation ({measured}), comparable across rows.")
 
 
-def gamma_table(plan: dict, cells: list[dict]) -> str:
-    """HERO (authors' variant) at each gamma of the grid, a row per seed."""
+def gamma_table(plan: dict, cells: list[dict], bits_list=(4, 3)) -> str:
+    """HERO (authors' variant) at each (h, gamma) of the grid, a row per seed: the validation accuracy
+    the setting is selected on, and the test numbers it is reported with."""
     seeds = plan["scale"]["seeds"][:plan["scale"].get("grid_seeds", 1)]
-    header = ["dataset / model", "gamma", "seed", "final test acc", "best†", "fp32 (ORT)", "4-bit", "3-bit",
-              "2-bit"]
+    header = (["dataset / model", "h", "gamma", "seed", "validation acc", "final test acc", "fp32 (ORT)"]
+              + [f"{b}-bit {scheme}" for scheme in schemes(plan) for b in bits_list])
     rows = []
     for group in groups(cells):
+        dataset = group.split(" / ")[0]
+        selected = selected_setting(plan, cells, group)
         grid = [c for c in pick(cells, "gamma", group) if c["config"]["seed"] in seeds]
-        for cell in sorted(grid, key=lambda c: (c["config"]["gamma"], c["config"]["seed"])):
-            main = " (main)" if cell["config"]["gamma"] == plan["scale"]["gamma"] else ""
-            rows.append([group, f"{cell['config']['gamma']:g}{main}", str(cell["config"]["seed"]),
-                         pct(final_accuracy(cell)), pct(best_accuracy(cell))]
-                        + [pct(ptq_accuracy(cell, b)) for b in (None, 4, 3, 2)])
-    return markdown(header, rows) + f"\n\n† {BEST_NOTE}."
+        for cell in sorted(grid, key=lambda c: (c["config"]["h"], c["config"]["gamma"], c["config"]["seed"])):
+            c = cell["config"]
+            marks = [m for m, hit in (("main", c["gamma"] == plan["scale"]["gamma"]
+                                       and c["h"] == plan["scale"]["h"][dataset]),
+                                      ("selected", selected is not None and selected["name"] == cell["name"])) if hit]
+            rows.append([group, f"{c['h']:g}", f"{c['gamma']:g}" + (f" ({', '.join(marks)})" if marks else ""),
+                         str(c["seed"]), pct(validation_accuracy(cell)), pct(final_accuracy(cell)),
+                         pct(ptq_accuracy(cell, None))]
+                        + [pct(ptq_accuracy(cell, b, scheme)) for scheme in schemes(plan) for b in bits_list])
+    v = plan["scale"].get("validation")
+    split = (f"the {v} training images after the first {plan['scale']['limit_train']}, which no cell trains on"
+             if v else "no validation split at this scale")
+    return (markdown(header, rows) + f"\n\nvalidation acc: full precision (PyTorch, eval mode) on {split}. "
+            "selected: the highest validation accuracy of the grid at the first seed, the rule fixed before "
+            "the runs; the test columns are reported, never used to choose. main: the a-priori setting of "
+            "the other tables.")
 
 
 def wall_time_table(cells: list[dict]) -> str:
@@ -269,7 +323,8 @@ def wall_time_table(cells: list[dict]) -> str:
         if not cell["metrics"]:
             continue
         train_s = cell["timing"].get("train_wall_seconds") or train_seconds(cell)
-        ptq_s = cell["timing"].get("ptq_wall_seconds", 0.0)
+        ptq = cell["timing"].get("ptq_wall_seconds") or {}
+        ptq_s = sum(ptq.values()) if isinstance(ptq, dict) else ptq
         train_total, ptq_total = train_total + train_s, ptq_total + ptq_s
         rows.append([cell["name"], f"{cell['metrics'][-1]['epoch']}/{cell['config']['epochs']}",
                      f"{train_s / 60:.1f}", f"{ptq_s / 60:.1f}" if ptq_s else MISSING])
