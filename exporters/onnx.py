@@ -420,9 +420,14 @@ def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOp
             "weight_storage": storage, "tool_version": TOOL_VERSION}
 
 
-def read_quantization(metadata: Mapping[str, str], source) -> tuple[quantize.QuantSpec, quantize.Calibration | None]:
+def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: str | None = None
+                      ) -> tuple[quantize.QuantSpec, quantize.Calibration | None]:
     """The QuantSpec and Calibration an artifact was exported with, from its hero.quantization
-    metadata; an artifact without it (not written by hero-deploy) or with a broken one is a HeroError."""
+    metadata; an artifact without it (not written by hero-deploy) or with a broken one is a HeroError,
+    and so is one whose hero.source_sha256 names another checkpoint than `checkpoint_sha256`."""
+    source_sha = metadata.get("hero.source_sha256")
+    if checkpoint_sha256 is not None and source_sha not in (None, checkpoint_sha256):
+        raise HeroError(f"{source} was exported from another checkpoint (sha256 {source_sha[:12]}…)")
     if QUANTIZATION_KEY not in metadata:
         raise HeroError(f"{source} has no {QUANTIZATION_KEY} metadata: use artifacts written by hero export or hero run")
     try:

@@ -409,12 +409,23 @@ def analyze(checkpoint, bits, model, model_kwargs, **options):
 def debug(artifact, checkpoint, limit_test, atol, out_path, model, model_kwargs, dataset, data_root):
     """Layer by layer: SQNR of the emulation against float, and where ONNX Runtime parts from it.
     Exit 0 when every layer agrees, 1 at a divergence."""
+    import json
+
+    from exporters.device.files import write_atomic
+    from pipeline import stages
     from pipeline.config import ValidateSection
-    from pipeline.debug import debug_table, run_debug
+    from pipeline.debug import DEFAULT_SAMPLES, debug_artifact, debug_table
 
     chosen = ValidateSection().logit_atol if atol is None else atol
-    result, out = run_debug(artifact, checkpoint, limit_test=limit_test, atol=chosen, out_path=out_path,
-                            named=_named(model, model_kwargs), dataset=dataset, data_root=data_root)
+    if limit_test is not None and limit_test < 1:
+        raise HeroError(f"--limit-test must be >= 1 (got {limit_test})")
+    if not Path(artifact).is_file():
+        raise HeroError(f"artifact {artifact} does not exist: export it first or fix the path")
+    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
+    x, _ = stages.eval_data(loaded, "test", limit_test or DEFAULT_SAMPLES, data_root)
+    result = debug_artifact(loaded, Path(artifact), x, atol=chosen)
+    out = Path(out_path) if out_path else Path(artifact).with_suffix(".debug.json")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     click.echo(debug_table(result))
     click.echo(f"wrote {out}")
     return 0 if result["first_divergence"] is None else 1

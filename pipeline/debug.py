@@ -51,11 +51,10 @@ Schema of ``debug.json``:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import onnx
@@ -64,10 +63,12 @@ from onnx import helper, numpy_helper
 
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
-from exporters.device.files import write_atomic
-from exporters.onnx import weight_initializers
+from exporters.device.files import sha256_file
+from exporters.onnx import read_quantization, weight_initializers
 from exporters.quantize import quantize_model, quantized_layers
-from pipeline import stages
+
+if TYPE_CHECKING:  # pipeline.stages calls first_divergence: no import back at run time
+    from pipeline.stages import Loaded
 
 DEFAULT_SAMPLES = 256
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -246,18 +247,18 @@ def first_divergence_row(rows: Sequence[dict]) -> dict | None:
     return next((row for row in rows if not row["consistent"]), None)
 
 
-def debug_artifact(loaded: stages.Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3, batch_size: int = 64,
+def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3, batch_size: int = 64,
                    providers: Sequence[str] | None = None) -> dict:
     """The debug.json dict of the artifact at `path` (exported from `loaded`) on inputs `x`."""
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (math.isfinite(atol) and atol > 0):
         raise HeroError(f"--atol must be a positive number (got {atol!r})")
     if batch_size < 1 or not len(x):
         raise HeroError(f"hero debug needs batch_size >= 1 and at least one sample (got {batch_size}, {len(x)})")
-    artifact, calibration = stages.artifact_from_file(Path(path), loaded)
-    spec = artifact.variant.spec
+    proto = onnx.load(str(path))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    spec, calibration = read_quantization(metadata, path, loaded.sha256)
     emulation = quantize_model(loaded.model, spec, calibration)
     floating = quantize_model(loaded.model, dataclasses.replace(spec, bits=None, act_bits=None))
-    proto = onnx.load(str(path))
     taps, unmapped = layer_taps(proto, emulation)
     if not taps:
         raise HeroError(f"{path} has no Conv/Gemm/MatMul that computes a layer of {loaded.path}'s model: "
@@ -281,13 +282,13 @@ def debug_artifact(loaded: stages.Loaded, path: Path, x: np.ndarray, *, atol: fl
                      "sqnr_runtime_db": sqnr_db(s.signal, s.noise_runtime), "max_abs_diff": s.diff,
                      "max_abs_diff_unoptimized": s.diff_literal, "tolerance": tolerance,
                      "consistent": max(s.diff, s.diff_literal) <= tolerance})
-    return {"artifact": str(path), "sha256": artifact.sha256, "checkpoint": str(loaded.path),
-            "variant": artifact.variant.name, "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
+    return {"artifact": str(path), "sha256": sha256_file(path), "checkpoint": str(loaded.path),
+            "variant": metadata.get("hero.variant", Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
             "providers": list(providers), "layers": rows, "unmapped": unmapped,
             "first_divergence": first_divergence_row(rows)}
 
 
-def first_divergence(loaded: stages.Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3,
+def first_divergence(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3,
                      providers: Sequence[str] | None = None) -> dict | None:
     """The first layer, in graph order, where the artifact at `path` parts from its emulation on
     `x` beyond tolerance: its debug.json row ("module", "node", "max_abs_diff", "tolerance", ...),
@@ -319,20 +320,3 @@ def debug_table(result: dict) -> str:
                  f"first divergence: {first['module']} (ONNX node {first['node']}, max |Δ| "
                  f"{max(first['max_abs_diff'], first['max_abs_diff_unoptimized']):.3g} > {first['tolerance']:.3g})")
     return "\n".join(lines)
-
-
-def run_debug(artifact, checkpoint, *, limit_test: int | None, atol: float, out_path, named=None,
-              dataset: str | None = None, data_root: str | None = None) -> tuple[dict, Path]:
-    """`hero debug`: compare on the first `limit_test` test samples and write the debug.json dict to
-    `out_path` (default: <artifact>.debug.json beside the artifact); returns it and the path."""
-    if limit_test is not None and limit_test < 1:
-        raise HeroError(f"--limit-test must be >= 1 (got {limit_test})")
-    if not Path(artifact).is_file():
-        raise HeroError(f"artifact {artifact} does not exist: export it first or fix the path")
-    describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
-    loaded = stages.load_stage(Path(checkpoint), named, dataset, describe)
-    x, _ = stages.eval_data(loaded, "test", limit_test or DEFAULT_SAMPLES, data_root)
-    result = debug_artifact(loaded, Path(artifact), x, atol=atol)
-    out = Path(out_path) if out_path else Path(artifact).with_suffix(".debug.json")
-    write_atomic(out, json.dumps(result, indent=2) + "\n")
-    return result, out

@@ -29,6 +29,7 @@ from hero_train.checkpoint import load_for_deploy, model_from_checkpoint
 from hero_train.models import ModelRef
 from hero_train.train import TrainConfig, first_nonfinite, train
 from pipeline.cache import StageCache, input_key
+from pipeline.debug import first_divergence
 from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection
 
 
@@ -196,9 +197,7 @@ def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection,
 def artifact_from_file(path: Path, loaded: Loaded) -> tuple[Artifact, Calibration | None]:
     """An exported artifact's variant, read back from its hero.quantization metadata (for `hero validate`)."""
     meta = ort_runtime.OnnxRuntimeRunner(path).metadata
-    spec, calibration = read_quantization(meta, path)
-    if meta.get("hero.source_sha256") not in (None, loaded.sha256):
-        raise HeroError(f"{path} was exported from another checkpoint (sha256 {meta['hero.source_sha256'][:12]}…)")
+    spec, calibration = read_quantization(meta, path, loaded.sha256)
     name = meta.get("hero.variant", path.stem)
     return Artifact(Variant(name, spec), path, sha256_file(path), path.stat().st_size,
                     packed_weight_bytes(loaded.model, spec)), calibration
@@ -310,8 +309,6 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
 def _first_divergence(loaded: Loaded, art: Artifact, test_data, v: ValidateSection, rt: RuntimeSection) -> dict | None:
     """Where an inconsistent artifact parts from its emulation (pipeline.debug on 256 test images):
     {"module", "node", "max_abs_diff", "tolerance"} of the first layer beyond tolerance, or None."""
-    from pipeline.debug import first_divergence
-
     x = np.concatenate([b for b, _ in itertools.islice(test_data.batches(256)(), 1)])
     row = first_divergence(loaded, art.path, x, atol=v.logit_atol, providers=rt.providers)
     return None if row is None else {k: row[k] for k in ("module", "node", "max_abs_diff", "tolerance")}
