@@ -416,3 +416,93 @@ def test_unfinished_cells_print_as_missing(tmp_path):
     hero_row = next(line for line in T.table1(plan, loaded).splitlines()
                     if "| fashion-mnist / resnet20 | HERO |" in line)
     assert "| 83.00 | — | 83.00 (1 seed) |" in hero_row
+
+
+# --------------------------------------------------------------------------- kept cells (archive.py)
+
+
+def test_a_kept_cell_is_done_on_a_fresh_machine_and_a_kept_cell_missing_a_scheme_trains_again(
+        tiny_fmnist, tmp_path, monkeypatch):
+    import pipeline.run
+    from exporters.device.files import sha256_file
+
+    def fake_pipeline(config, run_dir, checkpoint, log=print):
+        run_dir.mkdir(parents=True)
+        (run_dir / "report.json").write_text(json.dumps({"meta": {"checkpoint_sha256": sha256_file(checkpoint)}}))
+
+    monkeypatch.setattr(pipeline.run, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(D, "bn_supported", lambda: True)
+    monkeypatch.setattr(D, "deploy_config", lambda cell, scheme: scheme)
+    cell = dataclasses.replace(tiny_cell(tiny_fmnist), ptq=True, ptq_schemes=("per-channel",), validation=(64, 96))
+    here, kept = tmp_path / "this-machine", tmp_path / "archive"
+    costs = P.Costs({P.step_kind(cell.config): 0.01}, {"fashion-mnist/resnet20": 0.01})
+    assert D.run_plan([cell], here, 3600, costs, kept_root=kept, log=lambda *_: None) == []
+    ckpt = D.checkpoint_path(cell, here)
+    record = json.loads((kept / cell.name / "checkpoint.json").read_text())
+    assert record["sha256"] == sha256_file(ckpt) and record["epoch"] == 1
+    assert (kept / cell.name / "ptq" / "per-channel" / "report.json").is_file()
+    assert not list(kept.rglob("*.pt")) and not list(kept.rglob("*.onnx"))  # results only
+
+    fresh = tmp_path / "next-machine"
+    assert D.cell_status(cell, fresh, kept).done(cell) and not D.cell_status(cell, fresh).done(cell)
+    monkeypatch.setattr(D, "train", lambda *a, **k: pytest.fail("a kept cell was trained again"))
+    assert D.run_plan([cell], fresh, 3600, costs, kept_root=kept, log=lambda *_: None) == []
+    assert not fresh.exists()
+
+    wider = dataclasses.replace(cell, ptq_schemes=("per-channel", "per-tensor quantize-first"))
+    assert D.cell_status(wider, fresh, kept) == D.CellStatus(0)  # its checkpoint is not kept: train again
+    (kept / cell.name / "validation.json").write_text(json.dumps({"checkpoint_sha256": "another"}))
+    assert D.cell_status(cell, fresh, kept) == D.CellStatus(0)  # results that belong to another checkpoint
+
+
+def test_aggregate_reads_kept_cells_where_this_machine_has_no_run(tmp_path):
+    from benchmarks.paper import archive as K
+
+    runs, kept = tmp_path / "runs", tmp_path / "archive"
+    cells = fake_results(kept, accuracy_by_method)  # every cell's files, as kept by an earlier machine
+    sgd = next(c for c in cells if c.config.optimizer == "sgd" and c.config.seed == 0 and c.ptq)
+    for cell in cells:
+        (kept / cell.name / K.RECORD).write_text(json.dumps({"sha256": "x", "epoch": cell.config.epochs}))
+    metrics = runs / sgd.name / "train" / "metrics.jsonl"  # this machine re-ran one cell, better
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 0.1, "train_accuracy": 0.99, "test_loss": 0.1,
+                                           "test_accuracy": 0.99, "seconds": 1.0}) + "\n"
+                               for e in range(1, sgd.config.epochs + 1)))
+    (kept / K.INVOCATIONS).write_text(json.dumps({"argv": ["--budget-minutes", "55"], "started": "then",
+                                                  "minutes": 50.0, "remaining": 3}) + "\n")
+    plan, loaded = T.load_results(runs, kept_root=kept)
+    assert all(c["finished"] for c in loaded)
+    by_name = {c["name"]: c for c in loaded}
+    assert T.final_accuracy(by_name[sgd.name]) == 0.99
+    hero = next(c for c in cells if c.config.optimizer == "hero" and c.config.seed == 1)
+    assert T.ptq_accuracy(by_name[hero.name], 4) == pytest.approx(0.85 - 0.04)
+    text = A.aggregate(runs, tmp_path / "results", contours=False, kept_root=kept).read_text()
+    assert "1 driver invocation(s) logged, 50 min" in text
+    pending = text.split("## Pending cells", 1)[1].strip().splitlines()  # this machine's run, not yet PTQ'd
+    assert pending == [f"- {sgd.name} (trained; PTQ 0/3 schemes)"]
+    alone = T.load_results(runs, scale="small")[1]  # without the archive: only this machine's one cell
+    assert [c["name"] for c in alone if c["finished"]] == [sgd.name]
+
+
+def test_kept_invocation_logs_merge_without_repeats(tmp_path):
+    from benchmarks.paper import archive as K
+
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    runs.mkdir()
+    (runs / K.INVOCATIONS).write_text('{"a": 1}\n{"b": 2}\n')
+    K.keep_run(runs, kept)
+    (runs / K.INVOCATIONS).write_text('{"a": 1}\n{"b": 2}\n{"c": 3}\n')
+    K.keep_run(runs, kept)
+    assert (kept / K.INVOCATIONS).read_text() == '{"a": 1}\n{"b": 2}\n{"c": 3}\n'
+
+
+def test_a_kept_cells_contour_is_redrawn_from_its_cache_without_the_checkpoint(tmp_path):
+    from benchmarks.paper import figures as Fg
+
+    key = {"sha256": "kept", "steps": 11, "span": 1.0, "images": 256, "batch_size": 128}
+    cached = {"key": key, "alphas": [0.0], "betas": [0.0], "losses": [[0.5]]}
+    (tmp_path / Fg.CONTOUR_FILE).write_text(json.dumps(cached))
+    cell = {"folder": str(tmp_path), "config": {}}
+    assert Fg.contour_of(cell) == cached
+    with pytest.raises(HeroError, match="does not exist"):  # other settings: the checkpoint is needed
+        Fg.contour_of(cell, steps=5)

@@ -8,7 +8,8 @@ the label-noise table, runs the real deploy pipeline on the final checkpoint onc
 validated in ONNX Runtime; cached per stage). A scheme whose report belongs to the checkpoint is
 not run again, so adding a scheme re-runs only its PTQ. An invocation starts no cell that its
 measured cost estimate says would end past ``--budget-minutes``, so each invocation is a resumable
-piece; it prints what remains.
+piece; it prints what remains. A finished cell's result files are copied into the committed
+``archive/`` (see ``archive.py``), so a fresh machine counts it as done and does not train it again.
 
     python benchmarks/paper/driver.py --dry-run                  # the plan and its time estimate
     python benchmarks/paper/driver.py --budget-minutes 55        # one piece; repeat until done
@@ -39,6 +40,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from benchmarks.paper import archive as K
 from benchmarks.paper import plan as P
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file, write_atomic
@@ -164,12 +166,26 @@ def _belongs(path: Path, sha: str) -> bool:
     return doc.get("meta", doc).get("checkpoint_sha256") == sha
 
 
-def cell_status(cell: P.Cell, out_root: Path) -> CellStatus:
+def kept_status(cell: P.Cell, kept_root: Path) -> CellStatus:
+    """A cell's status from its kept copy (archive.py): done when the copy covers everything the cell
+    plans; otherwise nothing (its checkpoint is not kept, so it trains again)."""
+    folder = kept_root / cell.name
+    rec = K.record(folder)
+    if rec is None:
+        return CellStatus(0)
+    schemes = tuple(s for s in cell.ptq_schemes
+                    if _belongs(folder / "ptq" / P.scheme_dir(s) / "report.json", rec["sha256"]))
+    status = CellStatus(int(rec["epoch"]), schemes, _belongs(folder / VALIDATION_FILE, rec["sha256"]))
+    return status if status.done(cell) else CellStatus(0)
+
+
+def cell_status(cell: P.Cell, out_root: Path, kept_root: Path | None = None) -> CellStatus:
     """How far a cell got: the epochs its checkpoint holds, and which PTQ schemes and whether the
-    validation evaluation belong to that checkpoint."""
+    validation evaluation belong to that checkpoint. Without a checkpoint in `out_root`, a kept copy
+    under `kept_root` that covers the whole cell counts as done."""
     ckpt = checkpoint_path(cell, out_root)
     if not ckpt.is_file():
-        return CellStatus(0)
+        return kept_status(cell, kept_root) if kept_root is not None else CellStatus(0)
     epochs = int(load_checkpoint(ckpt)["epoch"])
     if epochs < cell.config.epochs:
         return CellStatus(epochs)
@@ -263,10 +279,20 @@ def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
     return cell_status(cell, out_root)
 
 
+def keep(cell: P.Cell, out_root: Path, kept_root: Path | None) -> None:
+    """Copy a cell that finished on this machine, and the run's plan and logs, into `kept_root`."""
+    if kept_root is None or not cell_status(cell, out_root).done(cell):
+        return
+    ckpt = checkpoint_path(cell, out_root)
+    K.keep_cell(out_root / cell.name, kept_root / cell.name, ckpt, int(load_checkpoint(ckpt)["epoch"]))
+    K.keep_run(out_root, kept_root)
+
+
 def run_plan(cells: list[P.Cell], out_root: Path, budget_seconds: float, costs: P.Costs,
-             started: float | None = None, log=print) -> list[P.Cell]:
+             started: float | None = None, log=print, kept_root: Path | None = None) -> list[P.Cell]:
     """Run unfinished cells in order until the next one would end past the budget (the first
-    unfinished cell always runs); returns the cells still unfinished.
+    unfinished cell always runs); returns the cells still unfinished. A cell finished here is copied
+    into `kept_root` (archive.py); one kept there already counts as done.
 
     Estimates are rescaled by how long the cells run so far actually took against their estimates,
     so a machine busier (or idler) than during the step timing still keeps the piece in budget.
@@ -274,7 +300,7 @@ def run_plan(cells: list[P.Cell], out_root: Path, budget_seconds: float, costs: 
     started = time.monotonic() if started is None else started
     ran, estimated, actual = 0, 0.0, 0.0
     for i, cell in enumerate(cells):
-        status = cell_status(cell, out_root)
+        status = cell_status(cell, out_root, kept_root)
         if status.done(cell):
             continue
         raw = P.estimate_cell_seconds(cell, costs, status.epochs_done, status.schemes_done, status.validated)
@@ -288,19 +314,21 @@ def run_plan(cells: list[P.Cell], out_root: Path, budget_seconds: float, costs: 
             f"feeds {', '.join(cell.tables)})")
         began = time.monotonic()
         run_cell(cell, out_root, log)
+        keep(cell, out_root, kept_root)
         estimated, actual, ran = estimated + raw, actual + time.monotonic() - began, ran + 1
-    return [c for c in cells if not cell_status(c, out_root).done(c)]
+    return [c for c in cells if not cell_status(c, out_root, kept_root).done(c)]
 
 
 # --------------------------------------------------------------------------- printing
 
 
-def plan_lines(cells: list[P.Cell], out_root: Path, costs: P.Costs, budget_seconds: float) -> list[str]:
+def plan_lines(cells: list[P.Cell], out_root: Path, costs: P.Costs, budget_seconds: float,
+               kept_root: Path | None = None) -> list[str]:
     """The plan as a table (status and estimated minutes per cell), its total and its pieces."""
     lines = [f"{'#':>3} {'prio':>4} {'status':<10} {'est min':>7}  {'cell':<66} feeds"]
     todo, estimates = [], []
     for i, cell in enumerate(cells):
-        status = cell_status(cell, out_root)
+        status = cell_status(cell, out_root, kept_root)
         est = 0.0 if status.done(cell) else P.estimate_cell_seconds(cell, costs, status.epochs_done,
                                                                     status.schemes_done, status.validated)
         label = ("done" if status.done(cell) else
@@ -377,6 +405,8 @@ def parse_only(text: str | None) -> tuple[str, ...]:
                    "split the plan between processes, or run the most wanted cells first")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="runs go to OUT/SCALE/<cell>")
+@click.option("--archive", type=click.Path(path_type=Path), default=K.ARCHIVE, show_default=True,
+              help="finished cells are kept in ARCHIVE/SCALE (committed) and count as done on any machine")
 @click.option("--budget-minutes", type=float, default=55.0, show_default=True,
               help="start no cell estimated to end past this many minutes")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scale's")
@@ -386,7 +416,7 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 @click.option("--limit-train", type=int, default=None, help="override the scale's training subset")
 @click.option("--data-root", default=None, help="folder holding the datasets (default: hero_train's search)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the time estimate; train nothing")
-def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, noise_epochs, limit_train, data_root,
+def main(scale_name, only, matches, out, archive, budget_minutes, device, gamma, epochs, noise_epochs, limit_train, data_root,
          dry_run):
     """Train and evaluate the cells of the HERO paper's tables and figures, in priority order."""
     started = time.monotonic()
@@ -399,7 +429,7 @@ def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, 
         cells = P.match(cells, matches)
         if not cells:
             raise HeroError(f"--match {' '.join(matches)}: no cell of the plan has that in its name")
-    out_root = out / scale.name
+    out_root, kept_root = out / scale.name, archive / scale.name
     if not P.hz_supported():
         click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
                    "Figure 2 will show the generalization gap only")
@@ -408,17 +438,21 @@ def main(scale_name, only, matches, out, budget_minutes, device, gamma, epochs, 
         keep_freed_memory()  # as hero_train.train.train sets it: measure what the cells will run
     costs = measure_costs(cells)
     click.echo("\n".join(cost_lines(costs)))
-    click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60)))
+    click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60, kept_root)))
     if dry_run:
         return
     write_plan(scale, P.build_plan(scale), out_root, costs)
+    for cell in P.build_plan(scale):  # cells finished here by an earlier invocation, not yet kept
+        if not (kept_root / cell.name / K.RECORD).is_file():
+            keep(cell, out_root, kept_root)
     began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started)
+    remaining = run_plan(cells, out_root, budget_minutes * 60, costs, started, kept_root=kept_root)
     log_invocation(out_root, {"argv": sys.argv[1:], "started": began, "minutes": (time.monotonic() - started) / 60,
                               "remaining": len(remaining), "machine": machine()})
+    K.keep_run(out_root, kept_root)
     if remaining:
         click.echo(f"{len(remaining)} cells remain; run the same command again to continue:")
-        click.echo("\n".join(plan_lines(remaining, out_root, costs, budget_minutes * 60)))
+        click.echo("\n".join(plan_lines(remaining, out_root, costs, budget_minutes * 60, kept_root)))
     else:
         click.echo(f"every cell is done: python benchmarks/paper/aggregate.py --scale {scale.name} --out {out}")
 

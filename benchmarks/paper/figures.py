@@ -109,15 +109,18 @@ def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2,
     from hero_train.hessian import cross_entropy_loss, loss_contour
 
     ckpt_path = Path(cell["folder"]) / "train" / "checkpoint.pt"
+    cache = Path(cell["folder"]) / CONTOUR_FILE
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not ckpt_path.is_file() and cached:  # a kept cell (archive.py): its checkpoint is not kept
+        settings = {k: v for k, v in cached["key"].items() if k not in ("sha256", "images")}
+        if settings == {"steps": steps, "span": span, "batch_size": batch_size}:
+            return cached
     ckpt = load_checkpoint(ckpt_path)
     train = hdata.load_dataset(ckpt["dataset"], "train", root=cell["config"].get("data_root"))
     n = min(batches * batch_size, len(train.labels), cell["config"].get("limit_train") or len(train.labels))
     key = {"sha256": sha256_file(ckpt_path), "steps": steps, "span": span, "images": n, "batch_size": batch_size}
-    cache = Path(cell["folder"]) / CONTOUR_FILE
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
+    if cached.get("key") == key:
+        return cached
     model = model_from_checkpoint(ckpt)
     norm = ckpt["normalization"]
     x = hdata.normalize(train.images[:n], tuple(norm["mean"]), tuple(norm["std"]))

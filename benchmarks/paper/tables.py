@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks.paper import paper_numbers as PN
+from benchmarks.paper.archive import cell_folder
 from benchmarks.paper.plan import PTQ_SCHEMES, SCALES, build_plan, method_label, plan_document, scheme_dir, step_kind
 
 MISSING = "—"
@@ -38,9 +39,10 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_cell(cell: dict, out_root: Path) -> dict:
-    """A plan cell (plan.json's form) with what its folder holds; ``finished`` when every epoch ran."""
-    folder = out_root / cell["name"]
+def load_cell(cell: dict, out_root: Path, kept_root: Path | None = None) -> dict:
+    """A plan cell (plan.json's form) with what its folder holds (its run folder, else its kept copy
+    under `kept_root`); ``finished`` when every epoch ran."""
+    folder = cell_folder(cell["name"], out_root, kept_root)
     metrics = json_lines(folder / "train" / "metrics.jsonl")
     finished = bool(metrics) and metrics[-1]["epoch"] == cell["config"]["epochs"]
     reports = {s: _json(folder / "ptq" / scheme_dir(s) / "report.json") for s in cell.get("ptq_schemes", [])}
@@ -49,18 +51,20 @@ def load_cell(cell: dict, out_root: Path) -> dict:
                 timing=_json(folder / "timing.json") or {})
 
 
-def load_results(out_root: Path, scale: str | None = None) -> tuple[dict, list[dict]]:
-    """plan.json's header and every planned cell with its results (finished or not). Before the
-    driver has written plan.json, the preset `scale`'s plan stands in (every cell pending)."""
-    plan = _json(out_root / "plan.json")
+def load_results(out_root: Path, scale: str | None = None, kept_root: Path | None = None) -> tuple[dict, list[dict]]:
+    """plan.json's header and every planned cell with its results (finished or not), from the run
+    folders or, for cells not run on this machine, their kept copies under `kept_root`. Without a
+    plan.json in either, the preset `scale`'s plan stands in (every cell pending)."""
+    plan = _json(out_root / "plan.json") or (_json(kept_root / "plan.json") if kept_root else None)
     if plan is None and scale is not None:
         preset = SCALES[scale]
         plan = plan_document(preset, build_plan(preset))
     if plan is None:
         from exporters.device.errors import HeroError
         raise HeroError(f"{out_root / 'plan.json'} does not exist: run benchmarks/paper/driver.py first")
-    plan["step_costs"] = _json(out_root / "step_costs.json")  # the driver's last measurement, if any
-    return plan, [load_cell(c, out_root) for c in plan["cells"]]
+    plan["step_costs"] = (_json(out_root / "step_costs.json")  # the driver's last measurement, if any
+                          or (_json(kept_root / "step_costs.json") if kept_root else None))
+    return plan, [load_cell(c, out_root, kept_root) for c in plan["cells"]]
 
 
 # --------------------------------------------------------------------------- per-cell numbers
