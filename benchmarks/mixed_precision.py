@@ -21,6 +21,8 @@ Also reported: Spearman's ρ across layers between Ω and the measured loss incr
 
 Results are cached per checkpoint label in the JSON (with the checkpoint's sha256 and the
 settings): a rerun skips the finished ones, so checkpoints can be added one command at a time.
+A label measured on an earlier machine, whose checkpoint is not on this one (each session starts
+on a new machine; the paper driver keeps results, not checkpoints), is shown with ``--cached LABEL``.
 
     python benchmarks/mixed_precision.py --checkpoint sgd-s0=PATH --checkpoint hero-s0=PATH
 """
@@ -145,6 +147,17 @@ def markdown(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def cached_results(cache: Mapping[str, dict], labels: Sequence[str], settings: Mapping) -> dict[str, dict]:
+    """The cached results of `labels`, each measured with `settings`; a HeroError names any that is not."""
+    from exporters.device.errors import HeroError
+
+    missing = [label for label in labels if cache.get(label, {}).get("settings") != dict(settings)]
+    if missing:
+        raise HeroError(f"--cached {' '.join(missing)}: not in the cache with these settings "
+                        f"(cached: {', '.join(sorted(cache)) or 'none'}); pass --checkpoint LABEL=PATH to measure it")
+    return {label: cache[label] for label in labels}
+
+
 def pending(cache: Mapping[str, dict], checkpoints: Mapping[str, str], settings: Mapping, digests: Mapping[str, str]
             ) -> list[str]:
     """The labels whose cached result is missing or was measured on another file or settings."""
@@ -199,8 +212,10 @@ def measure(path: Path, settings: Mapping, data_root: str | None, folder: Path) 
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True, metavar="LABEL=PATH",
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="LABEL=PATH",
               help="A checkpoint and its column label; repeat.")
+@click.option("--cached", "cached", multiple=True, metavar="LABEL",
+              help="A column measured earlier whose checkpoint is not on this machine (its cached result); repeat.")
 @click.option("--data-root", default=None, help="Dataset folder (default: found by hero_train.data).")
 @click.option("--limit-test", type=click.IntRange(min=1), default=5000, show_default=True,
               help="First N test images for every accuracy.")
@@ -209,7 +224,8 @@ def measure(path: Path, settings: Mapping, data_root: str | None, folder: Path) 
 @click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True, help="Hutchinson probes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=str(RESULTS), show_default=True)
-def main(checkpoints, data_root, limit_test, hessian_batches, samples, seed, out_dir):
+def main(checkpoints, cached, data_root, limit_test, hessian_batches, samples, seed, out_dir):
+    from exporters.device.errors import HeroError
     from exporters.device.files import sha256_file, write_atomic
 
     paths = {}
@@ -218,12 +234,18 @@ def main(checkpoints, data_root, limit_test, hessian_batches, samples, seed, out
         if not sep or not label or not Path(path).is_file():
             raise click.BadParameter(f"{item!r}: give LABEL=PATH with an existing checkpoint file", param_hint="--checkpoint")
         paths[label] = path
+    if not paths and not cached:
+        raise click.UsageError("give at least one --checkpoint LABEL=PATH or --cached LABEL")
     settings = {"limit_test": limit_test, "hessian_batches": hessian_batches, "samples": samples, "seed": seed,
                 "candidates": list(CANDIDATES)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "mixed_precision.json"
     cache = json.loads(json_path.read_text())["checkpoints"] if json_path.exists() else {}
+    try:
+        earlier = cached_results(cache, [label for label in cached if label not in paths], settings)
+    except HeroError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cached") from None
     digests = {label: sha256_file(p) for label, p in paths.items()}
     todo = pending(cache, paths, settings, digests)
     print(f"{len(paths) - len(todo)} cached, measuring {todo}; load average {os.getloadavg()[0]:.2f}")
@@ -234,7 +256,7 @@ def main(checkpoints, data_root, limit_test, hessian_batches, samples, seed, out
         write_atomic(json_path, json.dumps({"checkpoints": cache}, indent=1))
         s = result["seconds"]
         print(f"{label}: sensitivity {s['sensitivity']:.0f} s, export + eval {s['export_and_eval']:.0f} s")
-    shown = {label: cache[label] for label in paths}
+    shown = {**earlier, **{label: cache[label] for label in paths}}
     table = markdown(shown)
     write_atomic(out / "mixed_precision.md", f"# Mixed precision (first {limit_test} test images, ONNX Runtime)\n\n"
                  f"{table}\n")

@@ -7,6 +7,7 @@ import pytest
 from torch import nn
 
 from benchmarks import mixed_precision as M
+from exporters.device.errors import HeroError
 from exporters.quantize import quantized_layers
 from pipeline.mixed import budget_bits
 
@@ -70,3 +71,11 @@ def test_summary_averages_random_draws_and_cache_reruns_only_changed_checkpoints
              "c": {"sha256": "z", "settings": {"limit_test": 20}}}
     assert M.pending(cache, {"a": 1, "b": 2, "c": 3, "d": 4}, settings,
                      {"a": "x", "b": "changed", "c": "z", "d": "w"}) == ["b", "c", "d"]
+
+
+def test_cached_columns_come_from_results_measured_with_the_same_settings():
+    settings = {"limit_test": 10}
+    cache = {"a": {"settings": settings, "rows": [1]}, "c": {"settings": {"limit_test": 20}}}
+    assert M.cached_results(cache, ["a"], settings) == {"a": cache["a"]}
+    with pytest.raises(HeroError, match=r"--cached c b: not in the cache with these settings \(cached: a, c\)"):
+        M.cached_results(cache, ["a", "c", "b"], settings)
