@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,6 +122,16 @@ def check_named_model(recorded: ModelRef, named: ModelRef | None, path) -> Model
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in obj.items())
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read once: the dict, its model and its sha256 (what the deploy stages share)."""
+
+    path: Path
+    ckpt: dict
+    model: torch.nn.Module
+    sha256: str
 
 
 def load_for_deploy(path: str | os.PathLike, named: ModelRef | None, describe=None) -> dict:

@@ -49,7 +49,7 @@ from pipeline.cache import input_key
 from pipeline.gate import read_report
 
 if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `hero --help` stays fast
-    from pipeline.stages import Loaded
+    from hero_train.checkpoint import Loaded
 
 HOST_REPORT = "host_report.json"
 _IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits")

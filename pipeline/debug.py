@@ -67,8 +67,8 @@ from exporters.device.files import sha256_file
 from exporters.onnx import read_quantization, weight_initializers
 from exporters.quantize import quantize_model, quantized_layers
 
-if TYPE_CHECKING:  # pipeline.stages calls first_divergence: no import back at run time
-    from pipeline.stages import Loaded
+if TYPE_CHECKING:
+    from hero_train.checkpoint import Loaded
 
 DEFAULT_SAMPLES = 256
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")

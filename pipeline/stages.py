@@ -25,7 +25,7 @@ from exporters.quantize import (Calibration, QuantSpec, average_bits, calibrate_
                                 quantize_model)
 from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
-from hero_train.checkpoint import load_for_deploy, model_from_checkpoint
+from hero_train.checkpoint import Loaded, load_for_deploy, model_from_checkpoint
 from hero_train.models import ModelRef
 from hero_train.train import TrainConfig, first_nonfinite, train
 from pipeline.cache import StageCache, input_key
@@ -48,16 +48,6 @@ class Artifact:
     sha256: str
     file_bytes: int
     packed_weight_bytes: int
-
-
-@dataclass
-class Loaded:
-    """A checkpoint read once: the dict, its model and its sha256."""
-
-    path: Path
-    ckpt: dict
-    model: torch.nn.Module
-    sha256: str
 
 
 def train_stage(config: TrainConfig | None, run_dir: Path) -> Path:

@@ -282,10 +282,10 @@ def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
 
 def keep(cell: P.Cell, out_root: Path, kept_root: Path | None) -> None:
     """Copy a cell that finished on this machine, and the run's plan and logs, into `kept_root`."""
-    if kept_root is None or not cell_status(cell, out_root).done(cell):
+    status = cell_status(cell, out_root) if kept_root is not None else None
+    if status is None or not status.done(cell):
         return
-    ckpt = checkpoint_path(cell, out_root)
-    K.keep_cell(out_root / cell.name, kept_root / cell.name, ckpt, int(load_checkpoint(ckpt)["epoch"]))
+    K.keep_cell(out_root / cell.name, kept_root / cell.name, checkpoint_path(cell, out_root), status.epochs_done)
     K.keep_run(out_root, kept_root)
 
 
