@@ -26,7 +26,6 @@ execve, so a child started from this already-large process would report at least
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import subprocess
 import sys

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from hero_train import distributed
 from hero_train.models import build_model
-from hero_train.train import TrainConfig, make_optimizer, take_step
+from hero_train.config import TrainConfig
+from hero_train.train import make_optimizer, take_step
 
 METHODS = {
     "hero-exact": dict(optimizer="hero", hvp="exact"),

@@ -19,21 +19,19 @@ import copy
 import dataclasses
 import math
 import numbers
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn, fold_conv_bn_weights  # noqa: F401
-from exporters.device.bits import SUPPORTED_BITS, check_bits, parse_bits  # noqa: F401 (re-exported)
+from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
+from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
+from exporters.device.manifest import BN_MODES, GRIDS
 from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
-BN_MODES = ("fold-first", "quantize-first", "keep")
-GRIDS = ("canonical", "nested")
 _ACT_METHODS = ("max", "percentile")
 _QUANTILE_MAX_SAMPLES = 1 << 20  # torch.quantile refuses inputs above 2^24 elements
 # Fields added after artifacts were first written: their value when an older artifact omits them.

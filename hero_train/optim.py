@@ -33,11 +33,10 @@ from torch import Tensor
 
 from exporters.device.errors import HeroError, unknown_choice
 from hero_train.allocator import keep_freed_memory
+from hero_train.config import HVP_MODES, VARIANTS
 from hero_train.second_order import SecondOrderKernels
 
 Tensors = list[Tensor]
-VARIANTS = ("authors", "paper")
-HVP_MODES = ("exact", "finite-difference")
 
 
 # --------------------------------------------------------------------------- the equations

@@ -38,7 +38,7 @@ class _JsonMapping(click.ParamType):
 JSON_MAPPING = _JsonMapping()
 DATA_ROOT_HELP = "folder holding the dataset files (else $HERO_DATA, system and cache paths)"
 
-# Help of `hero train` options; names, types and defaults come from hero_train.train.TrainConfig.
+# Help of `hero train` options; names, types and defaults come from hero_train.config.TrainConfig.
 TRAIN_HELP = {
     "model": "resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18, or your factory package.module:function",
     "model_kwargs": "JSON keyword arguments of the model factory, e.g. '{\"width\": 32}'",
@@ -68,7 +68,7 @@ TRAIN_HELP = {
 def _train_options(command):
     """One click option per TrainConfig field: `--batch-size` for batch_size, with the field's type and
     default; a bool field that defaults to True becomes `--no-<name>`, one that defaults to False a flag."""
-    from hero_train.train import TrainConfig
+    from hero_train.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for field in reversed(dataclasses.fields(TrainConfig)):
@@ -100,7 +100,8 @@ def cli():
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
 def train(out_dir, resume, **options):
     """Train a model with HERO or a baseline; writes checkpoint.pt and metrics.jsonl."""
-    from hero_train.train import TrainConfig, train as run_training
+    from hero_train.config import TrainConfig
+    from hero_train.train import train as run_training
 
     path = run_training(TrainConfig(**options), out_dir, resume=resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
@@ -173,7 +174,7 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
 
 def _scheme_options(command):
     """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
-    from exporters.quantize import BN_MODES, GRIDS
+    from exporters.device.manifest import BN_MODES, GRIDS
 
     for decl, kwargs in reversed([
         ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),

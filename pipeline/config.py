@@ -33,7 +33,7 @@ from exporters.device.errors import HeroError
 from exporters.quantize import QuantSpec, check_bits
 from hero_train.data import check_dataset
 from hero_train.models import ModelRef
-from hero_train.train import TrainConfig
+from hero_train.config import TrainConfig
 
 
 class _Section(BaseModel):

@@ -11,7 +11,6 @@ import onnxruntime
 import torch
 
 from exporters.device import TOOL_VERSION
-from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs
 from hero_train.checkpoint import class_names, recorded_model
 from pipeline import rundir, stages

@@ -27,7 +27,8 @@ from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import Loaded, load_for_deploy, model_from_checkpoint
 from hero_train.models import ModelRef
-from hero_train.train import TrainConfig, first_nonfinite, train
+from hero_train.config import TrainConfig
+from hero_train.train import first_nonfinite, train
 from pipeline.cache import StageCache, input_key
 from pipeline.debug import first_divergence
 from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from exporters.device.errors import HeroError
 from exporters.quantize import quantize_tensor
 from pipeline import analyze
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline.cli import cli
 
 analyze_command = cli.commands["analyze"]

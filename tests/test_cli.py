@@ -12,7 +12,8 @@ from conftest import make_fashion_mnist
 
 from exporters.device.files import sha256_file
 from exporters.onnx import QUANTIZATION_KEY
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline.cli import cli, main
 
 

@@ -63,7 +63,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 def test_train_section_takes_trainconfig_types_and_defaults_and_joins_model_and_data(tmp_path):
     import dataclasses
 
-    from hero_train.train import TrainConfig
+    from hero_train.config import TrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("name: c\nmodel: {name: resnet32}\ndata: {root: /d, limit_train: 64, limit_test: 32}\n"

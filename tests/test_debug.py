@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, calibrate_activations, fake_quantize, quantized_layers
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline import debug, stages
 from pipeline.cli import main
 

@@ -12,7 +12,8 @@ from conftest import make_fashion_mnist
 from exporters.device.files import sha256_file
 from hero_train import train as train_module
 from hero_train.checkpoint import save_checkpoint
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline.cli import main
 from pipeline.config import load_config
 

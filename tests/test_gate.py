@@ -244,3 +244,18 @@ def test_trt_lint_findings_fail_only_tensorrt_targets(tmp_path, capsys):
     rep["variants"][0]["target_runtime"] = "tensorrt"
     assert main(["check", write(tmp_path, "trt.json", rep), "--max-drop", "100"]) == 1
     assert "TensorRT's explicit-quantization rules: INT4 weights feed Conv" in capsys.readouterr().out
+
+
+def test_hero_check_and_help_import_no_torch(tmp_path):
+    """The CI gate and `hero --help` run without importing torch (a fresh process; ~2 s saved per call)."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "r.json", report({8: 0.899, 4: 0.88}))
+    probe = ("import sys; from pipeline.cli import main; "
+             "helped = main(['--help']); "
+             f"code = main(['check', {path!r}, '--max-drop', '2.5']); "
+             "print(helped, code, 'torch' in sys.modules, 'onnx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 0 False False", out.stdout

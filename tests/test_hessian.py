@@ -11,7 +11,7 @@ from torch.func import functional_call
 from exporters.device.errors import HeroError
 from hero_train import hessian as H
 from hero_train.optim import perturbation_paper
-from hero_train.train import TrainConfig
+from hero_train.config import TrainConfig
 
 
 class Quadratic(nn.Module):

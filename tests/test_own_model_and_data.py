@@ -210,7 +210,8 @@ def test_a_test_folder_too_large_for_memory_streams_and_validates_the_same(image
 
 def test_a_training_folder_too_large_for_memory_streams_to_the_same_weights(image_folder, tmp_path, monkeypatch):
     from hero_train import data as hdata
-    from hero_train.train import TrainConfig, train
+    from hero_train.config import TrainConfig
+    from hero_train.train import train
 
     config = TrainConfig(model="own_models:depthwise_cnn", model_kwargs={"width": 4}, dataset=str(image_folder),
                          image_size=16, epochs=1, batch_size=16, optimizer="sgd", augment=False, limit_test=8)

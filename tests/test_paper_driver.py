@@ -11,7 +11,7 @@ from benchmarks.paper import driver as D
 from benchmarks.paper import plan as P
 from benchmarks.paper import tables as T
 from exporters.device.errors import HeroError
-from hero_train.train import TrainConfig
+from hero_train.config import TrainConfig
 
 # Seconds per ResNet20 step on Fashion-MNIST at batch 128, as measured on the 2-core CPU the small
 # scale is sized for (benchmarks/paper/driver.py --dry-run), and its eval forward per 1000 images.

@@ -9,18 +9,17 @@ import torch
 from torch import nn
 
 from exporters.device.errors import HeroError
+from exporters.device.bits import check_bits, parse_bits
 from exporters.quantize import (
     Calibration,
     QuantSpec,
     calibrate_activations,
-    check_bits,
     check_calibration,
     checked_act_scales,
     dequantize,
     fake_quantize,
     fold_bn,
     packed_weight_bytes,
-    parse_bits,
     qrange,
     quantize_model,
     quantize_tensor,

@@ -9,7 +9,9 @@ import yaml
 from conftest import make_fashion_mnist
 from test_faults import one_error, snapshot
 
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+
+from hero_train.train import train
 from pipeline.cli import main
 
 

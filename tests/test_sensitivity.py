@@ -16,7 +16,8 @@ from torch.func import functional_call
 from exporters.device.errors import HeroError
 from exporters.quantize import fake_quantize, quantized_layers
 from hero_train import hessian as H
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline import analyze, sensitivity
 from pipeline.cli import cli
 

@@ -8,7 +8,8 @@ import torch
 from exporters.device.errors import HeroError
 from hero_train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 import hero_train.train as T
-from hero_train.train import TrainConfig, train
+from hero_train.config import TrainConfig
+from hero_train.train import train
 from pipeline.cli import main
 
 

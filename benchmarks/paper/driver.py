@@ -48,7 +48,8 @@ from hero_train.allocator import keep_freed_memory
 from hero_train.checkpoint import load_checkpoint
 from hero_train.data import DATASETS
 from hero_train.models import build_model
-from hero_train.train import CHECKPOINT, TrainConfig, make_optimizer, take_step, train
+from hero_train.config import TrainConfig
+from hero_train.train import CHECKPOINT, make_optimizer, take_step, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs"
 PLAN_FILE = "plan.json"

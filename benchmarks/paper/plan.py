@@ -29,7 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from hero_train.train import TrainConfig
+from hero_train.config import TrainConfig
 
 TABLES = ("table1", "table2", "table3", "fig1", "fig2", "fig3", "variants", "gamma")
 PTQ_BITS = (8, 7, 6, 5, 4, 3, 2)
