@@ -506,3 +506,30 @@ def test_a_kept_cells_contour_is_redrawn_from_its_cache_without_the_checkpoint(t
     assert Fg.contour_of(cell) == cached
     with pytest.raises(HeroError, match="does not exist"):  # other settings: the checkpoint is needed
         Fg.contour_of(cell, steps=5)
+
+
+def test_figure3_without_checkpoints_or_kept_contours_keeps_the_last_drawing_and_contours_get_kept(tmp_path):
+    from benchmarks.paper import archive as K
+    from benchmarks.paper import figures as Fg
+
+    runs, kept, results = tmp_path / "runs", tmp_path / "archive", tmp_path / "results"
+    cells = fake_results(kept, accuracy_by_method)
+    for cell in cells:
+        (kept / cell.name / K.RECORD).write_text(json.dumps({"sha256": "x", "epoch": cell.config.epochs}))
+    results.mkdir()
+    drawn = "## Figure 3: loss contours of SGD and HERO\n\n![fig3](fig3.png)\n\n| model | loss |\n|---|---|\n| SGD | 0.262 |\n\n"
+    (results / "RESULTS.md").write_text("# old\n\n" + drawn + "## HERO's own choices: x\n")
+    text = A.aggregate(runs, results, contours=True, kept_root=kept).read_text()
+    section = text.split("## Figure 3: loss contours of SGD and HERO", 1)[1].split("\n## ", 1)[0]
+    assert "_Not redrawn: no checkpoint on this machine and no kept contour for " in section
+    assert "| SGD | 0.262 |" in section and "![fig3](fig3.png)" in section
+    again = A.aggregate(runs, results, contours=True, kept_root=kept).read_text()  # the note is not stacked
+    assert again.split("## Figure 3", 1)[1].split("\n## ", 1)[0].count("_Not redrawn") == 1
+
+    fig3 = [c for c in cells if "fig3" in c.tables]
+    source = runs / fig3[0].name / Fg.CONTOUR_FILE  # a contour computed on this machine goes to the archive
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text('{"key": {}}')
+    A.keep_contours([{"name": c.name} for c in fig3], runs, kept)
+    assert (kept / fig3[0].name / Fg.CONTOUR_FILE).read_text() == '{"key": {}}'
+    assert not (kept / fig3[1].name / Fg.CONTOUR_FILE).exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -193,8 +194,31 @@ def kept_reading(path: Path) -> str:
     return READING_TEMPLATE
 
 
+def keep_contours(cells: list[dict], out_root: Path, kept_root: Path) -> None:
+    """Copy each contour computed here into its cell's kept copy: the checkpoint is not kept, so a
+    later machine draws Figure 3 from it."""
+    for cell in cells:
+        source, kept = out_root / cell["name"] / Fg.CONTOUR_FILE, kept_root / cell["name"]
+        if source.is_file() and kept.is_dir():
+            shutil.copy2(source, kept / Fg.CONTOUR_FILE)
+
+
+def kept_figure3(path: Path, missing: list[str]) -> str:
+    """The Figure 3 section when some contours cannot be computed on this machine: the previous
+    RESULTS.md's section under a note naming the cells, else the note alone."""
+    note = (f"_Not redrawn: no checkpoint on this machine and no kept contour for {', '.join(missing)}; "
+            "retrain those cells to redraw. The section below is the last one drawn._")
+    previous = path.read_text() if path.is_file() else ""
+    marker = "## Figure 3: loss contours of SGD and HERO"
+    if marker not in previous:
+        return note.replace(" The section below is the last one drawn.", "")
+    body = previous.split(marker, 1)[1].split("\n## ", 1)[0].strip("\n")
+    body = "\n".join(line for line in body.splitlines() if not line.startswith("_Not redrawn:")).strip("\n")
+    return note + "\n\n" + body
+
+
 def results_markdown(plan: dict, cells: list[dict], invocations: list[dict], figures: dict, flat: dict,
-                     reading: str) -> str:
+                     reading: str, figure3: str | None = None) -> str:
     scale = plan["scale"]["name"]
     pending = [f"{c['name']}" + ("" if not c["finished"] else
                                  f" (trained; PTQ {len(c['reports'])}/{len(c['ptq_schemes'])} schemes)")
@@ -217,8 +241,9 @@ def results_markdown(plan: dict, cells: list[dict], invocations: list[dict], fig
         "## Figure 1: accuracy vs weight bits (exported ONNX, ONNX Runtime), mean ± sd over seeds", fig("fig1"),
         T.ptq_curve_table(plan, cells),
         "## Figure 2: ||Hz|| and the generalization gap over epochs", fig("fig2"),
-        "## Figure 3: loss contours of SGD and HERO", fig("fig3"),
-        T.markdown(["model", "loss at the trained weights", "mean rise over the grid"], flat_rows) if flat_rows else "",
+        "## Figure 3: loss contours of SGD and HERO", figure3 or fig("fig3"),
+        "" if figure3 else (T.markdown(["model", "loss at the trained weights", "mean rise over the grid"], flat_rows)
+                            if flat_rows else ""),
         "## HERO's own choices: variant and Hessian-vector products", T.variants_table(plan, cells),
         "## h and gamma grid (HERO, authors' variant), selected on the validation split", T.gamma_table(plan, cells),
         "## Side by side with the paper", PAPER_CLAIMS, side_by_side(plan, cells),
@@ -241,11 +266,14 @@ def aggregate(out_root: Path, results_dir: Path, contours: bool = True, scale: s
     invocations = [json.loads(line) for line in K.merged_lines(*logs)]
     results_dir.mkdir(parents=True, exist_ok=True)
     figures = {"fig1": Fg.figure1(plan, cells, results_dir), "fig2": Fg.figure2(plan, cells, results_dir)}
-    flat = {}
+    flat, missing = {}, []
     if contours:
-        figures["fig3"], flat = Fg.figure3(plan, cells, results_dir)
+        figures["fig3"], flat, missing = Fg.figure3(plan, cells, results_dir)
+        if kept_root is not None:
+            keep_contours(cells, out_root, kept_root)
     path = results_dir / "RESULTS.md"
-    path.write_text(results_markdown(plan, cells, invocations, figures, flat, kept_reading(path)))
+    figure3 = kept_figure3(path, missing) if missing else None
+    path.write_text(results_markdown(plan, cells, invocations, figures, flat, kept_reading(path), figure3))
     if any(c["finished"] for c in cells):
         (results_dir / "results.json").write_text(json.dumps(
             {c["name"]: {"final": T.final_accuracy(c), "best": T.best_accuracy(c),

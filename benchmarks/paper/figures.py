@@ -98,6 +98,12 @@ def figure2(plan: dict, cells: list[dict], results_dir: Path) -> list[Path]:
     return paths
 
 
+def contour_available(cell: dict) -> bool:
+    """Whether a cell's contour can be drawn here: its checkpoint is on this machine or it was kept."""
+    folder = Path(cell["folder"])
+    return (folder / "train" / "checkpoint.pt").is_file() or (folder / CONTOUR_FILE).is_file()
+
+
 def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2, batch_size: int = 128) -> dict:
     """Li et al. (2018) loss contour of a cell's final checkpoint on its first training batches
     (unaugmented, BatchNorm in eval mode), cached in the cell folder per checkpoint and settings."""
@@ -141,13 +147,18 @@ def flatness(contour: dict) -> dict:
     return {"centre": centre, "mean_rise": float(losses.mean() - centre)}
 
 
-def figure3(plan: dict, cells: list[dict], results_dir: Path, steps: int = 11) -> tuple[list[Path], dict]:
+def figure3(plan: dict, cells: list[dict], results_dir: Path, steps: int = 11) -> tuple[list[Path], dict, list[str]]:
     """Loss contours of SGD and HERO (seed 0) side by side on shared contour levels, so the widths of
-    the basins compare (the paper's Figure 3); returns the figure paths and the flatness numbers."""
-    paths, numbers, all_groups = [], {}, T.groups(cells)
+    the basins compare (the paper's Figure 3); returns the figure paths, the flatness numbers and the
+    cells whose contour cannot be computed here (no checkpoint on this machine, none kept)."""
+    paths, numbers, missing, all_groups = [], {}, [], T.groups(cells)
     for group in all_groups:
         chosen = _main_cells(plan, cells, "fig3", group, optimizers=("sgd", "hero"))
         if not chosen:
+            continue
+        lost = [c["name"] for c in chosen if not contour_available(c)]
+        if lost:
+            missing.extend(lost)
             continue
         contours = {method_label(c["config"]): contour_of(c, steps=steps) for c in chosen}
         top = max(float(np.max(c["losses"])) for c in contours.values())
@@ -167,4 +178,4 @@ def figure3(plan: dict, cells: list[dict], results_dir: Path, steps: int = 11) -
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
-    return paths, numbers
+    return paths, numbers, missing
