@@ -207,14 +207,14 @@ def kept_figure3(path: Path, missing: list[str]) -> str:
     """The Figure 3 section when some contours cannot be computed on this machine: the previous
     RESULTS.md's section under a note naming the cells, else the note alone."""
     note = (f"_Not redrawn: no checkpoint on this machine and no kept contour for {', '.join(missing)}; "
-            "retrain those cells to redraw. The section below is the last one drawn._")
+            "retrain those cells to redraw.")
     previous = path.read_text() if path.is_file() else ""
     marker = "## Figure 3: loss contours of SGD and HERO"
     if marker not in previous:
-        return note.replace(" The section below is the last one drawn.", "")
+        return note + "_"
     body = previous.split(marker, 1)[1].split("\n## ", 1)[0].strip("\n")
     body = "\n".join(line for line in body.splitlines() if not line.startswith("_Not redrawn:")).strip("\n")
-    return note + "\n\n" + body
+    return note + " The section below is the last one drawn._\n\n" + body
 
 
 def results_markdown(plan: dict, cells: list[dict], invocations: list[dict], figures: dict, flat: dict,

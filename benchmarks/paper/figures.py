@@ -98,10 +98,15 @@ def figure2(plan: dict, cells: list[dict], results_dir: Path) -> list[Path]:
     return paths
 
 
+def contour_files(cell: dict) -> tuple[Path, Path]:
+    """A cell's final checkpoint and its cached contour."""
+    folder = Path(cell["folder"])
+    return folder / "train" / "checkpoint.pt", folder / CONTOUR_FILE
+
+
 def contour_available(cell: dict) -> bool:
     """Whether a cell's contour can be drawn here: its checkpoint is on this machine or it was kept."""
-    folder = Path(cell["folder"])
-    return (folder / "train" / "checkpoint.pt").is_file() or (folder / CONTOUR_FILE).is_file()
+    return any(path.is_file() for path in contour_files(cell))
 
 
 def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2, batch_size: int = 128) -> dict:
@@ -114,8 +119,7 @@ def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2,
     from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
     from hero_train.hessian import cross_entropy_loss, loss_contour
 
-    ckpt_path = Path(cell["folder"]) / "train" / "checkpoint.pt"
-    cache = Path(cell["folder"]) / CONTOUR_FILE
+    ckpt_path, cache = contour_files(cell)
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if not ckpt_path.is_file() and cached:  # a kept cell (archive.py): its checkpoint is not kept
         settings = {k: v for k, v in cached["key"].items() if k not in ("sha256", "images")}
