@@ -533,3 +533,22 @@ def test_figure3_without_checkpoints_or_kept_contours_keeps_the_last_drawing_and
     A.keep_contours([{"name": c.name} for c in fig3], runs, kept)
     assert (kept / fig3[0].name / Fg.CONTOUR_FILE).read_text() == '{"key": {}}'
     assert not (kept / fig3[1].name / Fg.CONTOUR_FILE).exists()
+
+
+def test_write_plan_keeps_other_variants_step_costs(tmp_path):
+    """A --match invocation measures only its cells' variants; the kept costs of the others stay,
+    and a variant measured again takes the new value."""
+    cells = P.build_plan(P.SMALL)
+    resnet = [c for c in cells if c.config.model == "resnet20"]
+    mobilenet = [c for c in cells if c.config.model == "mobilenetv2"]
+    kept_root, out_root = tmp_path / "kept", tmp_path / "runs"
+    D.write_plan(P.SMALL, cells, kept_root, fixed_costs(resnet + mobilenet[:1]))
+    before = json.loads((kept_root / D.COSTS_FILE).read_text())
+    again = fixed_costs(mobilenet)
+    again = P.Costs({k: 2 * v for k, v in again.step_seconds.items()}, again.forward_1000_seconds)
+    D.write_plan(P.SMALL, cells, out_root, again, kept_root)
+    after = json.loads((out_root / D.COSTS_FILE).read_text())
+    resnet_keys = [k for k in before["step_seconds"] if "/resnet20/" in k]
+    assert resnet_keys and all(after["step_seconds"][k] == before["step_seconds"][k] for k in resnet_keys)
+    assert all(after["step_seconds"][k] == v for k, v in again.step_seconds.items())
+    assert set(after["forward_1000_seconds"]) >= {"fashion-mnist/resnet20", "fashion-mnist/mobilenetv2"}

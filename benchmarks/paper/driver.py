@@ -362,13 +362,25 @@ def cost_lines(costs: P.Costs) -> list[str]:
     return lines
 
 
-def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path, costs: P.Costs) -> None:
-    """plan.json (the scale and every cell) and step_costs.json (this invocation's measured step
-    costs, the comparable training cost of the variants table), for aggregate.py."""
+def merged_costs(earlier: dict | None, measured: dict) -> dict:
+    """Step costs measured now over those measured before: an invocation run with --match measures
+    only its own cells' variants, and must not drop the other variants' earlier measurements."""
+    merged = dict(earlier or {}, measured=measured["measured"])
+    for key in ("step_seconds", "forward_1000_seconds"):
+        merged[key] = {**(earlier or {}).get(key, {}), **measured[key]}
+    return merged
+
+
+def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path, costs: P.Costs,
+               kept_root: Path | None = None) -> None:
+    """plan.json (the scale and every cell) and step_costs.json (the step costs measured now over
+    the earlier ones here or kept: the comparable training cost of the variants table), for aggregate.py."""
     write_atomic(out_root / PLAN_FILE, json.dumps(P.plan_document(scale, cells), indent=1))
     measured = dict(measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     **dataclasses.asdict(costs))
-    write_atomic(out_root / COSTS_FILE, json.dumps(measured, indent=1))
+    earlier = [out_root / COSTS_FILE] + ([kept_root / COSTS_FILE] if kept_root is not None else [])
+    earlier = next((json.loads(f.read_text()) for f in earlier if f.is_file()), None)
+    write_atomic(out_root / COSTS_FILE, json.dumps(merged_costs(earlier, measured), indent=1))
 
 
 def log_invocation(out_root: Path, record: dict) -> None:
@@ -443,7 +455,7 @@ def main(scale_name, only, matches, out, archive, budget_minutes, device, gamma,
     click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60, kept_root)))
     if dry_run:
         return
-    write_plan(scale, P.build_plan(scale), out_root, costs)
+    write_plan(scale, P.build_plan(scale), out_root, costs, kept_root)
     for cell in P.build_plan(scale):  # cells finished here by an earlier invocation, not yet kept
         if not (kept_root / cell.name / K.RECORD).is_file():
             keep(cell, out_root, kept_root)
