@@ -362,25 +362,27 @@ def cost_lines(costs: P.Costs) -> list[str]:
     return lines
 
 
-def merged_costs(earlier: dict | None, measured: dict) -> dict:
-    """Step costs measured now over those measured before: an invocation run with --match measures
-    only its own cells' variants, and must not drop the other variants' earlier measurements."""
-    merged = dict(earlier or {}, measured=measured["measured"])
-    for key in ("step_seconds", "forward_1000_seconds"):
-        merged[key] = {**(earlier or {}).get(key, {}), **measured[key]}
+def merged_costs(*documents: dict) -> dict:
+    """step_costs.json documents merged, each later one's measurements over the earlier ones': an
+    invocation run with --match measures only its own cells' variants, and must not drop the others'."""
+    merged: dict = {"step_seconds": {}, "forward_1000_seconds": {}}
+    for doc in documents:
+        merged["measured"] = doc["measured"]
+        for key in ("step_seconds", "forward_1000_seconds"):
+            merged[key].update(doc.get(key, {}))
     return merged
 
 
 def write_plan(scale: P.Scale, cells: list[P.Cell], out_root: Path, costs: P.Costs,
                kept_root: Path | None = None) -> None:
     """plan.json (the scale and every cell) and step_costs.json (the step costs measured now over
-    the earlier ones here or kept: the comparable training cost of the variants table), for aggregate.py."""
+    the earlier ones kept and here: the comparable training cost of the variants table), for aggregate.py."""
     write_atomic(out_root / PLAN_FILE, json.dumps(P.plan_document(scale, cells), indent=1))
     measured = dict(measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     **dataclasses.asdict(costs))
-    earlier = [out_root / COSTS_FILE] + ([kept_root / COSTS_FILE] if kept_root is not None else [])
-    earlier = next((json.loads(f.read_text()) for f in earlier if f.is_file()), None)
-    write_atomic(out_root / COSTS_FILE, json.dumps(merged_costs(earlier, measured), indent=1))
+    roots = ([kept_root] if kept_root is not None else []) + [out_root]
+    earlier = [json.loads((r / COSTS_FILE).read_text()) for r in roots if (r / COSTS_FILE).is_file()]
+    write_atomic(out_root / COSTS_FILE, json.dumps(merged_costs(*earlier, measured), indent=1))
 
 
 def log_invocation(out_root: Path, record: dict) -> None:
