@@ -167,16 +167,40 @@ def class_names(ckpt: dict) -> list[str]:
     return list(ckpt.get("classes") or [str(i) for i in range(ckpt["model"]["num_classes"])])
 
 
-def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """Rebuild the trained network (eval mode) from a loaded checkpoint; weights that do not fit
-    are named (missing and unexpected keys)."""
+def weights_misfit(model: torch.nn.Module, state_dict: dict) -> str | None:
+    """How `state_dict` fails to fit `model`, if it does: the first tensor whose shape differs
+    (name, expected vs found), then the missing and unexpected keys (the first few of each)."""
+    expected = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(state_dict[k].shape)) for k, v in expected.items()
+             if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != v.shape]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    parts = []
+    if wrong:
+        name, want, found = wrong[0]
+        parts.append(f"tensor {name} has shape {list(found)} but the model expects {list(want)}"
+                     + (f" (+{len(wrong) - 1} more tensors of another shape)" if len(wrong) > 1 else ""))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} key(s): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    return "; ".join(parts) or None
+
+
+def model_from_checkpoint(ckpt: dict, path: str | os.PathLike | None = None) -> torch.nn.Module:
+    """Rebuild the trained network (eval mode) from a loaded checkpoint (read from `path`, named in
+    errors). Weights that do not fit the model it records are a HeroError naming the first tensor of
+    another shape and the missing and unexpected keys: the metadata names the wrong network."""
     spec = ckpt["model"]
     ref = recorded_model(ckpt)
     model = create_model(ref, num_classes=spec["num_classes"], in_channels=spec["in_channels"])
-    result = model.load_state_dict(ckpt["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise HeroError(f"checkpoint weights do not fit model {ref.label}: missing {result.missing_keys}, "
-                        f"unexpected {result.unexpected_keys}")
+    misfit = weights_misfit(model, ckpt["state_dict"])
+    if misfit is not None:
+        kwargs = f" with kwargs {ref.kwargs}" if ref.kwargs else ""
+        raise HeroError(f"{path or 'the checkpoint'} records model {ref.label}{kwargs} (num_classes "
+                        f"{spec['num_classes']}, in_channels {spec['in_channels']}) but its weights do not fit it "
+                        f"({misfit}): deploy it with the model that produced these weights: save its state_dict on "
+                        "its own and pass --model NAME, or rewrite the checkpoint with save_for_deploy")
+    model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
 

@@ -150,7 +150,7 @@ def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_roo
 def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bits, junit):
     """Gate a report: exit 0 when every selected variant passes, 1 when any fails, 2 on bad input."""
     from exporters.device.bits import parse_bits
-    from pipeline.gate import GateCriteria, evaluate_gate, read_report, write_junit
+    from pipeline.gate import NO_CRITERION, GateCriteria, evaluate_gate, read_report, write_junit
 
     if (baseline_path is None) != (max_regression is None):
         raise HeroError("--baseline and --max-regression go together")
@@ -161,8 +161,8 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
     if baseline_path:
         criteria = dataclasses.replace(criteria, previous=read_report(baseline_path))
     result = evaluate_gate(report, criteria)
-    if result.get("vacuous"):  # a gate that checks nothing must not pass a release
-        raise HeroError(result["reasons"][0])
+    if not result["gated"]:  # a gate that checks no accuracy must not pass a release
+        raise HeroError(NO_CRITERION)
     if junit:
         write_junit(result, junit)
     for reason in result["reasons"]:

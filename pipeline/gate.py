@@ -23,11 +23,13 @@
   ``meta.classes`` must match where both reports give them. Else it refuses and says which differs
   or which report lacks it. The checkpoint's sha256 is not compared: checking a new checkpoint
   against an earlier one's report is what ``--max-regression`` is for.
-- **Vacuous gate**: with none of ``max_drop``, ``min_accuracy`` or ``max_regression`` (with a
-  baseline report) the gate checks no accuracy. `evaluate_gate` then returns ``vacuous: True``
-  and ``passed: False`` with a reason saying to set one: ``hero check`` refuses (exit 2) with it,
-  and ``hero run`` with an empty ``gate`` section reports a failed gate (exit 1) instead of
-  raising after all its work.
+- **No accuracy threshold**: with none of ``max_drop``, ``min_accuracy`` or ``max_regression`` (with a
+  baseline report) the gate checks no accuracy. `evaluate_gate` then returns ``gated: False`` and
+  judges only what needs no threshold (a runtime that disagrees with its emulation, TensorRT's
+  rules). ``hero check`` refuses such a gate (exit 2, ``NO_CRITERION``): a CI gate that checks no
+  accuracy must not pass a release. ``hero run`` with no threshold in its ``gate`` section reports
+  ``gated: false`` with ``NOT_GATED`` as its note and exits 0 unless a variant failed: a first run of
+  your own model does not end in a failure you did not ask for.
 - **A variant fails** when its runtime disagrees with the PyTorch emulation (``consistent`` false),
   when a TensorRT target breaks TensorRT's explicit-quantization rules (``trt_lint``), when its
   accuracy drop from the baseline exceeds ``max_drop`` points, when its accuracy is under
@@ -51,6 +53,9 @@ ACCURACIES = ("accuracy", "runtime_accuracy", "torch_accuracy", "host_accuracy")
 MAX_DEPTH = 8  # report > variants > row > trt_lint is 4 levels: anything far deeper is not a report
 NO_CRITERION = ("the gate checks no accuracy: pass --max-drop, --min-accuracy or --baseline with "
                 "--max-regression (in a deploy config: gate.max_drop or gate.min_accuracy)")
+NOT_GATED = ("no threshold set: nothing was gated on accuracy (only each artifact's agreement with its "
+             "PyTorch emulation, and TensorRT's rules for a TensorRT target, were checked); to gate, set "
+             "gate.max_drop or gate.min_accuracy in the config, or run hero check REPORT --max-drop PTS")
 
 
 @dataclass(frozen=True)
@@ -246,8 +251,9 @@ def variant_failures(v: dict, baseline_accuracy: float, c: GateCriteria, previou
 
 
 def evaluate_gate(report: dict, criteria: GateCriteria) -> dict:
-    """{"passed", "vacuous", "reasons", "checked": [(label, failures)]} for the selected variants
-    of a report checked by `read_report` (or built by `hero run`)."""
+    """{"passed", "gated", "reasons", "checked": [(label, failures)]} for the selected variants of a
+    report checked by `read_report` (or built by `hero run`). ``gated`` is False when `criteria` set no
+    accuracy threshold: ``passed`` then says only that no variant failed a check that needs none."""
     present = {v["bits"] for v in report["variants"]}
     missing = [b for b in criteria.bits or () if b not in present]
     if missing:
@@ -261,15 +267,15 @@ def evaluate_gate(report: dict, criteria: GateCriteria) -> dict:
                          [(v, old[_identity(v)]) for v in selected if _identity(v) in old])
     checked = [(variant_label(v), variant_failures(v, report["baseline"]["accuracy"], criteria,
                                                    old.get(_identity(v)))) for v in selected]
-    reasons = ([NO_CRITERION] if criteria.vacuous else []) + [r for _, failures in checked for r in failures]
-    return {"passed": not reasons, "vacuous": criteria.vacuous, "reasons": reasons, "checked": checked}
+    reasons = [r for _, failures in checked for r in failures]
+    return {"passed": not reasons, "gated": not criteria.vacuous, "reasons": reasons, "checked": checked}
 
 
 def write_junit(result: dict, path: str | Path) -> None:
     """One JUnit test case per checked variant, so CI systems show each precision's verdict, and
-    one failing case for a vacuous gate."""
+    one failing case for a gate that checked no accuracy."""
     cases = []
-    rows = list(result["checked"]) + ([("gate criteria", [NO_CRITERION])] if result.get("vacuous") else [])
+    rows = list(result["checked"]) + ([("gate criteria", [NO_CRITERION])] if not result["gated"] else [])
     for label, failures in rows:
         body = "".join(f"<failure message={quoteattr(f)}>{escape(f)}</failure>" for f in failures)
         cases.append(f'  <testcase classname="hero.gate" name={quoteattr(label)}>{body}</testcase>')

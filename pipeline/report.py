@@ -13,7 +13,12 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
                    "runtime_accuracy": float, "agreement": float, "max_logit_diff": float,
                    "consistent": bool, "drop": float, "drop_points": float, "latency_ms": float,
                    "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str}, ...],
-     "gate": {"passed": bool, "reasons": [str]}}
+     "gate": {"passed": bool, "gated": bool, "reasons": [str], "note": str|null}}
+
+``gate.passed`` is what the exit code says; ``reasons`` are the failures (empty when it passed).
+``gated`` is false when the config set no accuracy threshold: nothing was gated on accuracy, only
+checks that need no threshold ran, and ``note`` says so and how to set one (null when gated).
+Reports written before ``gated`` existed lack it and ``note``: read them as gated.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ def build_report(rows: list[dict], meta: dict) -> dict:
             continue
         drop = baseline["accuracy"] - row["runtime_accuracy"]
         variants.append(dict(row, drop=drop, drop_points=100.0 * drop))
-    return {"meta": meta, "baseline": baseline, "variants": variants, "gate": {"passed": True, "reasons": []}}
+    return {"meta": meta, "baseline": baseline, "variants": variants,
+            "gate": {"passed": True, "gated": True, "reasons": [], "note": None}}
+
+
+def gate_verdict(gate: dict) -> str:
+    """PASSED, FAILED, or NOT GATED (passed with no accuracy threshold set)."""
+    if not gate["passed"]:
+        return "FAILED"
+    return "PASSED" if gate.get("gated", True) else "NOT GATED"
 
 
 def markdown_table(report: dict) -> str:
@@ -88,9 +101,9 @@ def plot_accuracy_vs_bits(series: dict[str, list[tuple[int, float]]], baselines:
 def write_report(report: dict, run_dir: Path, label: str) -> None:
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     gate = report["gate"]
-    verdict = "PASSED" if gate["passed"] else "FAILED"
-    reasons = "".join(f"\n- {r}" for r in gate["reasons"])
-    write_atomic(run_dir / "report.md", f"# {label}\n\n{markdown_table(report)}\n\nGate: **{verdict}**{reasons}\n")
+    reasons = "".join(f"\n- {r}" for r in gate["reasons"]) + (f"\n\n{gate['note']}" if gate.get("note") else "")
+    write_atomic(run_dir / "report.md",
+                 f"# {label}\n\n{markdown_table(report)}\n\nGate: **{gate_verdict(gate)}**{reasons}\n")
     points = [(v["average_bits"] if v.get("layer_bits") else v["bits"], v["runtime_accuracy"])
               for v in report["variants"] if v["bits"] <= 8]
     plot_accuracy_vs_bits({label: points}, {label: report["baseline"]["accuracy"]},

@@ -16,8 +16,8 @@ from hero_train.checkpoint import class_names, recorded_model
 from pipeline import rundir, stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import DeployConfig, GateSection
-from pipeline.gate import GateCriteria, evaluate_gate
-from pipeline.report import build_report, markdown_table, write_report
+from pipeline.gate import NOT_GATED, GateCriteria, evaluate_gate
+from pipeline.report import build_report, gate_verdict, markdown_table, write_report
 
 
 def criteria_from(g: GateSection) -> GateCriteria:
@@ -88,7 +88,8 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
         log(f"      removed {path}: not produced by this run")
     log("[5/6] gate")
     result = evaluate_gate(report, criteria_from(config.gate))
-    report["gate"] = {"passed": result["passed"], "reasons": result["reasons"]}
+    report["gate"] = {"passed": result["passed"], "gated": result["gated"], "reasons": result["reasons"],
+                      "note": None if result["gated"] else NOT_GATED}
     log(f"[6/6] report: {run_dir / 'report.md'}")
     write_report(report, run_dir, f"{config.name}: {meta['model']} on {meta['dataset']}")
     return report
@@ -96,6 +97,6 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
 
 def summary(report: dict) -> str:
     gate = report["gate"]
-    lines = [markdown_table(report), "", f"gate: {'PASSED' if gate['passed'] else 'FAILED'}"]
-    lines += [f"  FAIL {r}" for r in gate["reasons"]]
+    lines = [markdown_table(report), "", f"gate: {gate_verdict(gate)}"]
+    lines += [f"  FAIL {r}" for r in gate["reasons"]] + ([f"  note: {gate['note']}"] if gate.get("note") else [])
     return "\n".join(lines)

@@ -71,7 +71,7 @@ def load_stage(checkpoint: Path, named: ModelRef | None = None, dataset: str | N
                         "pass the dataset it was trained on (a moved folder or .npz may be given anew)")
     if dataset is not None:
         ckpt["dataset"] = dataset
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt, checkpoint)
     bad = first_nonfinite(model.state_dict())
     if bad is not None:  # nothing sensible can be quantized, exported or measured from it
         raise HeroError(f"{checkpoint}: tensor {bad} holds nan or inf values (the training diverged): "

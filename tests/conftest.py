@@ -32,3 +32,47 @@ def make_fashion_mnist(root, n_train=96, n_test=48, seed=0):
 @pytest.fixture
 def tiny_fmnist(tmp_path):
     return make_fashion_mnist(tmp_path / "fmnist")
+
+
+def snapshot(*roots) -> dict[str, str]:
+    """sha256 of every file under the roots: equal before and after means nothing changed or appeared."""
+    from pathlib import Path
+
+    from exporters.device.files import sha256_file
+
+    return {str(p): sha256_file(p) for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def one_error(capsys, *needles) -> str:
+    """The one stderr line of a refused command ("hero: error: ..."), holding every needle."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hero: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _train_tiny(root, seed: int):
+    from hero_train.config import TrainConfig
+    from hero_train.train import train
+
+    config = TrainConfig(model="resnet20", data_root=str(root / "fmnist"), epochs=1, batch_size=32,
+                         optimizer="sgd", augment=False, limit_test=16, seed=seed)
+    return str(train(config, root / f"train-s{seed}"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One ResNet20 trained for an epoch of SGD on a tiny Fashion-MNIST stand-in (64 training and
+    40 test images), shared by every test module that needs "a trained checkpoint": {"data",
+    "checkpoint"}. Tests copy it before changing it; the folder is read-only by convention."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_fashion_mnist(root / "fmnist", n_train=64, n_test=40)
+    return {"data": str(data), "checkpoint": _train_tiny(root, seed=0), "root": root}
+
+
+@pytest.fixture(scope="session")
+def trained_seed1(trained):
+    """The same training as `trained` at seed 1: a second checkpoint of the same model and data."""
+    return _train_tiny(trained["root"], seed=1)

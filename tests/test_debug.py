@@ -106,9 +106,14 @@ def test_matmul_layers_map_through_their_bias_add_and_w8a8_agrees(tmp_path):
     path = export_onnx(model, tmp_path / "att.onnx", spec, calibration=calibration, input_shape=(3, 16, 16))
     result = debug.debug_artifact(loaded, path, x)
     rows = {row["module"]: row for row in result["layers"]}
-    assert list(rows) == [name for name, _ in quantized_layers(model)] and result["first_divergence"] is None
+    assert list(rows) == [name for name, _ in quantized_layers(model)]
     assert rows["q"]["op_type"] == "MatMul" and rows["head"]["op_type"] == "Gemm"
     assert all(row["sqnr_db"] is not None and row["sqnr_db"] > 20 for row in rows.values())
+    # W8A8 agrees without counting on the absence of a rounding flip (tests/agreement.py): a flip adds
+    # one step at one element, the quantization noise covers every element, so the runtime's error
+    # against float stays within 3.5 dB of the emulation's (||r - e|| <= 0.5 ||e - f|| gives
+    # ||r - f|| <= 1.5 ||e - f||, 20 log10 1.5 = 3.5 dB) at every layer.
+    assert all(row["sqnr_runtime_db"] >= row["sqnr_db"] - 3.5 for row in rows.values()), rows
     broken = corrupted_copy(path, tmp_path, "k.weight_transposed_quantized")
     assert debug.first_divergence(loaded, broken, x)["module"] == "k"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from bundle_helpers import built_bundle, copy_bundle
 from onnx.external_data_helper import convert_model_to_external_data
-from test_faults import one_error, snapshot, trained  # noqa: F401  (trained: the module's checkpoint fixture)
+from conftest import one_error, snapshot
 
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_fashion_mnist
+from conftest import one_error, snapshot
 
 from exporters.device.files import sha256_file
 from hero_train import train as train_module
@@ -20,26 +20,6 @@ from pipeline.config import load_config
 TINY = ["--optimizer", "sgd", "--batch-size", "32", "--limit-test", "16", "--no-augment"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    data = make_fashion_mnist(root / "fmnist", n_train=64, n_test=32)
-    config = TrainConfig(data_root=str(data), epochs=1, batch_size=32, optimizer="sgd", augment=False, limit_test=16)
-    return {"data": str(data), "checkpoint": str(train(config, root / "train"))}
-
-
-def snapshot(*roots) -> dict[str, str]:
-    """sha256 of every file under the roots: equal before and after means nothing changed or appeared."""
-    return {str(p): sha256_file(p) for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
-def one_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hero: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def poisoned(trained, tmp_path, name: str, value: float) -> Path:

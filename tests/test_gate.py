@@ -80,13 +80,32 @@ def test_gate_without_any_accuracy_threshold_is_refused_not_passed(tmp_path, cap
     assert not junit.exists()
 
 
-def test_hero_run_with_an_empty_gate_section_gets_a_failed_result_not_an_exception():
+def test_a_gate_section_without_threshold_gates_nothing_and_still_fails_a_disagreeing_runtime():
     from pipeline.config import GateSection
     from pipeline.run import criteria_from
 
-    result = evaluate_gate(report({8: 0.899}), criteria_from(GateSection()))
-    assert result["vacuous"] and not result["passed"] and result["reasons"][0].startswith("the gate checks no")
-    assert not evaluate_gate(report({8: 0.899}), GateCriteria(min_accuracy=0.5))["vacuous"]
+    result = evaluate_gate(report({8: 0.10}), criteria_from(GateSection()))  # an accuracy no threshold judges
+    assert result["passed"] and not result["gated"] and result["reasons"] == []
+    broken = evaluate_gate(report({8: 0.899}, consistent=False), criteria_from(GateSection()))
+    assert not broken["passed"] and not broken["gated"] and "disagrees with the PyTorch" in broken["reasons"][0]
+    assert evaluate_gate(report({8: 0.899}), GateCriteria(min_accuracy=0.5))["gated"]
+
+
+def test_run_summary_says_not_gated_and_reads_reports_without_gated_as_gated():
+    from pipeline.gate import NOT_GATED
+    from pipeline.report import gate_verdict
+    from pipeline.run import summary
+
+    ungated = {"passed": True, "gated": False, "reasons": [], "note": NOT_GATED}
+    rep = dict(report({8: 0.899}), gate=ungated)
+    rep["baseline"].update(torch_accuracy=0.9, drop_points=0.0, agreement=1.0, consistent=True, latency_ms=1.0,
+                           file_bytes=40, packed_weight_bytes=40, bits=None)
+    for v in rep["variants"]:
+        v.update(drop_points=100 * v["drop"], packed_weight_bytes=10)
+    printed = summary(rep)
+    assert "gate: NOT GATED" in printed and "nothing was gated" in printed and "FAIL" not in printed
+    assert gate_verdict({"passed": True, "reasons": []}) == "PASSED"  # a report from before `gated`
+    assert gate_verdict(dict(ungated, passed=False, reasons=["w8: broken"])) == "FAILED"
 
 
 @pytest.mark.parametrize("option", ["--max-drop=nan", "--max-drop=inf", "--max-drop=-1", "--min-accuracy=nan",

@@ -8,7 +8,6 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto
-from test_faults import trained  # noqa: F401  (the module's checkpoint fixture)
 from test_run_folder import config_file
 
 from exporters.device.runtime import OnnxRuntimeRunner

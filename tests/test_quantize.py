@@ -116,6 +116,23 @@ def test_non_finite_weights_raise_hero_error():
 
 # ---- agreement with torch's fake quantization -----------------------------------------------
 
+def _assert_same_grid_up_to_ties(w, axis, ours, theirs, scale, zero_point):
+    """Our codes (round(w / scale), ONNX QuantizeLinear) equal torch's fake quantization's, read back
+    as codes, except where w / scale lies within float rounding of a half-integer: torch's CPU kernel
+    multiplies by 1 / scale, which may land on the other side of the tie, one step away. Elsewhere
+    the two grids agree by construction."""
+    shape = [1] * w.dim()
+    if scale.dim():
+        shape[axis] = -1
+    s, z = scale.reshape(shape), zero_point.reshape(shape)
+    q_ours, q_theirs = torch.round(ours / s) + z, torch.round(theirs / s) + z
+    differ = q_ours != q_theirs
+    ratio = w.double() / s.double()
+    near_tie = (ratio - ratio.floor() - 0.5).abs() <= 4 * torch.finfo(torch.float32).eps * ratio.abs().clamp(min=1)
+    assert ((q_ours - q_theirs).abs()[differ] == 1).all() and near_tie[differ].all()
+    torch.testing.assert_close(ours[~differ], theirs[~differ], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bits", WEIGHT_BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_per_tensor_matches_torch_fake_quantize(bits, symmetric):
@@ -123,7 +140,8 @@ def test_per_tensor_matches_torch_fake_quantize(bits, symmetric):
     _, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=False)
     qmin, qmax = qrange(bits, symmetric)
     expected = torch.fake_quantize_per_tensor_affine(w, scale.item(), zero_point.item(), qmin, qmax)
-    torch.testing.assert_close(fake_quantize(w, bits, symmetric=symmetric, per_channel=False), expected)
+    ours = fake_quantize(w, bits, symmetric=symmetric, per_channel=False)
+    _assert_same_grid_up_to_ties(w, 0, ours, expected, scale, zero_point)
 
 
 @pytest.mark.parametrize("bits", WEIGHT_BITS)
@@ -136,7 +154,20 @@ def test_per_channel_matches_torch_fake_quantize(bits, symmetric, axis):
     assert scale.dtype == torch.float32 and zero_point.dtype == torch.int32
     qmin, qmax = qrange(bits, symmetric)
     expected = torch.fake_quantize_per_channel_affine(w, scale, zero_point, axis, qmin, qmax)
-    torch.testing.assert_close(fake_quantize(w, bits, symmetric=symmetric, axis=axis), expected)
+    ours = fake_quantize(w, bits, symmetric=symmetric, axis=axis)
+    _assert_same_grid_up_to_ties(w, axis, ours, expected, scale, zero_point)
+
+
+def test_the_tie_rule_is_not_vacuous():
+    """A value exactly half a step from two codes rounds half to even in ours (ONNX QuantizeLinear);
+    an off-grid value one step away is caught by the comparison above."""
+    w = torch.tensor([0.5, 1.5, 2.5, -0.5, 127.0])
+    q, scale, _ = quantize_tensor(w, 8, per_channel=False)
+    assert float(scale) == 1.0 and q.tolist() == [0, 2, 2, 0, 127]
+    shifted = fake_quantize(w, 8, per_channel=False) + torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0])
+    with pytest.raises(AssertionError):
+        _assert_same_grid_up_to_ties(w, 0, fake_quantize(w, 8, per_channel=False), shifted, scale,
+                                     torch.zeros((), dtype=torch.int32))
 
 
 # ---- validation ----------------------------------------------------------------------------

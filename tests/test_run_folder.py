@@ -6,23 +6,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_fashion_mnist
-from test_faults import one_error, snapshot
+from conftest import one_error, snapshot
 
-from hero_train.config import TrainConfig
-
-from hero_train.train import train
 from pipeline.cli import main
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runfolder")
-    data = make_fashion_mnist(root / "fmnist", n_train=64, n_test=32)
-    config = TrainConfig(data_root=str(data), epochs=1, batch_size=32, optimizer="sgd", augment=False, limit_test=16)
-    first = train(config, root / "a")
-    second = train(TrainConfig(**{**config.__dict__, "seed": 1}), root / "b")
-    return {"data": str(data), "a": str(first), "b": str(second)}
+def pair(trained, trained_seed1):
+    """Two checkpoints of one model and data (seeds 0 and 1)."""
+    return {"data": trained["data"], "a": trained["checkpoint"], "b": trained_seed1}
 
 
 def config_file(tmp_path, data, bits, gate=None, bundle=False, **quantize) -> str:
@@ -35,32 +27,32 @@ def config_file(tmp_path, data, bits, gate=None, bundle=False, **quantize) -> st
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_never_silently_replaced(trained, tmp_path, capsys):
+def test_a_finished_run_is_never_silently_replaced(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    first = config_file(tmp_path, trained["data"], [8, 4], bundle=True)
-    assert main(["run", first, "--checkpoint", trained["a"], "--out", str(out)]) == 0
+    first = config_file(tmp_path, pair["data"], [8, 4], bundle=True)
+    assert main(["run", first, "--checkpoint", pair["a"], "--out", str(out)]) == 0
     assert {p.name for p in (out / "artifacts").iterdir()} == {"fp32.onnx", "w8.onnx", "w4.onnx"}
     assert (out / "bundle" / "manifest.json").is_file()
     capsys.readouterr()
     finished = snapshot(out)
 
     # Another checkpoint, then another config: refused, naming what differs, nothing touched.
-    assert main(["run", first, "--checkpoint", trained["b"], "--out", str(out)]) == 2
+    assert main(["run", first, "--checkpoint", pair["b"], "--out", str(out)]) == 2
     one_error(capsys, "holds a finished run of other inputs", "checkpoint", "--overwrite")
-    other = config_file(tmp_path, trained["data"], [8])
-    assert main(["run", other, "--checkpoint", trained["a"], "--out", str(out)]) == 2
+    other = config_file(tmp_path, pair["data"], [8])
+    assert main(["run", other, "--checkpoint", pair["a"], "--out", str(out)]) == 2
     one_error(capsys, "quantize.bits", "bundle.enabled")
     assert snapshot(out) == finished
 
     # The same inputs with another gate re-gate the cached artifacts: nothing is rewritten but the report.
-    strict = config_file(tmp_path, trained["data"], [8, 4], gate={"min_accuracy": 0.999}, bundle=True)
-    assert main(["run", strict, "--checkpoint", trained["a"], "--out", str(out)]) == 1
+    strict = config_file(tmp_path, pair["data"], [8, 4], gate={"min_accuracy": 0.999}, bundle=True)
+    assert main(["run", strict, "--checkpoint", pair["a"], "--out", str(out)]) == 1
     capsys.readouterr()
     unchanged = {k: v for k, v in finished.items() if "/report." not in k and not k.endswith(".png")}
     assert {k: v for k, v in snapshot(out).items() if k in unchanged} == unchanged
 
     # --overwrite: the new run's artifacts only; the stale w4 and the bundle no longer asked for are gone.
-    assert main(["run", other, "--checkpoint", trained["a"], "--out", str(out), "--overwrite"]) == 0
+    assert main(["run", other, "--checkpoint", pair["a"], "--out", str(out), "--overwrite"]) == 0
     assert {p.name for p in (out / "artifacts").iterdir()} == {"fp32.onnx", "w8.onnx"}
     assert not (out / "bundle").exists()
     report = json.loads((out / "report.json").read_text())
@@ -68,32 +60,32 @@ def test_a_finished_run_is_never_silently_replaced(trained, tmp_path, capsys):
     assert report["meta"]["run_inputs"]["config"]["quantize"]["bits"] == [8]
 
 
-def test_a_report_without_recorded_inputs_counts_as_another_run(trained, tmp_path, capsys):
+def test_a_report_without_recorded_inputs_counts_as_another_run(pair, tmp_path, capsys):
     out = tmp_path / "old"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"meta": {"config": "folder"}, "variants": []}))
     before = snapshot(out)
-    config = config_file(tmp_path, trained["data"], [8])
-    assert main(["run", config, "--checkpoint", trained["a"], "--out", str(out)]) == 2
+    config = config_file(tmp_path, pair["data"], [8])
+    assert main(["run", config, "--checkpoint", pair["a"], "--out", str(out)]) == 2
     one_error(capsys, "records no inputs")
     assert snapshot(out) == before
 
 
-def test_out_that_is_a_file_is_one_line(trained, tmp_path, capsys):
+def test_out_that_is_a_file_is_one_line(pair, tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("keep me")
-    assert main(["run", config_file(tmp_path, trained["data"], [8]), "--checkpoint", trained["a"],
+    assert main(["run", config_file(tmp_path, pair["data"], [8]), "--checkpoint", pair["a"],
                  "--out", str(out)]) == 2
     one_error(capsys, "is a file")
     assert Path(out).read_text() == "keep me"
 
 
 @pytest.mark.slow
-def test_a_nested_grid_run_reports_the_canonical_price_and_bundles_one_refit_group(trained, tmp_path, capsys):
+def test_a_nested_grid_run_reports_the_canonical_price_and_bundles_one_refit_group(pair, tmp_path, capsys):
     out = tmp_path / "nested"
-    config = config_file(tmp_path, trained["data"], [8, 4], bundle=True, grid="nested", bn="quantize-first",
+    config = config_file(tmp_path, pair["data"], [8, 4], bundle=True, grid="nested", bn="quantize-first",
                          per_channel=False)
-    assert main(["run", config, "--checkpoint", trained["a"], "--out", str(out)]) == 0
+    assert main(["run", config, "--checkpoint", pair["a"], "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     for v in report["variants"]:
         assert v["grid"] == "nested" and v["bn"] == "quantize-first" and v["consistent"], v

@@ -82,13 +82,19 @@ def test_folding_replaces_weight_dequantize_linear_by_the_dequantized_float_weig
     graph = session_graph(runner)
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     assert runner.weight_dequant == ("folded" if folded else "runtime")
+    # Which ops ORT runs after optimisation (Gemm, FusedGemm, MatMul + Add...) changes between ORT
+    # versions; what each mode means does not: folded sessions hold the dequantized weight as a
+    # float initializer and no DequantizeLinear, runtime ones still read the integer initializer.
+    ops = [n.op_type for n in graph.node]
     if folded:
-        assert [n.op_type for n in graph.node] == ["Gemm"] and set(initializers) == {"w"}
+        assert "DequantizeLinear" not in ops and "w_q" not in initializers
+        (weight,) = [w for w in initializers.values() if w.dtype == np.float32 and w.size == q.size]
         # computed once by the DequantizeLinear kernel: q * scale rounded to float32, as numpy does
-        np.testing.assert_array_equal(initializers["w"], q.astype(np.float32) * scale[:, None])
+        dequantized = q.astype(np.float32) * scale[:, None]
+        assert np.array_equal(weight, dequantized) or np.array_equal(weight, dequantized.T)
     else:
-        assert [n.op_type for n in graph.node] == ["DequantizeLinear", "Gemm"]
-        assert set(initializers) == {"w_q", "w_scale"}
+        assert initializers["w_q"].dtype == np.int8 and np.array_equal(initializers["w_q"], q)
+        assert any("w_q" in n.input for n in graph.node)
 
 
 def test_folded_and_runtime_dequantization_match_the_literal_graph_and_hand_math(tmp_path, quantized):
