@@ -38,7 +38,7 @@ from onnxscript import optimizer, rewriter
 from onnxscript.rewriter.rules import common as rules
 from torch import nn
 
-from exporters import quantize
+from exporters import act_layout, quantize
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
@@ -110,11 +110,17 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     _check_options(spec, options)
     opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
     float_model = (quantize.fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()).cpu()
+    integer_layout = calibration is not None and spec.act_layout == "onnxruntime"
+    if integer_layout:  # the emulation's own module, float weights: its QDQ export as Q/DQ pairs
+        float_model = act_layout.with_qdq(float_model, calibration)
     proto = export_float_graph(float_model, input_shape, opset)
     uses = _weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
-        _quantize_weights(proto, uses, quantize.weight_codes(model, spec), spec, options.int4_storage)
-    if calibration is not None:
+        codes = quantize.weight_codes(model, spec)
+        _quantize_weights(proto, uses, codes, spec, options.int4_storage)
+        if integer_layout:
+            _quantize_biases(proto, uses, quantize.integer_biases(float_model, codes))
+    if calibration is not None and not integer_layout:
         _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
     if options.fp16:
         to_float16(proto)
@@ -184,6 +190,7 @@ def export_float_graph(model: nn.Module, input_shape, opset: int) -> onnx.ModelP
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=False, verbose=False,
                                     opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    custom_translation_table=act_layout.TRANSLATIONS,
                                     dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},))
     graph = program.model
     optimizer.fold_constants_ir(graph, should_fold=lambda node: True if node.op_type == "Transpose" else None)
@@ -342,6 +349,42 @@ def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], codes: dic
     graph.node.extend(nodes)
 
 
+def _quantize_biases(proto: onnx.ModelProto, uses: list[_WeightUse],
+                     biases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace the float bias initializer of each Conv/Gemm in `biases` by int32 codes read through
+    DequantizeLinear (scale input scale x weight scale, axis 0), `quantize.quantize_bias`'s grid:
+    what QLinearConv adds to its accumulator, written out so the graph says it."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = {node.name: node for node in graph.node}
+    done: dict[str, str] = {}
+    added = []
+    for use in uses:
+        node = nodes[use.node]
+        if use.module not in biases or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        if node.input[2] in done:
+            node.input[2] = done[node.input[2]]
+            continue
+        if node.input[2] not in initializers:
+            continue
+        q, scale = biases[use.module]
+        name = f"{use.module}.bias_dequantized"
+        graph.initializer.extend([numpy_helper.from_array(q.numpy().astype(np.int32), f"{use.module}.bias_quantized"),
+                                  numpy_helper.from_array(scale.numpy().astype(np.float32), f"{use.module}.bias_scale")])
+        added.append(helper.make_node("DequantizeLinear", [f"{use.module}.bias_quantized", f"{use.module}.bias_scale"],
+                                      [name], name=f"{name}_DequantizeLinear", axis=0))
+        done[node.input[2]] = name
+        node.input[2] = name
+    read = {name for node in graph.node for name in node.input}
+    live = [t for t in graph.initializer if t.name not in done or t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    nodes_now = added + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes_now)
+
+
 def _quantize_activations(proto: onnx.ModelProto, uses: list[_WeightUse], scales: dict[str, float]) -> None:
     """Put Clip -> QuantizeLinear -> DequantizeLinear (int8, zero point 0, per tensor) on the
     activation input of every weight op. QuantizeLinear saturates to [-128, 127]; the Clip to
@@ -417,7 +460,8 @@ def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOp
         storage = "+".join(sorted({np.dtype(_storage_type(b, spec, options.int4_storage)[1]).name
                                    for b in _widths(spec)}))
     return {"spec": spec.to_dict(), "act_scales": None if calibration is None else dict(calibration.scales),
-            "weight_storage": storage, "tool_version": TOOL_VERSION}
+            "act_zero_points": None if calibration is None or calibration.zero_points is None
+            else dict(calibration.zero_points), "weight_storage": storage, "tool_version": TOOL_VERSION}
 
 
 def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: str | None = None
@@ -433,12 +477,13 @@ def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: st
     try:
         entry = json.loads(metadata[QUANTIZATION_KEY])
         spec = quantize.QuantSpec.from_dict(entry["spec"])
-        scales = entry["act_scales"]
-        if scales is not None and not isinstance(scales, dict):
-            raise TypeError(f"act_scales is a {type(scales).__name__}, not a mapping")
+        scales, zero_points = entry["act_scales"], entry.get("act_zero_points")
+        for name, value in (("act_scales", scales), ("act_zero_points", zero_points)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} is a {type(value).__name__}, not a mapping")
     except (ValueError, KeyError, TypeError) as exc:
         raise HeroError(f"{source}: its {QUANTIZATION_KEY} metadata is not readable ({exc})") from None
-    calibration = None if scales is None else quantize.Calibration(scales)
+    calibration = None if scales is None else quantize.Calibration(scales, zero_points)
     quantize.check_calibration(spec, calibration)
     return spec, calibration
 
@@ -446,7 +491,7 @@ def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: st
 def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:
     """The quantized weights of an exported graph, keyed by the name of the dequantized tensor
     (the float initializer it replaced, e.g. "conv1.weight"): every DequantizeLinear whose
-    integer input is an initializer. A missing zero point reads as zeros (ONNX default)."""
+    integer input is an initializer, int32 biases excepted. A missing zero point reads as zeros (ONNX default)."""
     proto = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else onnx.load(onnx_path_or_model)
     initializers = {t.name: t for t in proto.graph.initializer}
     found = {}
@@ -454,6 +499,8 @@ def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         q = numpy_helper.to_array(initializers[node.input[0]])
+        if q.dtype == np.int32:  # a bias on its accumulator grid (`_quantize_biases`), not a weight
+            continue
         if q.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
             q = q.astype(np.int8 if q.dtype == ml_dtypes.int4 else np.uint8)
         scale = numpy_helper.to_array(initializers[node.input[1]])

@@ -35,7 +35,9 @@ ACT_BITS = 8
 _ACT_METHODS = ("max", "percentile")
 _QUANTILE_MAX_SAMPLES = 1 << 20  # torch.quantile refuses inputs above 2^24 elements
 # Fields added after artifacts were first written: their value when an older artifact omits them.
-_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None}
+# act_layout: artifacts written before it quantized activations TensorRT's way.
+_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt"}
+ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,14 @@ class QuantSpec:
       on the 8-bit scale, `exporters.nested_grid`: one set of Q/DQ scales for every precision, so a
       TensorRT engine switches precision by refitting weights only; symmetric, bits <= 8).
     - `layer_bits`: mixed precision, a width per quantized layer (name -> bits), else None.
-    - `act_bits`: None (float activations) or 8 (per-tensor symmetric int8 on the input of every
-      Conv/Linear, scales from `calibrate_activations` with `act_method`/`act_percentile`).
+    - `act_bits`: None (float activations) or 8, scales from `calibrate_activations` with
+      `act_method`/`act_percentile`.
+    - `act_layout`: where 8-bit activations are quantized, for whose integer kernels.
+      "onnxruntime": asymmetric uint8 at every point ONNX Runtime's CPU kernels fuse (the output of
+      every Conv/Linear, Add, Concat and average pool, and the inputs they need;
+      `exporters.act_layout`), so Conv, Gemm, Add and pooling run as QLinear* integer ops.
+      "tensorrt": symmetric int8 (zero point 0) on the input of every Conv/Linear, TensorRT's
+      explicit-quantization placement.
     """
 
     bits: int | None = None
@@ -65,6 +73,7 @@ class QuantSpec:
     act_bits: int | None = None
     act_method: str = "max"
     act_percentile: float = 99.99
+    act_layout: str = "onnxruntime"
 
     def __post_init__(self):
         for name in ("symmetric", "per_channel"):
@@ -99,6 +108,10 @@ class QuantSpec:
         if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits != ACT_BITS):
             raise HeroError(f"act_bits must be null or {ACT_BITS}, got {self.act_bits!r}")
         _check_act_method(self.act_method, self.act_percentile)
+        if self.act_layout not in ACT_LAYOUTS:
+            raise HeroError(unknown_choice("act_layout", self.act_layout, ACT_LAYOUTS))
+        if self.act_bits is None:  # no activation is quantized anywhere: one spec, whatever the layout says
+            object.__setattr__(self, "act_layout", ACT_LAYOUTS[0])
 
     def bits_for(self, layer: str) -> int | None:
         """The width of one layer: its layer_bits entry, else bits."""
@@ -133,10 +146,13 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-tensor int8 input scales of a model's Conv/Linear layers, keyed by module name: what
-    `calibrate_activations` measured and what W{n}A8 emulation and export both use."""
+    """Per-tensor 8-bit activation parameters, what `calibrate_activations` measured and what W{n}A8
+    emulation and export both use. act_layout "tensorrt": `scales` of the inputs of the model's
+    Conv/Linear layers keyed by module name, zero point 0 (`zero_points` None). "onnxruntime":
+    `scales` and uint8 `zero_points` keyed by quantization point (`exporters.act_layout.Plan`)."""
 
     scales: Mapping[str, float]
+    zero_points: Mapping[str, int] | None = None
 
     def __post_init__(self):
         bad = {k: v for k, v in self.scales.items()
@@ -144,6 +160,12 @@ class Calibration:
         if bad:
             raise HeroError(f"activation scales must be positive and finite, got {bad}: recalibrate")
         object.__setattr__(self, "scales", {str(k): float(v) for k, v in self.scales.items()})
+        if self.zero_points is not None:
+            zps = self.zero_points
+            if set(zps) != set(self.scales) or any(isinstance(z, bool) or not isinstance(z, numbers.Integral)
+                                                   or not 0 <= z <= 255 for z in zps.values()):
+                raise HeroError("activation zero points must be integers in [0, 255], one per activation scale: recalibrate")
+            object.__setattr__(self, "zero_points", {str(k): int(v) for k, v in zps.items()})
 
 
 def check_calibration(spec: QuantSpec, calibration: Calibration | None) -> None:
@@ -152,6 +174,9 @@ def check_calibration(spec: QuantSpec, calibration: Calibration | None) -> None:
         raise HeroError(f"calibration must be a Calibration from calibrate_activations, got {type(calibration).__name__}")
     if (spec.act_bits is None) != (calibration is None):
         raise HeroError("act_bits=8 needs a Calibration from calibrate_activations, and a Calibration needs act_bits=8")
+    if calibration is not None and (calibration.zero_points is None) != (spec.act_layout == "tensorrt"):
+        raise HeroError(f"this Calibration was made for another act_layout than {spec.act_layout!r}: "
+                        "calibrate with the spec you export")
 
 
 def _check_act_method(method, percentile) -> None:
@@ -311,6 +336,15 @@ def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> t
     return q * _along(sign, q.dim(), 0), s32
 
 
+def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias as an integer kernel adds it: int32 codes on the scale input_scale * weight_scale (per
+    output channel) with zero point 0, the accumulator's own grid (ONNX QLinearConv, input B).
+    Returns (int32 codes, float32 scale); dequantized: codes * scale."""
+    scale = (torch.tensor(input_scale, dtype=torch.float32) * weight_scale.to(torch.float32)).expand(bias.shape)
+    q = torch.round(bias.detach().to(torch.float32) / scale).clamp(-(2**31) + 1, 2**31 - 1)
+    return q.to(torch.int32), scale.contiguous()
+
+
 def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
     """{layer name: WeightCodes} of every Conv/Linear as `spec` quantizes `model` (the trained, unfolded
     model; names are the same after folding): the one place both the emulation (`quantize_model`)
@@ -336,6 +370,19 @@ def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
     return out
 
 
+def integer_biases(traced: nn.Module, codes: Mapping[str, WeightCodes]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: `quantize_bias` of its bias} for every quantized layer of an onnxruntime-layout module
+    (`exporters.act_layout.with_qdq`) with a bias and a quantized input."""
+    from exporters import act_layout
+
+    out = {}
+    for name, input_scale in act_layout.input_scales(traced).items():
+        bias = traced.get_submodule(name).bias
+        if bias is not None and name in codes:
+            out[name] = quantize_bias(bias, input_scale, codes[name].scale)
+    return out
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration | None = None) -> nn.Module:
     """An eval-mode copy of `model` (never modified) computing what the exported graph computes:
     BatchNorm folded unless spec.bn is "keep", every Conv/Linear weight replaced by its dequantized
@@ -347,12 +394,22 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
         raise HeroError(f"quantize_model takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
     check_calibration(spec, calibration)
     quantized = fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()
-    scales = None if calibration is None else checked_act_scales(quantized, calibration)
     codes = weight_codes(model, spec)
     with torch.no_grad():
         for name, layer in quantized_layers(quantized):
             if name in codes:
                 layer.weight.copy_(codes[name].dequantized().to(layer.weight.dtype))
+    if calibration is not None and spec.act_layout == "onnxruntime":
+        from exporters import act_layout
+
+        quantized = act_layout.with_qdq(quantized, calibration)
+        for name, (q, scale) in integer_biases(quantized, codes).items():
+            act_layout.use_integer_bias(quantized.get_submodule(name), dequantize(q, scale, torch.zeros_like(q)))
+        quantized.act_scales = dict(calibration.scales)
+        return quantized.eval()
+    scales = None if calibration is None else checked_act_scales(quantized, calibration)
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized):
             if scales is not None:
                 layer.act_quant = ActQuant(scales[name]).to(layer.weight.device)
                 layer.register_forward_pre_hook(_quantize_input)
@@ -379,6 +436,12 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
     BatchNorm in eval mode is an affine map after its Conv, so the inputs of the Conv/Linear
     layers are the same whether or not it is folded. Modes are restored afterwards."""
     method, percentile = spec.act_method, spec.act_percentile
+    if spec.act_layout == "onnxruntime":
+        from exporters import act_layout
+
+        folded = fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()
+        params = act_layout.calibrate_points(folded, batches, method, percentile)
+        return Calibration({k: s for k, (s, _) in params.items()}, {k: z for k, (_, z) in params.items()})
     layers = quantized_layers(model)
     stats: dict[str, list[float]] = {name: [] for name, _ in layers}
     generator = torch.Generator().manual_seed(0)

@@ -222,12 +222,12 @@ def _load(checkpoint, model, model_kwargs, dataset, data_root):
     return stages.load_stage(checkpoint, _named(model, model_kwargs), dataset, describe)
 
 
-def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None):
+def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None, act_layout="onnxruntime"):
     from exporters.quantize import QuantSpec
 
     return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
                      grid=grid if bits is not None else "canonical",
-                     act_bits=act_bits)
+                     act_bits=act_bits, act_layout=act_layout)
 
 
 @cli.command()
@@ -280,20 +280,23 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
 @click.option("--out", "out_path", required=True, help="the .onnx file to write")
 @click.option("--bits", type=int, default=None, help="weight bits (omit for a float graph)")
 @click.option("--act-bits", type=int, default=None, help="8 for W{n}A8 (calibrated on training batches)")
+@click.option("--act-layout", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="where activations are quantized: for ONNX Runtime's integer kernels (uint8 at every fusable "
+                   "point) or TensorRT's explicit quantization (int8 on Conv/Linear inputs)")
 @_scheme_options
 @click.option("--int4-storage", is_flag=True, help="INT4 initializers for bits <= 4 (opset 21)")
 @click.option("--fp16", is_flag=True, help="float16 graph (float models only)")
 @click.option("--calibration-batches", type=click.IntRange(min=1), default=None,
               help="training batches of 128 for --act-bits 8 [default: the config's quantize.calibration_batches]")
 @_model_options
-def export(checkpoint, out_path, bits, act_bits, asymmetric, per_tensor, bn, grid, int4_storage, fp16,
+def export(checkpoint, out_path, bits, act_bits, act_layout, asymmetric, per_tensor, bn, grid, int4_storage, fp16,
            calibration_batches, model, model_kwargs, dataset, data_root):
     """Export one variant of a checkpoint to ONNX."""
     from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
 
-    spec = _spec(bits, asymmetric, per_tensor, bn, grid, act_bits)
+    spec = _spec(bits, asymmetric, per_tensor, bn, grid, act_bits, act_layout)
     if Path(out_path).is_dir():
         raise HeroError(f"--out {out_path} is a folder: name the .onnx file to write")
     loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)

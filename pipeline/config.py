@@ -170,6 +170,8 @@ class QuantizeSection(_Section):
     act_bits: Literal[8] | None = None
     act_method: Literal["max", "percentile"] = "max"
     act_percentile: float = 99.99
+    act_layout: Literal["onnxruntime", "tensorrt"] | None = Field(
+        None, description="where 8-bit activations are quantized; default: the runtime section's name")
     calibration_batches: int = Field(8, ge=1)
     mixed: MixedSection | None = None
 
@@ -208,7 +210,7 @@ class QuantizeSection(_Section):
         return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, bn=self.bn,
                          grid=self.grid if quantized else "canonical", layer_bits=layer_bits,
                          act_bits=self.act_bits if quantized else None, act_method=self.act_method,
-                         act_percentile=self.act_percentile)
+                         act_percentile=self.act_percentile, act_layout=self.act_layout or "onnxruntime")
 
 
 class ExportSection(_Section):
@@ -261,6 +263,13 @@ class DeployConfig(_Section):
     gate: GateSection = Field(default_factory=GateSection)
     bundle: BundleSection = Field(default_factory=BundleSection)
     target: TargetSection = Field(default_factory=TargetSection)
+
+    @model_validator(mode="after")
+    def _layout_follows_the_runtime(self):
+        """The target decides where activations are quantized: quantize.act_layout defaults to runtime.name."""
+        if self.quantize.act_layout is None:
+            self.quantize.act_layout = self.runtime.name
+        return self
 
     def train_config(self) -> TrainConfig | None:
         """The TrainConfig of the train, model and data sections (None without a train section)."""

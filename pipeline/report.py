@@ -6,13 +6,18 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
     {"meta": {...},
      "baseline": {"accuracy": float, "runtime_accuracy": float, ...same keys as a variant...},
      "variants": [{"name": str, "bits": int, "symmetric": bool, "per_channel": bool,
-                   "act_bits": int|null, "bn": "fold-first"|"quantize-first"|"keep",
+                   "act_bits": int|null, "act_layout": "onnxruntime"|"tensorrt",
+                   "bn": "fold-first"|"quantize-first"|"keep",
                    "grid": "canonical"|"nested", "layer_bits": {layer: bits}|null (mixed precision),
                    "average_bits": float, "canonical_torch_accuracy": float (nested grids only:
                    the canonical grid's emulation at the same widths), "runtime": str, "torch_accuracy": float,
                    "runtime_accuracy": float, "agreement": float, "max_logit_diff": float,
                    "consistent": bool, "drop": float, "drop_points": float, "latency_ms": float,
-                   "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str}, ...],
+                   "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str,
+                   "trt_lint": [str], "kernels": {"integer_ops": int, "float_weight_ops": int,
+                   "unfused": [str], "ops": {op: count}} (how ONNX Runtime ran it after optimisation,
+                   exporters.kernels), "integer_lint": [str] (weight ops meant for integer kernels
+                   that stayed float)}, ...],
      "gate": {"passed": bool, "gated": bool, "reasons": [str], "note": str|null}}
 
 ``gate.passed`` is what the exit code says; ``reasons`` are the failures (empty when it passed).

@@ -23,6 +23,7 @@ from exporters.device.files import sha256_file
 from exporters.onnx import ExportOptions, export_onnx, read_quantization
 from exporters.quantize import (Calibration, QuantSpec, average_bits, calibrate_activations, packed_weight_bytes,
                                 quantize_model)
+from exporters.kernels import integer_lint, kernel_summary
 from exporters.trt_lint import lint_explicit_quantization
 from hero_train import data as hdata
 from hero_train.checkpoint import Loaded, load_for_deploy, model_from_checkpoint
@@ -278,11 +279,17 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
         spec = art.variant.spec
         # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
         lint = lint_explicit_quantization(str(art.path)) if spec.bits is not None else []
+        kernels = kernel_summary(art.path, rt.providers, rt.threads)
+        unfused = integer_lint(spec, kernels)
+        for warning in unfused:
+            print(f"hero: warning: {art.variant.name}: {warning}", file=sys.stderr)
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
-               "per_channel": spec.per_channel, "act_bits": spec.act_bits, "bn": spec.bn, "grid": spec.grid,
+               "per_channel": spec.per_channel, "act_bits": spec.act_bits,
+               "act_layout": spec.act_layout if spec.act_bits else None, "bn": spec.bn, "grid": spec.grid,
                "layer_bits": None if spec.layer_bits is None else dict(spec.layer_bits),
                "average_bits": average_bits(loaded.model, spec), "runtime": "onnxruntime",
-               "target_runtime": rt.name, "trt_lint": lint, **measured, "file_bytes": art.file_bytes,
+               "target_runtime": rt.name, "trt_lint": lint, "kernels": kernels, "integer_lint": unfused,
+               **measured, "file_bytes": art.file_bytes,
                "packed_weight_bytes": art.packed_weight_bytes,
                "artifact": str(art.path.relative_to(run_dir)), "sha256": art.sha256}
         if not row["consistent"]:

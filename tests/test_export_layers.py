@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from agreement import assert_float_close, assert_matches_act_quantized, float_tolerance
 
+from exporters.act_layout import plan_points, trace
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx, weight_initializers
@@ -160,8 +161,8 @@ MODELS = [MobileNetLike, TinyViT, MixerLike]
 FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0}  # folded: only the BN after an add stays
 ACTIVATION_MATMULS = {MobileNetLike: 0, TinyViT: 2, MixerLike: 0}  # q.k^T and attn.v: no weight to quantize
 SPECS = [QuantSpec(bits=8), QuantSpec(bits=4), QuantSpec(bits=4, symmetric=False, per_channel=False),
-         QuantSpec(bits=8, act_bits=8)]
-SPEC_IDS = ["w8", "w4", "w4-asym-per-tensor", "w8a8"]
+         QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"), QuantSpec(bits=8, act_bits=8)]
+SPEC_IDS = ["w8", "w4", "w4-asym-per-tensor", "w8a8-tensorrt", "w8a8"]
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +233,11 @@ def test_export_matches_quantize_model_and_quantizes_every_layer(cls, spec, imag
     _assert_every_layer_stored_quantized(path, model, spec)
     assert _ops(path).count("BatchNormalization") == FLOAT_BATCHNORMS[cls]
     assert _activation_matmuls(path) == ACTIVATION_MATMULS[cls]
-    if spec.act_bits:
+    if spec.act_bits and spec.act_layout == "tensorrt":  # one Q on each Conv/Linear input
         assert _ops(path).count("QuantizeLinear") == len(quantized_layers(model))
+    if spec.act_bits and spec.act_layout == "onnxruntime":  # one Q per quantization point
+        assert _ops(path).count("QuantizeLinear") == len(calibration.scales) + sum(
+            1 for name in plan_points(trace(fold_bn(model))).points.values() if name is not None)
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda cls: cls.__name__)
@@ -279,7 +283,8 @@ def test_int4_storage_of_a_transformer_matches_quantize_model(images, tmp_path):
     _assert_every_layer_stored_quantized(int4_path, model, spec)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=8, act_bits=8)], ids=["w4", "w8a8"])
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"),
+                                  QuantSpec(bits=8, act_bits=8)], ids=["w4", "w8a8-tensorrt", "w8a8"])
 @pytest.mark.parametrize("dim", [16, 520], ids=["small", "above-fold-limit"])
 def test_a_linear_called_twice_shares_one_quantized_weight(dim, spec, images, tmp_path):
     model = _build(lambda: SharedProjection(dim))
@@ -325,5 +330,5 @@ def test_multihead_attention_quantizes_out_proj_and_leaves_in_proj_float(images,
               if t.data_type == TensorProto.FLOAT and len(t.dims) > 1]
     assert len(floats) == 1 and any(np.array_equal(floats[0], w) for w in (in_proj, in_proj.T))  # in either layout
     with pytest.raises(HeroError, match="mha.out_proj"):
-        calibrate_activations(model, [images], QuantSpec(bits=8, act_bits=8))
+        calibrate_activations(model, [images], QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"))
 

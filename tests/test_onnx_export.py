@@ -14,6 +14,7 @@ from torch import nn
 import exporters.onnx
 from agreement import assert_float_close, assert_matches_act_quantized
 
+from exporters.act_layout import plan_points, trace
 from exporters.device.errors import HeroError
 from exporters.device import TOOL_VERSION
 from exporters.device.runtime import OnnxRuntimeRunner
@@ -147,7 +148,7 @@ def test_asymmetric_and_per_tensor_4_bit_exports_match_quantize_model(model, ima
 def test_activation_qdq_matches_quantize_model_beyond_calibrated_range(model, images, tmp_path):
     """A8 on a generic model: within tests/agreement.py's share of the activation quantization's own
     effect (a rounding flip may or may not happen on this CPU); exactness is the dyadic tests' job."""
-    spec = QuantSpec(bits=8, act_bits=8)
+    spec = QuantSpec(bits=8, act_bits=8, act_layout="tensorrt")
     calibration = calibrate_activations(fold_bn(model), [images], spec)
     path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
     ops = [node.op_type for node in onnx.load(path).graph.node]
@@ -194,20 +195,30 @@ class DyadicNet(nn.Module):
 DYADIC_SCALES = {"conv1": 2.0**-4, "conv2": 2.0**-3, "fc": 2.0**-2}
 
 
-def dyadic_calibration() -> Calibration:
-    return Calibration(DYADIC_SCALES)
+def dyadic_calibration(net, layout: str) -> Calibration:
+    """Powers of two for every activation scale. tensorrt: the inputs of conv1, conv2 and fc.
+    onnxruntime: every point of the plan; zero point 0 after a ReLU, 128 where values are signed."""
+    if layout == "tensorrt":
+        return Calibration(DYADIC_SCALES)
+    points = plan_points(trace(fold_bn(net))).calibrated
+    scales = {name: 2.0 ** -(3 + i % 3) for i, name in enumerate(points)}
+    return Calibration(scales, {name: 0 if name.startswith("relu") or "pool" in name else 128 for name in points})
 
 
+@pytest.mark.parametrize("layout", ["tensorrt", "onnxruntime"])
 @pytest.mark.parametrize("optimization", ["default", "disabled"])
-def test_w8a8_graph_computes_the_emulation_exactly_where_every_value_is_representable(tmp_path, optimization):
+def test_w8a8_graph_computes_the_emulation_exactly_where_every_value_is_representable(tmp_path, optimization, layout):
+    """With ORT's optimisations the onnxruntime layout runs as QLinearConv/QLinearAdd/QGemm, which
+    requantize int32 accumulators by scale ratios: powers of two here, so exact as well."""
     torch.manual_seed(4)
-    net, spec = DyadicNet().eval(), QuantSpec(bits=8, act_bits=8)
-    x = torch.randn(6, 2, 8, 8) * 4  # beyond conv1's clip range 127 * 2^-4 too
-    path = export_onnx(net, tmp_path / "m.onnx", spec, calibration=dyadic_calibration(), input_shape=(2, 8, 8))
+    net, spec = DyadicNet().eval(), QuantSpec(bits=8, act_bits=8, act_layout=layout)
+    x = torch.randn(6, 2, 8, 8) * 4  # beyond the input's clip range too
+    calibration = dyadic_calibration(net, layout)
+    path = export_onnx(net, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=(2, 8, 8))
     codes = weight_initializers(path)
     for name, k in (("conv1", 6), ("conv2", 7)):  # the construction held: scales are exactly 2^-k
         np.testing.assert_array_equal(codes[f"{name}.weight"].scale, np.float32(2.0**-k))
-    expected = quantize_model(net, spec, dyadic_calibration())(x).detach().numpy()
+    expected = quantize_model(net, spec, calibration)(x).detach().numpy()
     assert not np.array_equal(expected, quantize_model(net, QuantSpec(bits=8))(x).detach().numpy())
     runner = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], optimization=optimization)
     np.testing.assert_array_equal(runner.predict(x.numpy()), expected)
@@ -261,25 +272,31 @@ def test_metadata_is_one_quantization_entry_plus_caller_entries(model, tmp_path)
     assert set(metadata) == {QUANTIZATION_KEY, "hero.source_sha256", "note"}
     assert metadata["hero.source_sha256"] == "ab" * 32 and metadata["note"] == "7"
     assert json.loads(metadata[QUANTIZATION_KEY]) == {"spec": spec.to_dict(), "act_scales": None,
-                                                      "weight_storage": "uint8", "tool_version": TOOL_VERSION}
+                                                      "act_zero_points": None, "weight_storage": "uint8",
+                                                      "tool_version": TOOL_VERSION}
     assert TOOL_VERSION
     assert read_quantization(metadata, "m.onnx") == (spec, None)
 
 
-def test_w8a8_metadata_round_trips_the_calibration(model, images, tmp_path):
-    spec = QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.9)
+@pytest.mark.parametrize("layout", ["tensorrt", "onnxruntime"])
+def test_w8a8_metadata_round_trips_the_calibration(model, images, tmp_path, layout):
+    spec = QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.9, act_layout=layout)
     calibration = calibrate_activations(fold_bn(model), [images], spec)
     path = export_onnx(model, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=INPUT_SHAPE)
     read_spec, read_calibration = read_quantization(_metadata(path), path)
     assert read_spec == spec
     assert read_calibration == calibration  # float scales survive JSON exactly
-    assert set(read_calibration.scales) == {"conv1", "conv2", "fc"}
-    # the graph's activation QuantizeLinear scales are the recorded ones
+    if layout == "tensorrt":
+        assert set(read_calibration.scales) == {"conv1", "conv2", "fc"} and read_calibration.zero_points is None
+    else:  # the input, both ReLU outputs (zero point 0) and the pooled features, each quantized once
+        assert set(read_calibration.scales) == set(plan_points(trace(fold_bn(model))).calibrated)
+        assert len(read_calibration.scales) == 4 and sorted(read_calibration.zero_points.values())[:3] == [0, 0, 0]
+    # the graph's activation QuantizeLinear scales are the recorded ones (a pass-through repeats one)
     graph = onnx.load(path).graph
     initializers = {t.name: t for t in graph.initializer}
-    graph_scales = sorted(float(onnx.numpy_helper.to_array(initializers[n.input[1]]))
-                          for n in graph.node if n.op_type == "QuantizeLinear")
-    np.testing.assert_allclose(graph_scales, sorted(read_calibration.scales.values()), rtol=1e-7)
+    graph_scales = {float(onnx.numpy_helper.to_array(initializers[n.input[1]]))
+                    for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert graph_scales == {float(np.float32(v)) for v in read_calibration.scales.values()}
 
 
 def test_read_quantization_refuses_missing_entry():
@@ -366,13 +383,16 @@ _SOME_CALIBRATION = Calibration({"conv1": 0.1, "conv2": 0.1, "fc": 0.1})
     (QuantSpec(bits=8, act_bits=8), ExportOptions(), None, INPUT_SHAPE, "act_bits=8 needs a Calibration"),
     (QuantSpec(bits=8), ExportOptions(), _SOME_CALIBRATION, INPUT_SHAPE, "act_bits=8 needs a Calibration"),
     (QuantSpec(bits=8, act_bits=8), ExportOptions(), {"conv1": 0.1}, INPUT_SHAPE, "must be a Calibration"),
-    (QuantSpec(bits=8, act_bits=8), ExportOptions(), Calibration({"conv1": 0.1}), INPUT_SHAPE, "missing"),
+    (QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"), ExportOptions(), Calibration({"conv1": 0.1}), INPUT_SHAPE,
+     "missing"),
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), Calibration({"conv1": 0.1}), INPUT_SHAPE, "another act_layout"),
+    (QuantSpec(bits=8, act_bits=8), ExportOptions(), Calibration({"x": 0.1}, {"x": 0}), INPUT_SHAPE, "missing"),
     (QuantSpec(bits=4), ExportOptions(int4_storage=True, opset=18), None, INPUT_SHAPE, "opset"),
     (QuantSpec(bits=4), ExportOptions(metadata={QUANTIZATION_KEY: "{}"}), None, INPUT_SHAPE, "may not set"),
     (QuantSpec(bits=4), {"fp16": False}, None, INPUT_SHAPE, "ExportOptions"),
     (QuantSpec(bits=4), ExportOptions(), None, (2, 0, 8), "input_shape"),
 ], ids=["int4-8bit", "fp16-quantized", "act-no-calibration", "calibration-no-act", "scales-dict",
-        "calibration-missing-layers", "int4-opset", "metadata-hero-quantization", "options-dict", "input-shape"])
+        "calibration-missing-layers", "calibration-of-the-other-layout", "calibration-missing-points", "int4-opset", "metadata-hero-quantization", "options-dict", "input-shape"])
 def test_inconsistent_options_raise_hero_error(model, tmp_path, spec, options, calibration, input_shape, message):
     with pytest.raises(HeroError, match=message):
         export_onnx(model, tmp_path / "m.onnx", spec, options, calibration, input_shape=input_shape)

@@ -234,7 +234,7 @@ def test_parse_bits_names_the_option_it_parses():
 @pytest.mark.parametrize("spec", [
     QuantSpec(),
     QuantSpec(bits=4, symmetric=False, per_channel=False, bn="keep"),
-    QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.5),
+    QuantSpec(bits=8, act_bits=8, act_layout="tensorrt", act_method="percentile", act_percentile=99.5),
     QuantSpec(bits=16),
     QuantSpec(bits=4, per_channel=False, bn="quantize-first", grid="nested"),
     QuantSpec(layer_bits={"conv": 4, "fc": 8}),
@@ -275,13 +275,13 @@ def test_calibration_keeps_valid_scales_as_floats():
 def test_check_calibration_pairs_act_bits_with_a_calibration():
     calibration = Calibration({"conv1": 0.1})
     check_calibration(QuantSpec(bits=4), None)
-    check_calibration(QuantSpec(bits=4, act_bits=8), calibration)
+    check_calibration(QuantSpec(bits=4, act_bits=8, act_layout="tensorrt"), calibration)
     with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
-        check_calibration(QuantSpec(bits=4, act_bits=8), None)
+        check_calibration(QuantSpec(bits=4, act_bits=8, act_layout="tensorrt"), None)
     with pytest.raises(HeroError, match="act_bits=8 needs a Calibration"):
         check_calibration(QuantSpec(bits=4), calibration)
     with pytest.raises(HeroError, match="must be a Calibration"):
-        check_calibration(QuantSpec(bits=4, act_bits=8), {"conv1": 0.1})
+        check_calibration(QuantSpec(bits=4, act_bits=8, act_layout="tensorrt"), {"conv1": 0.1})
 
 
 # ---- BatchNorm folding ---------------------------------------------------------------------
@@ -407,7 +407,7 @@ def test_fold_bn_falls_back_to_consecutive_attributes_when_tracing_fails():
 
 # ---- quantize_model ------------------------------------------------------------------------
 
-W8A8 = QuantSpec(bits=8, act_bits=8)
+W8A8 = QuantSpec(bits=8, act_bits=8, act_layout="tensorrt")
 
 
 def _layers(model):
@@ -513,7 +513,7 @@ def test_calibrate_percentile_comes_from_the_spec_and_is_below_max():
     model = fold_bn(_with_running_stats(BasicBlock()))
     batches = _batches()
     by_max = calibrate_activations(model, batches, W8A8).scales
-    spec = QuantSpec(bits=8, act_bits=8, act_method="percentile", act_percentile=99.0)
+    spec = QuantSpec(bits=8, act_bits=8, act_layout="tensorrt", act_method="percentile", act_percentile=99.0)
     by_percentile = calibrate_activations(model, batches, spec).scales
     assert all(0 < by_percentile[name] < by_max[name] for name in by_max)
     # conv1 sees the raw input: the mean over batches of each batch's 99th percentile of |x|.
@@ -526,7 +526,7 @@ def test_calibrate_rejects_no_batches_and_has_no_loose_method():
     with pytest.raises(HeroError, match="saw no input"):
         calibrate_activations(model, [], W8A8)
     with pytest.raises(HeroError, match="calibration method"):
-        QuantSpec(bits=8, act_bits=8, act_method="entropy")
+        QuantSpec(bits=8, act_bits=8, act_layout="tensorrt", act_method="entropy")
     with pytest.raises(TypeError, match="method"):
         calibrate_activations(model, _batches(), W8A8, method="percentile")
 
@@ -568,7 +568,7 @@ def test_act_scales_must_match_model_layers():
 def test_act_quantized_model_survives_deepcopy():
     model = _with_running_stats(BasicBlock())
     calibration = calibrate_activations(fold_bn(model), _batches(), W8A8)
-    quantized = quantize_model(model, QuantSpec(bits=4, act_bits=8), calibration)
+    quantized = quantize_model(model, QuantSpec(bits=4, act_bits=8, act_layout="tensorrt"), calibration)
     x = _batches(1, seed=10)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -247,7 +247,7 @@ def _small_net():
 
 
 @pytest.mark.parametrize("spec, options, words", [
-    (QuantSpec(bits=8, act_bits=8), ExportOptions(), None),
+    (QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"), ExportOptions(), None),
     (QuantSpec(bits=3, per_channel=False), ExportOptions(), None),
     (QuantSpec(bits=4, symmetric=False), ExportOptions(), ("0.weight_DequantizeLinear", "UINT8")),
     (QuantSpec(bits=4), ExportOptions(int4_storage=True), ("0.weight_DequantizeLinear", "INT4", "Conv")),

@@ -63,14 +63,18 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _has_quantized_weights(metadata: dict) -> bool:
     """Whether the artifact's `hero.quantization` metadata (JSON, written by exporters.onnx:
-    {"spec": {"bits": int|null, ...}, "act_scales": ..., "weight_storage": ..., "tool_version": ...})
-    says its weights are quantized. Absent or unreadable metadata is a foreign artifact: False."""
+    {"spec": {"bits": int|null, "act_bits": 8|null, "act_layout": ..., ...}, "act_scales": ...,
+    "weight_storage": ..., "tool_version": ...}) says it runs float kernels on quantized weights:
+    quantized weights, and activations float or quantized for TensorRT. An artifact laid out for ONNX
+    Runtime's integer kernels (act_bits 8, act_layout "onnxruntime") is not: folding its weights would
+    stop the QLinearConv fusions it was made for. Absent or unreadable metadata (a foreign artifact): False."""
     try:
         spec = json.loads(metadata[QUANTIZATION_KEY])["spec"]
-        bits = spec["bits"]
-    except (KeyError, TypeError, ValueError):
+        bits, act_bits, layout = spec["bits"], spec.get("act_bits"), spec.get("act_layout", "tensorrt")
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    return isinstance(bits, int) and not isinstance(bits, bool)
+    integer_kernels = act_bits is not None and layout == "onnxruntime"
+    return isinstance(bits, int) and not isinstance(bits, bool) and not integer_kernels
 
 
 def _ort():
@@ -138,9 +142,10 @@ class OnnxRuntimeRunner:
     `weight_dequant` says how DequantizeLinear on constant weights runs under "default":
     "folded" folds it into float weights when the session is built (ORT's QDQ fusions off),
     "runtime" leaves ORT's QDQ handling on, so it runs every inference unless ORT fuses it into an
-    int8 kernel; "auto" folds for hero artifacts with quantized weights (metadata hero.quantization
-    with spec.bits set) when the CPU is the only provider, and is "runtime"
-    otherwise (float, foreign or damaged metadata). Either way the outputs equal the literal graph's
+    int8 kernel; "auto" folds for hero artifacts whose weights are quantized for float kernels
+    (`_has_quantized_weights`: weight-only, or activations quantized for TensorRT) when the CPU is the
+    only provider, and is "runtime" otherwise (float, foreign or damaged metadata, and artifacts laid
+    out for ONNX Runtime's integer kernels, which then run as QLinearConv/QLinearAdd/QGemm). Either way the outputs equal the literal graph's
     up to float rounding. The attribute `weight_dequant` is the mode the session runs in.
 
     `input_shape` is one sample's shape (dims without the batch one; a symbolic dim is its name),

@@ -1,0 +1,306 @@
+"""Where activations are quantized, for a target's integer kernels: the "onnxruntime" layout.
+
+ONNX Runtime's CPU execution provider fuses a QDQ graph into integer kernels only in its patterns
+(onnxruntime/core/optimizer/qdq_transformer/selectors_actions): DQ(x), DQ(W) -> Conv -> [Relu] -> Q
+becomes QLinearConv, DQ, DQ -> Add -> Q QLinearAdd, DQ -> GlobalAveragePool -> Q
+QLinearGlobalAveragePool, DQ -> Concat -> Q QLinearConcat, DQ(x), DQ(W) -> Gemm/MatMul [-> Q] QGemm
+(float output where no Q follows); MaxPool, Flatten and Reshape pass a quantized tensor through
+when the Q after them repeats the Q before; and on x86 its kernels want uint8 activations
+(u8 x s8, VPDPBUSD). A Relu (or a Clip to [0, 6]) before a Q whose zero point is 0 is absorbed.
+
+So the layout quantizes, per tensor and once (one QuantizeLinear, shared by every consumer):
+- the output of every Conv/Linear, Add, Concat and average pooling, after the Relu/ReLU6 that is
+  its only consumer, unless it is the graph's output (logits stay float: QGemm with float output);
+- every input of those ops that is not already quantized (the network input, a SiLU's output);
+- the output of a pass-through op (MaxPool, Flatten, Reshape, Identity, Dropout) whose input is
+  quantized, with the same scale and zero point: an exact identity, which lets the next op fuse.
+
+Activations are asymmetric uint8 over the calibrated [min(lo, 0), max(hi, 0)] (HERO Theorem 2,
+`exporters.quantize.asymmetric_qparams`), so a ReLU output gets zero point 0. The placement is a
+torch.fx pass over the BatchNorm-folded model; the quantizer it inserts is one custom op,
+``hero::qdq_u8``, whose PyTorch kernel is `quantize_with_qparams` then `dequantize` (ONNX
+QuantizeLinear/DequantizeLinear: divide, round half to even, saturate) and whose ONNX translation is
+that Q/DQ pair. The emulation is the traced module itself, and the exporter exports that same
+module: what is emulated and what is exported cannot differ in placement.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _FoldedIntoLinear, _Tracer
+from exporters.device.errors import HeroError
+
+U8 = (0, 255)
+
+
+@torch.library.custom_op("hero::qdq_u8", mutates_args=())
+def qdq_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """ONNX QuantizeLinear to uint8 then DequantizeLinear, per tensor, in float32."""
+    from exporters.quantize import dequantize, quantize_with_qparams
+
+    s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    z = torch.tensor(zero_point, dtype=torch.int32, device=x.device)
+    return dequantize(quantize_with_qparams(x, s, z, *U8), s, z).to(x.dtype)
+
+
+@qdq_u8.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+def qdq_u8_onnx(x, scale: float, zero_point: int):
+    """The ONNX translation of hero::qdq_u8 for torch.onnx.export(custom_translation_table=...)."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    s = op.Constant(value_float=scale)
+    z = op.Cast(op.Constant(value_int=zero_point), to=TensorProto.UINT8)
+    return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+
+
+TRANSLATIONS = {torch.ops.hero.qdq_u8.default: qdq_u8_onnx}
+
+
+class QDQ(nn.Module):
+    """Per-tensor uint8 fake quantization with a fixed scale and zero point (hero::qdq_u8)."""
+
+    def __init__(self, scale: float, zero_point: int):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hero.qdq_u8(x, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+
+
+# ---- what each fx node is ---------------------------------------------------------------------
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {torch.relu, F.relu, F.relu6}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+_AVGPOOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_AVGPOOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d}
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, _FoldedIntoLinear)
+_PASS_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, torch.reshape}
+_PASS_METHODS = {"flatten", "view", "reshape"}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, _FoldedIntoLinear)
+
+
+def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """"weighted", "add", "cat", "pool", "relu", "pass" or None (any other op: stays float)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for kind, types in (("weighted", QUANTIZED_LAYER_TYPES), ("relu", _RELU_MODULES), ("pool", _AVGPOOL_MODULES),
+                            ("pass", _PASS_MODULES)):
+            if isinstance(module, types):
+                return kind
+        return None
+    if node.op == "call_function":
+        if node.target in _ADD_FUNCTIONS:
+            return "add" if all(isinstance(a, torch.fx.Node) for a in node.args[:2]) and len(node.args) == 2 else None
+        for kind, functions in (("relu", _RELU_FUNCTIONS), ("cat", _CAT_FUNCTIONS), ("pool", _AVGPOOL_FUNCTIONS),
+                                ("pass", _PASS_FUNCTIONS)):
+            if node.target in functions:
+                return kind
+        return None
+    if node.op == "call_method":
+        if node.target == "add" and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node):
+            return "add"
+        return "relu" if node.target == "relu" else "pass" if node.target in _PASS_METHODS else None
+    return None
+
+
+def _is_identity(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _IDENTITY_MODULES)
+
+
+def _tensor_inputs(kind: str, node: torch.fx.Node) -> list[torch.fx.Node]:
+    if kind == "cat":
+        return [a for a in node.args[0] if isinstance(a, torch.fx.Node)]
+    if kind == "add":
+        return list(node.args[:2])
+    return [node.args[0]] if node.args and isinstance(node.args[0], torch.fx.Node) else []
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The quantization points of a traced model: `points` maps the fx node whose output is quantized
+    to None (its own calibrated scale and zero point) or to the point whose parameters it repeats
+    (the output of a pass-through op). Keys are fx node names, stable for a model's code."""
+
+    points: Mapping[str, str | None]
+
+    @property
+    def calibrated(self) -> list[str]:
+        return [name for name, source in self.points.items() if source is None]
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """The fx GraphModule of an eval-mode (folded) model; a model fx cannot trace is a HeroError."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable control flow
+        raise HeroError(f"the onnxruntime activation layout needs a model torch.fx can trace, and "
+                        f"{type(model).__name__} does not ({exc}): use act_layout tensorrt, or act_bits null") from None
+    return torch.fx.GraphModule(model, graph)
+
+
+def plan_points(gm: torch.fx.GraphModule) -> Plan:
+    """Where the onnxruntime layout quantizes `gm`'s activations (see the module docstring)."""
+    points: dict[torch.fx.Node, torch.fx.Node | None] = {}
+    outputs = {a for node in gm.graph.nodes if node.op == "output" for a in node.all_input_nodes}
+
+    def source(n):
+        return n if points[n] is None else points[n]
+
+    for node in gm.graph.nodes:
+        kind = _kind(gm, node)
+        if kind == "pass" and node.args and node.args[0] in points:
+            points[node] = source(node.args[0])
+        if kind not in ("weighted", "add", "cat", "pool"):
+            continue
+        for value in _tensor_inputs(kind, node):
+            points.setdefault(value, None)
+        out = node
+        while len(out.users) == 1 and _is_identity(gm, next(iter(out.users))):
+            out = next(iter(out.users))
+        if len(out.users) == 1 and _kind(gm, next(iter(out.users))) == "relu":
+            out = next(iter(out.users))
+        if out not in outputs:
+            points[out] = None
+    return Plan({n.name: (None if s is None else s.name) for n, s in points.items()})
+
+
+def with_qdq(folded: nn.Module, calibration) -> torch.fx.GraphModule:
+    """`folded` traced, with the calibration's QDQ at every point of its plan: the onnxruntime
+    layout's emulation (and, with float weights, the module the exporter exports)."""
+    gm = trace(folded)
+    plan = plan_points(gm)
+    missing, unknown = sorted(set(plan.calibrated) - set(calibration.scales)), sorted(set(calibration.scales) - set(plan.calibrated))
+    if missing or unknown:
+        raise HeroError(f"activation scales do not match the model's quantization points (missing: {missing}, "
+                        f"unknown: {unknown}): calibrate this model with calibrate_activations")
+    return insert_qdq(gm, plan, {k: (calibration.scales[k], calibration.zero_points[k]) for k in plan.calibrated})
+
+
+def input_scales(gm: torch.fx.GraphModule) -> dict[str, float]:
+    """{Conv/Linear module name: the scale of the QDQ its input passes} in a `with_qdq` module (a
+    layer called twice keeps its first call's)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if _kind(gm, node) == "weighted" and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].op == "call_module" and isinstance(gm.get_submodule(node.args[0].target), QDQ):
+            out.setdefault(node.target, gm.get_submodule(node.args[0].target).scale)
+    return out
+
+
+class _IntegerBiasLinear(nn.Linear):
+    """A Linear whose bias is the integer kernel's where the graph gives it to one: ONNX Gemm (2-D
+    input, what torch's exporter makes of it) takes the int32 bias; on N-D input the exporter writes
+    MatMul then a float Add, and the bias stays float."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.integer_bias if x.dim() == 2 else self.bias)
+
+
+def use_integer_bias(layer: nn.Module, dequantized: torch.Tensor) -> None:
+    """Make `layer` (of a `with_qdq` emulation) add the dequantized int32 bias where the integer
+    kernel adds it: always for a convolution, on 2-D input for a Linear (`_IntegerBiasLinear`)."""
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            layer.register_buffer("integer_bias", dequantized.to(layer.bias.dtype))
+            layer.__class__ = _IntegerBiasLinear
+        else:
+            layer.bias.copy_(dequantized)
+
+
+def insert_qdq(gm: torch.fx.GraphModule, plan: Plan, params: Mapping[str, tuple[float, int]]) -> torch.fx.GraphModule:
+    """`gm` with a QDQ module after every point of `plan` (a pass-through point repeats its source's
+    parameters); every later use of the point's output reads the quantized value. In place."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, src in plan.points.items():
+        node = nodes[name]
+        scale, zero_point = params[src or name]
+        attr = f"qdq_{name}"
+        gm.add_submodule(attr, QDQ(scale, zero_point))
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_module(attr, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+class _Observer(nn.Module):
+    """Records each batch's low and high value of the tensor it sees (min/max or percentiles)."""
+
+    def __init__(self, name: str, method: str, percentile: float, generator: torch.Generator):
+        super().__init__()
+        self.name, self.method, self.percentile, self.generator = name, method, percentile, generator
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise HeroError(f"non-finite activations at {self.name} during calibration: check the model and data")
+        flat = x.detach().reshape(-1).to(torch.float32)
+        if self.method == "max":
+            self.lo.append(float(flat.min()))
+            self.hi.append(float(flat.max()))
+        else:
+            from exporters.quantize import _QUANTILE_MAX_SAMPLES
+
+            if flat.numel() > _QUANTILE_MAX_SAMPLES:
+                flat = flat[torch.randint(flat.numel(), (_QUANTILE_MAX_SAMPLES,), generator=self.generator)]
+            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
+            self.lo.append(float(q[0]))
+            self.hi.append(float(q[1]))
+        return x
+
+    def range(self) -> tuple[float, float]:
+        """Running min/max over batches ("max"), or the mean of per-batch percentiles."""
+        if self.method == "max":
+            return min(self.lo), max(self.hi)
+        return float(np.mean(self.lo)), float(np.mean(self.hi))
+
+
+def calibrate_points(folded: nn.Module, batches: Iterable, method: str, percentile: float) -> dict[str, tuple[float, int]]:
+    """{point name: (scale, zero point)} of the onnxruntime layout of `folded` (eval mode, BatchNorm
+    folded) from its float activations over `batches`."""
+    from exporters.quantize import asymmetric_qparams
+
+    gm = trace(folded)
+    plan = plan_points(gm)
+    generator = torch.Generator().manual_seed(0)
+    observers = {name: _Observer(name, method, percentile, generator) for name in plan.calibrated}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, observer in observers.items():
+        gm.add_submodule(f"observe_{name}", observer)
+        with gm.graph.inserting_after(nodes[name]):
+            gm.graph.call_module(f"observe_{name}", (nodes[name],))
+    gm.recompile()
+    with torch.no_grad():
+        for batch in batches:
+            gm(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    unseen = [name for name, o in observers.items() if not o.hi]
+    if unseen:
+        raise HeroError(f"activations {unseen} were never computed during calibration: pass at least one batch")
+    params = {}
+    for name, observer in observers.items():
+        lo, hi = observer.range()
+        scale, zero_point = asymmetric_qparams(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 0.0)), 8)
+        params[name] = (float(scale), int(zero_point))
+    return params

@@ -1,0 +1,75 @@
+"""How ONNX Runtime ran an artifact: the graph its session executes after optimisation, read back
+(SessionOptions.optimized_model_filepath), and which of its weight ops run integer kernels.
+
+A quantized artifact's Conv/Gemm/MatMul either became an integer op (QLinearConv, QGemm, QLinearMatMul,
+MatMulInteger, ConvInteger, MatMulIntegerToFloat, MatMulNBits, DynamicQuantizeMatMul) or stayed a
+float op (Conv, FusedConv, NhwcFusedConv, Gemm, FusedGemm, MatMul, FusedMatMul) reading dequantized
+or folded weights. An artifact laid out for integer kernels (act_layout "onnxruntime") whose weight
+op stayed float did not fuse: `integer_lint` names those nodes.
+
+Host side: it needs the onnx package to read the optimised graph back.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from exporters.device import runtime as ort_runtime
+
+INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+               "MatMulNBits", "DynamicQuantizeMatMul"}
+FLOAT_WEIGHT_OPS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def optimized_graph(path, providers=None, threads: int | None = None) -> onnx.ModelProto:
+    """The graph an `OnnxRuntimeRunner(path, providers)` session runs (its weight_dequant "auto" choice
+    included), as ONNX Runtime serialises it after optimisation."""
+    runner = ort_runtime.OnnxRuntimeRunner(path, providers, intra_op_threads=threads)
+    fold = runner.weight_dequant == "folded"
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort_runtime.session_options("default", fold, threads)
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        options.log_severity_level = 3  # ORT warns that an optimised graph is specific to this machine
+        onnxruntime.InferenceSession(str(path), options, providers=runner.providers)
+        return onnx.load(options.optimized_model_filepath)
+
+
+def _weight_ops(proto: onnx.ModelProto) -> set[str]:
+    """Names of the Conv/Gemm/MatMul nodes of the artifact that read a quantized weight (the output
+    of a DequantizeLinear of an integer initializer)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
+    return {n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+            and len(n.input) > 1 and n.input[1] in dequantized}
+
+
+def kernel_summary(path, providers=None, threads: int | None = None) -> dict:
+    """{"integer_ops": n, "float_weight_ops": n, "unfused": [node names], "ops": {op type: count}} of the
+    session ONNX Runtime builds for `path`: the report's "kernels" entry. `unfused` lists the weight
+    ops of the artifact (Conv/Gemm/MatMul reading a quantized weight through DequantizeLinear) that
+    still run as float ops under their own name (ORT renames the float Conv it moves to its NCHWc
+    layout, which only happens to weights it folded: weight-only and tensorrt-layout artifacts)."""
+    quantized = _weight_ops(onnx.load(str(path), load_external_data=False))
+    optimized = optimized_graph(path, providers, threads)
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    unfused = sorted(n.name for n in optimized.graph.node if n.op_type in FLOAT_WEIGHT_OPS and n.name in quantized)
+    return {"integer_ops": sum(c for op, c in ops.items() if op in INTEGER_OPS),
+            "float_weight_ops": sum(c for op, c in ops.items() if op in FLOAT_WEIGHT_OPS),
+            "unfused": unfused, "ops": dict(sorted(ops.items()))}
+
+
+def integer_lint(spec, summary: dict) -> list[str]:
+    """Warnings for an artifact meant for integer kernels (act_bits 8, act_layout "onnxruntime") whose
+    weight ops did not all fuse, naming them; [] otherwise."""
+    if spec.act_bits is None or spec.act_layout != "onnxruntime" or not summary["unfused"]:
+        return []
+    names = summary["unfused"]
+    return [f"{len(names)} weight op(s) meant for integer kernels run as float ops after ONNX Runtime's "
+            f"optimisation: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (their Q/DQ pattern "
+            "did not fuse: see hero debug, or report the model)"]
