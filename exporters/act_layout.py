@@ -27,10 +27,9 @@ module: what is emulated and what is exported cannot differ in placement.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -147,13 +146,20 @@ class Plan:
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """The fx GraphModule of an eval-mode (folded) model; a model fx cannot trace is a HeroError."""
+    """The fx GraphModule of an eval-mode (folded) model without its identities (nn.Identity, eval
+    Dropout); a model fx cannot trace is a HeroError."""
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise HeroError(f"the onnxruntime activation layout needs a model torch.fx can trace, and "
                         f"{type(model).__name__} does not ({exc}): use act_layout tensorrt, or act_bits null") from None
-    return torch.fx.GraphModule(model, graph)
+    gm = torch.fx.GraphModule(model, graph)
+    for node in list(gm.graph.nodes):  # a folded BatchNorm, a shortcut, eval Dropout: no op in the graph either
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in (nn.Identity, nn.Dropout):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def plan_points(gm: torch.fx.GraphModule) -> Plan:
@@ -190,7 +196,7 @@ def with_qdq(folded: nn.Module, calibration) -> torch.fx.GraphModule:
     missing, unknown = sorted(set(plan.calibrated) - set(calibration.scales)), sorted(set(calibration.scales) - set(plan.calibrated))
     if missing or unknown:
         raise HeroError(f"activation scales do not match the model's quantization points (missing: {missing}, "
-                        f"unknown: {unknown}): calibrate this model with calibrate_activations")
+                        f"unknown: {unknown}): calibrate this model with exporters.calibrate.calibrate_activations")
     return insert_qdq(gm, plan, {k: (calibration.scales[k], calibration.zero_points[k]) for k in plan.calibrated})
 
 
@@ -225,6 +231,17 @@ def use_integer_bias(layer: nn.Module, dequantized: torch.Tensor) -> None:
             layer.bias.copy_(dequantized)
 
 
+def insert_after(gm: torch.fx.GraphModule, modules: Mapping[str, nn.Module]) -> None:
+    """Call each module on the output of the node it is keyed by, leaving the node's users as they
+    were (calibration observers). In place."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, module in modules.items():
+        gm.add_submodule(f"observe_{name}", module)
+        with gm.graph.inserting_after(nodes[name]):
+            gm.graph.call_module(f"observe_{name}", (nodes[name],))
+    gm.recompile()
+
+
 def insert_qdq(gm: torch.fx.GraphModule, plan: Plan, params: Mapping[str, tuple[float, int]]) -> torch.fx.GraphModule:
     """`gm` with a QDQ module after every point of `plan` (a pass-through point repeats its source's
     parameters); every later use of the point's output reads the quantized value. In place."""
@@ -240,67 +257,3 @@ def insert_qdq(gm: torch.fx.GraphModule, plan: Plan, params: Mapping[str, tuple[
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-# ---- calibration ------------------------------------------------------------------------------
-
-class _Observer(nn.Module):
-    """Records each batch's low and high value of the tensor it sees (min/max or percentiles)."""
-
-    def __init__(self, name: str, method: str, percentile: float, generator: torch.Generator):
-        super().__init__()
-        self.name, self.method, self.percentile, self.generator = name, method, percentile, generator
-        self.lo: list[float] = []
-        self.hi: list[float] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(x).all():
-            raise HeroError(f"non-finite activations at {self.name} during calibration: check the model and data")
-        flat = x.detach().reshape(-1).to(torch.float32)
-        if self.method == "max":
-            self.lo.append(float(flat.min()))
-            self.hi.append(float(flat.max()))
-        else:
-            from exporters.quantize import _QUANTILE_MAX_SAMPLES
-
-            if flat.numel() > _QUANTILE_MAX_SAMPLES:
-                flat = flat[torch.randint(flat.numel(), (_QUANTILE_MAX_SAMPLES,), generator=self.generator)]
-            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
-            self.lo.append(float(q[0]))
-            self.hi.append(float(q[1]))
-        return x
-
-    def range(self) -> tuple[float, float]:
-        """Running min/max over batches ("max"), or the mean of per-batch percentiles."""
-        if self.method == "max":
-            return min(self.lo), max(self.hi)
-        return float(np.mean(self.lo)), float(np.mean(self.hi))
-
-
-def calibrate_points(folded: nn.Module, batches: Iterable, method: str, percentile: float) -> dict[str, tuple[float, int]]:
-    """{point name: (scale, zero point)} of the onnxruntime layout of `folded` (eval mode, BatchNorm
-    folded) from its float activations over `batches`."""
-    from exporters.quantize import asymmetric_qparams
-
-    gm = trace(folded)
-    plan = plan_points(gm)
-    generator = torch.Generator().manual_seed(0)
-    observers = {name: _Observer(name, method, percentile, generator) for name in plan.calibrated}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, observer in observers.items():
-        gm.add_submodule(f"observe_{name}", observer)
-        with gm.graph.inserting_after(nodes[name]):
-            gm.graph.call_module(f"observe_{name}", (nodes[name],))
-    gm.recompile()
-    with torch.no_grad():
-        for batch in batches:
-            gm(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    unseen = [name for name, o in observers.items() if not o.hi]
-    if unseen:
-        raise HeroError(f"activations {unseen} were never computed during calibration: pass at least one batch")
-    params = {}
-    for name, observer in observers.items():
-        lo, hi = observer.range()
-        scale, zero_point = asymmetric_qparams(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 0.0)), 8)
-        params[name] = (float(scale), int(zero_point))
-    return params

@@ -51,17 +51,20 @@ def _weight_ops(proto: onnx.ModelProto) -> set[str]:
 
 def kernel_summary(path, providers=None, threads: int | None = None) -> dict:
     """{"integer_ops": n, "float_weight_ops": n, "unfused": [node names], "ops": {op type: count}} of the
-    session ONNX Runtime builds for `path`: the report's "kernels" entry. `unfused` lists the weight
+    session ONNX Runtime builds for `path`: the report's "kernels" entry. `float_weight_ops` counts the
+    float Conv/Gemm/MatMul reading a constant or dequantized weight (not a MatMul of two activations,
+    as attention's q.k); `unfused` lists the weight
     ops of the artifact (Conv/Gemm/MatMul reading a quantized weight through DequantizeLinear) that
     still run as float ops under their own name (ORT renames the float Conv it moves to its NCHWc
     layout, which only happens to weights it folded: weight-only and tensorrt-layout artifacts)."""
     quantized = _weight_ops(onnx.load(str(path), load_external_data=False))
-    optimized = optimized_graph(path, providers, threads)
-    ops = Counter(n.op_type for n in optimized.graph.node)
-    unfused = sorted(n.name for n in optimized.graph.node if n.op_type in FLOAT_WEIGHT_OPS and n.name in quantized)
-    return {"integer_ops": sum(c for op, c in ops.items() if op in INTEGER_OPS),
-            "float_weight_ops": sum(c for op, c in ops.items() if op in FLOAT_WEIGHT_OPS),
-            "unfused": unfused, "ops": dict(sorted(ops.items()))}
+    graph = optimized_graph(path, providers, threads).graph
+    ops = Counter(n.op_type for n in graph.node)
+    initializers = {t.name for t in graph.initializer}
+    constant = initializers | {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
+    float_weight = [n for n in graph.node if n.op_type in FLOAT_WEIGHT_OPS and len(n.input) > 1 and n.input[1] in constant]
+    return {"integer_ops": sum(c for op, c in ops.items() if op in INTEGER_OPS), "float_weight_ops": len(float_weight),
+            "unfused": sorted(n.name for n in float_weight if n.name in quantized), "ops": dict(sorted(ops.items()))}
 
 
 def integer_lint(spec, summary: dict) -> list[str]:

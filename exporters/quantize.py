@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +32,7 @@ from exporters.device.manifest import BN_MODES, GRIDS
 from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
-_ACT_METHODS = ("max", "percentile")
-_QUANTILE_MAX_SAMPLES = 1 << 20  # torch.quantile refuses inputs above 2^24 elements
+_ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
 # Fields added after artifacts were first written: their value when an older artifact omits them.
 # act_layout: artifacts written before it quantized activations TensorRT's way.
 _ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt"}
@@ -54,8 +53,8 @@ class QuantSpec:
       on the 8-bit scale, `exporters.nested_grid`: one set of Q/DQ scales for every precision, so a
       TensorRT engine switches precision by refitting weights only; symmetric, bits <= 8).
     - `layer_bits`: mixed precision, a width per quantized layer (name -> bits), else None.
-    - `act_bits`: None (float activations) or 8, scales from `calibrate_activations` with
-      `act_method`/`act_percentile`.
+    - `act_bits`: None (float activations) or 8, ranges from `exporters.calibrate` on training
+      batches by `act_method` ("max", "percentile" with `act_percentile`, or "mse").
     - `act_layout`: where 8-bit activations are quantized, for whose integer kernels.
       "onnxruntime": asymmetric uint8 at every point ONNX Runtime's CPU kernels fuse (the output of
       every Conv/Linear, Add, Concat and average pool, and the inputs they need;
@@ -146,7 +145,7 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-tensor 8-bit activation parameters, what `calibrate_activations` measured and what W{n}A8
+    """Per-tensor 8-bit activation parameters, what `exporters.calibrate` measured and what W{n}A8
     emulation and export both use. act_layout "tensorrt": `scales` of the inputs of the model's
     Conv/Linear layers keyed by module name, zero point 0 (`zero_points` None). "onnxruntime":
     `scales` and uint8 `zero_points` keyed by quantization point (`exporters.act_layout.Plan`)."""
@@ -416,63 +415,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
     if scales is not None:
         quantized.act_scales = scales
     return quantized
-
-
-def _percentile_of_abs(x: torch.Tensor, percentile: float, generator: torch.Generator) -> float:
-    """The `percentile` of |x| on at most 2^20 uniformly drawn elements (torch.quantile has an
-    input size limit, and a fixed-seed sample keeps calibration deterministic)."""
-    flat = x.detach().reshape(-1).abs().to(torch.float32)
-    if flat.numel() > _QUANTILE_MAX_SAMPLES:
-        index = torch.randint(flat.numel(), (_QUANTILE_MAX_SAMPLES,), generator=generator)
-        flat = flat[index.to(flat.device)]
-    return float(torch.quantile(flat, percentile / 100.0))
-
-
-def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) -> Calibration:
-    """Per-tensor symmetric int8 input scale (`symmetric_qparams` with amax) of every Conv/Linear,
-    keyed by qualified module name, from running `model` in eval mode over `batches` (tensors, or
-    tuples whose first item is the input). amax is the running max of |x| (spec.act_method
-    "max") or the mean over batches of the per-batch spec.act_percentile of |x| ("percentile").
-    BatchNorm in eval mode is an affine map after its Conv, so the inputs of the Conv/Linear
-    layers are the same whether or not it is folded. Modes are restored afterwards."""
-    method, percentile = spec.act_method, spec.act_percentile
-    if spec.act_layout == "onnxruntime":
-        from exporters import act_layout
-
-        folded = fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()
-        params = act_layout.calibrate_points(folded, batches, method, percentile)
-        return Calibration({k: s for k, (s, _) in params.items()}, {k: z for k, (_, z) in params.items()})
-    layers = quantized_layers(model)
-    stats: dict[str, list[float]] = {name: [] for name, _ in layers}
-    generator = torch.Generator().manual_seed(0)
-
-    def observe(name):
-        def hook(_, args):
-            x = args[0]
-            if not torch.isfinite(x).all():
-                raise HeroError(f"non-finite activations entering {name} during calibration: check the model and data")
-            stats[name].append(float(x.detach().abs().max()) if method == "max"
-                               else _percentile_of_abs(x, percentile, generator))
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    handles = [layer.register_forward_pre_hook(observe(name)) for name, layer in layers]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes.items():
-            m.training = training
-    unseen = [name for name, seen in stats.items() if not seen]
-    if unseen:
-        raise HeroError(f"layers {unseen} saw no input during calibration: pass at least one batch "
-                        "and make sure every Conv/Linear runs in forward")
-    amax = {name: max(seen) if method == "max" else sum(seen) / len(seen) for name, seen in stats.items()}
-    return Calibration({name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()})
 
 
 def packed_weight_bytes(model: nn.Module, spec: QuantSpec) -> int:

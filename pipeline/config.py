@@ -168,7 +168,7 @@ class QuantizeSection(_Section):
     bn: Literal["fold-first", "quantize-first", "keep"] = "fold-first"
     grid: Literal["canonical", "nested"] = "canonical"
     act_bits: Literal[8] | None = None
-    act_method: Literal["max", "percentile"] = "max"
+    act_method: Literal["max", "percentile", "mse"] = "max"
     act_percentile: float = 99.99
     act_layout: Literal["onnxruntime", "tensorrt"] | None = Field(
         None, description="where 8-bit activations are quantized; default: the runtime section's name")

@@ -11,7 +11,8 @@ import torch
 from onnx import numpy_helper
 
 from exporters.onnx import ExportOptions, export_onnx
-from exporters.quantize import QuantSpec, calibrate_activations, fake_quantize, quantized_layers
+from exporters.calibrate import calibrate_activations
+from exporters.quantize import QuantSpec, fake_quantize, quantized_layers
 from hero_train.config import TrainConfig
 from hero_train.train import train
 from pipeline import debug, stages

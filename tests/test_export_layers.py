@@ -20,7 +20,8 @@ from exporters.act_layout import plan_points, trace
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx, weight_initializers
-from exporters.quantize import (QuantSpec, calibrate_activations, fold_bn, quantize_model, quantize_tensor,
+from exporters.calibrate import calibrate_activations
+from exporters.quantize import (QuantSpec, fold_bn, quantize_model, quantize_tensor,
                                 quantized_layers)
 
 INPUT_SHAPE = (3, 8, 8)

@@ -19,7 +19,8 @@ from exporters.device.errors import HeroError
 from exporters.device import TOOL_VERSION
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import QUANTIZATION_KEY, ExportOptions, export_onnx, read_quantization, weight_initializers
-from exporters.quantize import Calibration, QuantSpec, calibrate_activations, fold_bn, qrange, quantize_model
+from exporters.calibrate import calibrate_activations
+from exporters.quantize import Calibration, QuantSpec, fold_bn, qrange, quantize_model
 
 INPUT_SHAPE = (2, 8, 8)
 

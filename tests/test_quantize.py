@@ -10,10 +10,10 @@ from torch import nn
 
 from exporters.device.errors import HeroError
 from exporters.device.bits import check_bits, parse_bits
+from exporters.calibrate import calibrate_activations
 from exporters.quantize import (
     Calibration,
     QuantSpec,
-    calibrate_activations,
     check_calibration,
     checked_act_scales,
     dequantize,
@@ -183,7 +183,7 @@ def test_supported_bits_pass():
 
 
 @pytest.mark.parametrize("fields", [
-    {"bits": 9}, {"bits": 4.0}, {"act_bits": 4}, {"act_bits": True}, {"act_method": "mse"},
+    {"bits": 9}, {"bits": 4.0}, {"act_bits": 4}, {"act_bits": True}, {"act_method": "entropy"},
     {"act_percentile": 0}, {"act_percentile": 101}, {"symmetric": "yes"}, {"per_channel": 1},
     {"bn": None}, {"bn": "fold"}, {"grid": "fine"}, {"bits": True}, {"bits": 16, "grid": "nested"},
     {"bits": 4, "symmetric": False, "grid": "nested"}, {"bits": 4, "symmetric": False, "bn": "quantize-first"},

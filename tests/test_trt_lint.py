@@ -6,7 +6,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from exporters.onnx import ExportOptions, export_onnx
-from exporters.quantize import QuantSpec, calibrate_activations, fold_bn
+from exporters.calibrate import calibrate_activations
+from exporters.quantize import QuantSpec, fold_bn
 from exporters.trt_lint import lint_explicit_quantization, main
 
 CHANNELS = 4
