@@ -65,7 +65,7 @@ from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.onnx import read_quantization, weight_initializers
-from exporters.quantize import quantize_model, quantized_layers
+from exporters.quantize import ACT_NOISE_FACTOR, quantize_model, quantized_layers
 
 if TYPE_CHECKING:
     from hero_train.checkpoint import Loaded
@@ -93,6 +93,8 @@ class _Stats(NamedTuple):
     diff: float  # max |r − e|, optimised session
     diff_literal: float  # max |r − e|, literal graph
     scale: float  # max |e|
+    gap: float = 0.0  # Σ (r − e)², optimised session
+    gap_literal: float = 0.0  # Σ (r − e)², literal graph
 
 
 # --------------------------------------------------------------------------- the measures
@@ -238,7 +240,8 @@ def compare_layers(taps: Sequence[LayerTap], runtime: Sequence[dict[str, np.ndar
         out.append(_Stats(s.signal + float((f * f).sum()), s.noise + float(((e - f) ** 2).sum()),
                           s.noise_runtime + float(((optimised - f) ** 2).sum()),
                           max(s.diff, float(np.abs(optimised - e).max())),
-                          max(s.diff_literal, float(np.abs(literal - e).max())), max(s.scale, float(np.abs(e).max()))))
+                          max(s.diff_literal, float(np.abs(literal - e).max())), max(s.scale, float(np.abs(e).max())),
+                          s.gap + float(((optimised - e) ** 2).sum()), s.gap_literal + float(((literal - e) ** 2).sum())))
     return out
 
 
@@ -278,10 +281,15 @@ def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1
     rows = []
     for tap, s in zip(taps, stats):
         tolerance = layer_tolerance(atol, s.scale)
+        consistent = max(s.diff, s.diff_literal) <= tolerance
+        if spec.act_bits is not None and not consistent:
+            # A rounding flip at one activation is carried on by the layers after it (README, "Known
+            # behaviour"): an A8 layer is consistent while the runtime stays within ACT_NOISE_FACTOR
+            # times the emulation's own quantization error of that layer, in energy terms.
+            consistent = max(s.gap, s.gap_literal) <= ACT_NOISE_FACTOR**2 * s.noise
         rows.append({**tap._asdict(), "sqnr_db": sqnr_db(s.signal, s.noise),
                      "sqnr_runtime_db": sqnr_db(s.signal, s.noise_runtime), "max_abs_diff": s.diff,
-                     "max_abs_diff_unoptimized": s.diff_literal, "tolerance": tolerance,
-                     "consistent": max(s.diff, s.diff_literal) <= tolerance})
+                     "max_abs_diff_unoptimized": s.diff_literal, "tolerance": tolerance, "consistent": consistent})
     return {"artifact": str(path), "sha256": sha256_file(path), "checkpoint": str(loaded.path),
             "variant": metadata.get("hero.variant", Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
             "providers": list(providers), "layers": rows, "unmapped": unmapped,

@@ -23,7 +23,7 @@ from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.onnx import ExportOptions, export_onnx, read_quantization
 from exporters.calibrate import calibrate_activations
-from exporters.quantize import (Calibration, QuantSpec, average_bits, packed_weight_bytes,
+from exporters.quantize import (ACT_NOISE_FACTOR, Calibration, QuantSpec, average_bits, packed_weight_bytes,
                                 quantize_model)
 from exporters.kernels import integer_lint, kernel_summary
 from exporters.trt_lint import lint_explicit_quantization
@@ -162,9 +162,13 @@ def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: st
 
 
 def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, str]) -> ExportOptions:
-    """The export section applied to one variant: INT4 storage only where bits <= 4, fp16 only for the baseline."""
+    """The export section applied to one variant: INT4 storage only where bits <= 4 and no integer
+    kernel is meant to read the weights (ORT's QLinearConv/QGemm fuse int8 weights only, so a W4A8
+    variant laid out for them stores its 4-bit codes as int8), fp16 only for the baseline."""
     widths = [b for _, b in spec.layer_bits] if spec.layer_bits else [spec.bits]
-    int4 = export.int4_storage and spec.bits is not None and min(widths) <= 4 and spec.grid == "canonical"
+    integer_kernels = spec.act_bits is not None and spec.act_layout == "onnxruntime"
+    int4 = (export.int4_storage and spec.bits is not None and min(widths) <= 4 and spec.grid == "canonical"
+            and not integer_kernels)
     return ExportOptions(int4_storage=int4,
                          fp16=export.fp16_baseline and spec.bits is None, opset=export.opset, metadata=metadata)
 
@@ -207,13 +211,6 @@ def torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.n
 def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     """Top-1 agreement and the largest absolute logit difference between two runs."""
     return ort_runtime.top1(other, reference.argmax(1)), float(np.abs(reference - other).max())
-
-
-# A W{n}A8 runtime re-rounds the same activations at slightly different points: its distance from the
-# emulation is at most about the rounding's own size twice over (|r - e| <= |r - f| + |f - e|, f with
-# float activations, |r - f| distributed like |e - f|), and it changes a prediction of the emulation
-# at most about twice as often as the rounding itself changes one of f. README "Known behaviour".
-ACT_NOISE_FACTOR = 2.0
 
 
 def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibration | None, batches,

@@ -5,7 +5,7 @@ ORT with optimisations off, ORT optimised) for every weight scheme the project h
 Exactness of the integer math is pinned on dyadic models (tests/test_onnx_export.py). Here the
 models are real (ResNet20, MobileNetV2, the own-model nets), where a rounding flip at one activation
 is carried on by the layers after it; the agreement asserted is the validator's rule for A8
-(pipeline.stages.ACT_NOISE_FACTOR): within twice the activation rounding's own effect."""
+(exporters.quantize.ACT_NOISE_FACTOR): within twice the activation rounding's own effect."""
 
 import dataclasses
 
@@ -19,10 +19,9 @@ from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.kernels import integer_lint, kernel_summary
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.calibrate import calibrate_activations
-from exporters.quantize import QuantSpec, fold_bn, quantize_model, quantized_layers
+from exporters.quantize import ACT_NOISE_FACTOR, QuantSpec, fold_bn, quantize_model, quantized_layers
 from hero_train.models import build_model
 from own_models import depthwise_cnn, tiny_attention
-from pipeline.stages import ACT_NOISE_FACTOR
 
 
 def _realistic(model: nn.Module) -> nn.Module:
@@ -146,3 +145,43 @@ def test_a_model_fx_cannot_trace_is_refused_for_the_integer_layout_only():
     with pytest.raises(Exception, match="act_layout tensorrt"):
         calibrate_activations(Branchy().eval(), [x], QuantSpec(bits=8, act_bits=8))
     assert calibrate_activations(Branchy().eval(), [x], QuantSpec(bits=8, act_bits=8, act_layout="tensorrt")).scales
+
+
+def test_a_w4a8_variant_for_integer_kernels_stores_int8_codes():
+    """ORT's QLinearConv fuses int8 weights only: the run stores a W4A8 variant's 4-bit codes as int8
+    where it is laid out for ORT's integer kernels, and as INT4 where it is not."""
+    from pipeline.config import ExportSection
+    from pipeline.stages import export_options
+
+    section = ExportSection(int4_storage=True)
+    assert not export_options(section, QuantSpec(bits=4, act_bits=8), {}).int4_storage
+    assert export_options(section, QuantSpec(bits=4, act_bits=8, act_layout="tensorrt"), {}).int4_storage
+    assert export_options(section, QuantSpec(bits=4), {}).int4_storage
+
+
+def test_the_validator_bounds_an_a8_variant_by_its_rounding_and_catches_a_broken_one(trained, tmp_path):
+    """A W8A8 ResNet20 on its integer kernels is consistent under the default validate section (a
+    max-logit rule of 1e-3 would not survive a carried-on flip on every machine); the same artifact
+    with its classifier's weight scale times 1e6 is not, whatever the kernels."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline import stages
+    from pipeline.config import RuntimeSection, ValidateSection
+
+    loaded = stages.load_stage(trained["checkpoint"], dataset=None)
+    spec = QuantSpec(bits=8, act_bits=8)
+    calibration = stages.calibrate_stage(loaded, spec, 1, trained["data"])
+    path = export_onnx(loaded.model, tmp_path / "w8a8.onnx", spec, ExportOptions(), calibration, input_shape=(1, 28, 28))
+    x, y = stages.eval_data(loaded, "test", None, trained["data"])
+    v, rt = ValidateSection(batch_size=16, latency_repeats=1), RuntimeSection()
+    artifact = stages.Artifact(stages.Variant("w8a8", spec), path, "0" * 64, 0, 0)
+    row = stages.validate_artifact(loaded, artifact, calibration, stages.in_memory_batches(x, y, 16), v, rt)
+    assert row["consistent"] and row["act_noise_rms"] > 0
+    assert row["rms_logit_diff"] <= ACT_NOISE_FACTOR * row["act_noise_rms"] + v.logit_atol
+    proto = onnx.load(path)
+    (head,) = [t for t in proto.graph.initializer if t.name == "classifier.weight_scale"]
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * np.float32(1e6), head.name))
+    onnx.save(proto, tmp_path / "broken.onnx")
+    broken = stages.Artifact(stages.Variant("w8a8", spec), tmp_path / "broken.onnx", "0" * 64, 0, 0)
+    assert not stages.validate_artifact(loaded, broken, calibration, stages.in_memory_batches(x, y, 16), v, rt)["consistent"]
