@@ -1,28 +1,41 @@
-"""Inference throughput of one model in PyTorch eager, ONNX Runtime FP32, our QDQ artifacts and
-ONNX Runtime's own INT8 quantization, on the CPU at hand.
+"""Inference throughput and memory of our quantized ONNX artifacts against ONNX Runtime FP32, ONNX
+Runtime's own static quantization and OpenVINO, on the CPU at hand (issue 24).
 
-Artifacts, all exported here from one checkpoint: fp32, w8 and w4 (weight-only, INT4 storage),
-w8a8 (our int8 activations, scales from `calibrate_activations` on the calibration images) and
-the peer: `onnxruntime.quantization.quantize_static` on the fp32 graph (QDQ, per-channel, int8
-weights and activations, MinMax calibration on the same images, after `quant_pre_process`).
-Each of our artifacts runs in `OnnxRuntimeRunner`'s weight_dequant modes "folded" (its default
-for them) and "runtime" (ORT's own QDQ handling).
+Models: ResNet18 and MobileNetV2 in their ImageNet layout (3x224x224, 1000 classes, random weights
+with settled BatchNorm statistics, random images: `benchmarks/imagenet_models.py`), one after the
+other; or, with --checkpoint, a trained hero checkpoint on its own test images, which adds accuracy.
 
-Methods run round-robin (warm-up, then R rounds in which each method in turn runs for about
-25 ms) so machine noise hits them alike; the table gives the median images/s at batch 1 and 64,
-with ORT's (and torch's) default thread count and with one intra-op thread, and the ratio to ORT
-FP32 in the same setting. On a small machine shared with other work the one-thread columns are
-the steadier ones: a multi-threaded pool waits for its slowest thread. Accuracy on
-the test images and the largest logit difference from the artifact's literal graph (ORT with all
-optimizations off) come first, so a fast wrong path shows. Without --checkpoint an untrained
-ResNet20 (1x28x28, random images and labels) is timed: speed is valid, accuracy is meaningless.
+Artifacts, all exported here from one model: fp32 (BatchNorm folded); ours w8a8 and w4a8 (int8
+storage) in the "onnxruntime" activation layout (uint8 activations, QLinearConv/QLinearAdd/QGemm
+after ORT's optimisation), w8a8 in the "tensorrt" layout (int8 Q/DQ on Conv/Linear inputs only),
+weight-only w8 and w4 (INT4 storage); and the peer, `onnxruntime.quantization.quantize_static` on
+our fp32 graph after `quant_pre_process` (QDQ, per-channel, uint8 activations and int8 weights, the
+peer's recommended x86 setting; MinMax calibration on the same images as ours). ONNX Runtime runs
+every artifact through `OnnxRuntimeRunner` (weight_dequant "auto"); OpenVINO, when installed, runs
+fp32, both our w8a8 layouts and the peer's graph: `Core().compile_model` on the CPU with a static
+batch, INFERENCE_NUM_THREADS the thread count, INFERENCE_PRECISION_HINT f32 (it would run float
+layers in bf16 on AMX CPUs otherwise) and a single infer request.
 
+Timing: per thread count (--threads), every method runs round-robin at batch 1 and 8 (warm-up,
+then rounds in a shuffled order in which each method runs for about ROUND_SECONDS; a method past
+its time budget sits out later rounds); the table gives the median images/s and the ratio to ORT
+FP32 at the same batch and threads. Memory: the VmRSS increase of a fresh process from before
+building one method's session to after its first batch-1 run. Checks, before any timing: each
+method's top-1 agreement with ORT FP32 and with its own artifact's literal graph (ORT, all
+optimisations off), so a fast wrong path shows; with --checkpoint also test accuracy. The kernel
+column says how ORT ran each artifact: integer weight ops / float weight ops (`exporters.kernels`).
+
+    python benchmarks/runtime_speed.py --json runtime_speed.json        # both ImageNet models
     python benchmarks/runtime_speed.py --checkpoint /tmp/qs1/train/checkpoint.pt
+    python benchmarks/runtime_speed.py --quick                          # smoke test: 64x64, 2 rounds
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -36,153 +49,283 @@ import click
 import numpy as np
 import torch
 
-from exporters.onnx import ExportOptions, export_onnx
-from exporters.quantize import QuantSpec, calibrate_activations, fold_bn
 from exporters.device.runtime import OnnxRuntimeRunner
-from hero_train.models import build_model
+from exporters.kernels import kernel_summary
+from exporters.onnx import ExportOptions, export_onnx
+from exporters.calibrate import calibrate_activations
+from exporters.quantize import QuantSpec
+
+try:
+    from benchmarks import imagenet_models
+except ImportError:  # run as a script (python benchmarks/runtime_speed.py): its own folder is on sys.path
+    import imagenet_models
 
 CPU = ["CPUExecutionProvider"]
-BATCH_SIZES = (1, 64)
-EVAL_BATCH = 256
-CALIBRATION_BATCH = 64
-# Each method runs about this long per round (at least one call): batch-1 calls take about a
-# millisecond, and one slow method (PyTorch's thread pool on a busy machine) must not stretch the run.
-ROUND_SECONDS = 0.025
-METHOD_BUDGET_SECONDS = 8.0  # per batch size and thread setting, once MIN_ROUNDS are in
+BATCH_SIZES = (1, 8)
+CHECK_BATCH = 8  # one of BATCH_SIZES, so OpenVINO compiles no extra static shape for the checks
+CALIBRATION_BATCH = 16
+# Each method runs about this long per round (at least one call), and at most METHOD_BUDGET_SECONDS
+# per batch size and thread count once MIN_ROUNDS are in: one slow method must not stretch the run.
+ROUND_SECONDS = 0.1
+METHOD_BUDGET_SECONDS = 8.0
 MIN_ROUNDS = 5
+QUICK = {"image_size": 64, "rounds": 2, "batch_sizes": (1,), "images": 16, "calibration_images": 8}
+
+# Our artifacts: name -> how it is quantized and stored. All come from the same model.
+OURS = {
+    "fp32": (QuantSpec(), ExportOptions()),
+    "w8a8": (QuantSpec(bits=8, act_bits=8), ExportOptions()),
+    "w4a8": (QuantSpec(bits=4, act_bits=8), ExportOptions()),
+    "w8a8 tensorrt": (QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"), ExportOptions()),
+    "w8": (QuantSpec(bits=8), ExportOptions()),
+    "w4": (QuantSpec(bits=4), ExportOptions(int4_storage=True)),
+}
+PEER = "peer u8s8"
+INTEGER_ARTIFACTS = ("w8a8", "w4a8", PEER)  # laid out for integer kernels: a float weight op there did not fuse
+OPENVINO_ARTIFACTS = ("fp32", "w8a8", "w8a8 tensorrt", PEER)
+REFERENCE = "ort fp32"
 
 
 @dataclass
 class Subject:
-    """The model under test, its test images and calibration images (float32, normalised)."""
+    """The model under test and its images (float32, normalised); `labels` None for random images."""
 
     label: str
     model: torch.nn.Module
     input_shape: tuple[int, ...]
-    test_x: np.ndarray
-    test_y: np.ndarray
-    calibration_x: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray | None
+    calibration: np.ndarray
 
 
-def load_subject(checkpoint: str | None, limit_test: int | None, calibration_images: int,
-                 data_root: str | None = None) -> Subject:
-    """The checkpoint's model and data, or an untrained ResNet20 on random 1x28x28 images."""
-    if checkpoint is None:
-        torch.manual_seed(0)
-        model = build_model("resnet20", num_classes=10, in_channels=1).eval()
-        generator = np.random.default_rng(0)
-        n = limit_test or 2000
-        return Subject("UNTRAINED resnet20, random images (accuracy meaningless, speed valid)", model, (1, 28, 28),
-                       generator.standard_normal((n, 1, 28, 28), dtype=np.float32), generator.integers(0, 10, n),
-                       generator.standard_normal((calibration_images, 1, 28, 28), dtype=np.float32))
+def imagenet_subject(name: str, image_size: int, images: int, calibration_images: int) -> Subject:
+    """An ImageNet-layout model of `imagenet_models` with random weights and standard-normal images."""
+    model = imagenet_models.settle_batchnorm(imagenet_models.build(name), image_size)
+    shape = (3, image_size, image_size)
+    generator = np.random.default_rng(0)
+    return Subject(f"{name}, ImageNet layout {'x'.join(map(str, shape))}, {imagenet_models.NUM_CLASSES} classes, "
+                   "random weights and images (agreement matters, not accuracy)", model, shape,
+                   generator.standard_normal((images, *shape), dtype=np.float32), None,
+                   generator.standard_normal((calibration_images, *shape), dtype=np.float32))
+
+
+def checkpoint_subject(checkpoint: str, images: int, calibration_images: int, data_root: str | None) -> Subject:
+    """A hero checkpoint's model, its first `images` test images and first training images."""
     from pipeline.stages import eval_data, load_stage
 
     loaded = load_stage(Path(checkpoint))
-    test_x, test_y = eval_data(loaded, "test", limit_test, data_root)
-    shape = tuple(loaded.ckpt["input_shape"])
-    calibration_x = (eval_data(loaded, "train", calibration_images, data_root)[0] if calibration_images
-                     else np.zeros((0, *shape), np.float32))
-    spec = loaded.ckpt["model"]
-    return Subject(f"{spec['name']} on {loaded.ckpt['dataset']} ({checkpoint})", loaded.model, shape,
-                   test_x, test_y, calibration_x)
+    test_x, test_y = eval_data(loaded, "test", images, data_root)
+    calibration_x = eval_data(loaded, "train", calibration_images, data_root)[0]
+    return Subject(f"{loaded.ckpt['model']['name']} on {loaded.ckpt['dataset']} ({checkpoint})", loaded.model,
+                   tuple(loaded.ckpt["input_shape"]), test_x, test_y, calibration_x)
 
 
 def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def export_artifacts(subject: Subject, out_dir: Path) -> dict[str, Path]:
-    """fp32, w8, w4 (INT4 storage), w8a8 and the quantize_static peer, written to out_dir."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+# ---- artifacts ------------------------------------------------------------------------------------
 
-    model, shape = subject.model, subject.input_shape
-    paths = {"fp32": export_onnx(model, out_dir / "fp32.onnx", QuantSpec(), input_shape=shape),
-             "w8": export_onnx(model, out_dir / "w8.onnx", QuantSpec(bits=8), input_shape=shape),
-             "w4": export_onnx(model, out_dir / "w4.onnx", QuantSpec(bits=4), ExportOptions(int4_storage=True),
-                               input_shape=shape)}
-    calibration = _batches(subject.calibration_x, CALIBRATION_BATCH)
-    w8a8 = QuantSpec(bits=8, act_bits=8)
-    scales = calibrate_activations(fold_bn(model), [torch.from_numpy(b) for b in calibration], w8a8)
-    paths["w8a8"] = export_onnx(model, out_dir / "w8a8.onnx", w8a8, calibration=scales, input_shape=shape)
+def export_ours(subject: Subject, out_dir: Path) -> dict[str, Path]:
+    """Every artifact of OURS, written to out_dir; activation scales from `calibrate_activations` on
+    the subject's calibration images, per spec."""
+    batches = [torch.from_numpy(b) for b in _batches(subject.calibration, CALIBRATION_BATCH)]
+    paths = {}
+    for name, (spec, options) in OURS.items():
+        calibration = calibrate_activations(subject.model, batches, spec) if spec.act_bits else None
+        paths[name] = export_onnx(subject.model, out_dir / f"{name.replace(' ', '_')}.onnx", spec, options,
+                                  calibration, input_shape=subject.input_shape)
+    return paths
+
+
+def export_peer(fp32: Path, calibration: np.ndarray, out_dir: Path) -> Path:
+    """`quantize_static` (onnxruntime.quantization) on the fp32 graph after `quant_pre_process`: QDQ,
+    per-channel, QUInt8 activations and QInt8 weights, MinMax calibration on `calibration`."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([{"input": b} for b in calibration])
+            self.feeds = iter([{"input": b} for b in _batches(calibration, CALIBRATION_BATCH)])
 
         def get_next(self):
             return next(self.feeds, None)
 
-    prepared = out_dir / "fp32_preprocessed.onnx"
-    quant_pre_process(str(paths["fp32"]), str(prepared))
-    paths["peer_int8"] = out_dir / "peer_int8.onnx"
-    quantize_static(str(prepared), str(paths["peer_int8"]), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    return paths
+    prepared, out = out_dir / "fp32_preprocessed.onnx", out_dir / f"{PEER.replace(' ', '_')}.onnx"
+    quant_pre_process(str(fp32), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return out
 
 
-@dataclass
-class Method:
-    """One way to run the model: `build(threads)` returns a predict function (images -> logits)."""
+# ---- runtimes: path -> build(threads) -> predict(images) -> logits --------------------------------
 
-    name: str
-    artifact: str | None  # None: PyTorch eager on the float model
-    build: Callable[[int | None], Callable[[np.ndarray], np.ndarray]]
+Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def _torch_eager(model: torch.nn.Module, default_threads: int):
+def ort_runtime(path: Path) -> Callable[[int | None], Predict]:
     def build(threads):
-        torch.set_num_threads(threads or default_threads)
-
-        def predict(x):
-            with torch.inference_mode():
-                return model(torch.from_numpy(x)).numpy()
-        return predict
-    return build
-
-
-def _ort(path: Path, **options):
-    def build(threads):
-        runner = OnnxRuntimeRunner(path, CPU, intra_op_threads=threads, **options)
+        runner = OnnxRuntimeRunner(path, CPU, intra_op_threads=threads)
         return lambda x: runner.predict(x, batch_size=len(x))
     return build
 
 
-def methods(subject: Subject, paths: dict[str, Path]) -> list[Method]:
-    out = [Method("pytorch eager fp32", None, _torch_eager(subject.model.eval(), torch.get_num_threads())),
-           Method("ort fp32", "fp32", _ort(paths["fp32"])),
-           Method("ort int8 peer (quantize_static)", "peer_int8", _ort(paths["peer_int8"]))]
-    for name in ("w8a8", "w8", "w4"):
-        out += [Method(f"ort {name} folded (default)", name, _ort(paths[name], weight_dequant="folded")),
-                Method(f"ort {name} runtime DQ", name, _ort(paths[name], weight_dequant="runtime"))]
-    return out
+def openvino_config(threads: int | None) -> dict:
+    """compile_model's config: f32 inference precision and, when given, the thread count."""
+    return {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+
+
+def _openvino_request(core, path: Path, shape: tuple[int, ...], threads: int | None):
+    """One infer request on `path` compiled for the CPU with `shape` (batch included) as a static shape,
+    OpenVINO's CPU plugin being fastest on static shapes."""
+    model = core.read_model(str(path))
+    model.reshape(list(shape))
+    return core.compile_model(model, "CPU", openvino_config(threads)).create_infer_request()
+
+
+def openvino_runtime(path: Path) -> Callable[[int | None], Predict]:
+    """OpenVINO with one infer request per batch size, compiled on first use (`_openvino_request`)."""
+    def build(threads):
+        import openvino
+
+        core, requests = openvino.Core(), {}
+
+        def predict(x):
+            if len(x) not in requests:
+                requests[len(x)] = _openvino_request(core, path, x.shape, threads)
+            request = requests[len(x)]
+            request.infer({0: x})
+            return request.get_output_tensor(0).data.copy()
+        return predict
+    return build
+
+
+OPENVINO_WEIGHT_LAYERS = {"Convolution", "FullyConnected", "MatMul", "Deconvolution"}
+
+
+def openvino_kernels(path: Path, input_shape: tuple[int, ...]) -> dict:
+    """{"integer_ops": n, "float_weight_ops": n, "unfused": []} of OpenVINO's compiled model at
+    batch 1: its weight layers (OPENVINO_WEIGHT_LAYERS) by the runtimePrecision in their rt_info
+    (u8/i8: an integer kernel), the shape of `exporters.kernels.kernel_summary`."""
+    import openvino
+
+    request = _openvino_request(openvino.Core(), path, (1, *input_shape), None)
+    precisions = [op.get_rt_info()["runtimePrecision"].astype(str)
+                  for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+                  if op.get_rt_info()["layerType"].astype(str) in OPENVINO_WEIGHT_LAYERS]
+    integer = sum(p in ("u8", "i8") for p in precisions)
+    return {"integer_ops": integer, "float_weight_ops": len(precisions) - integer, "unfused": []}
+
+
+RUNTIMES = {"ort": ort_runtime, "ov": openvino_runtime}
+RUNTIME_MODULES = {"ort": "onnxruntime", "ov": "openvino"}
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO rows are skipped (its import error), or None when it is installed."""
+    try:
+        importlib.import_module("openvino")
+    except ImportError as exc:
+        return f"openvino is not installed ({exc}): pip install openvino"
+    return None
+
+
+@dataclass
+class Method:
+    """One runtime on one artifact."""
+
+    runtime: str  # a key of RUNTIMES
+    artifact: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime} {self.artifact}"
+
+
+def methods(with_openvino: bool) -> list[Method]:
+    """ORT on every artifact, then OpenVINO on OPENVINO_ARTIFACTS when it is installed."""
+    return ([Method("ort", a) for a in (*OURS, PEER)]
+            + [Method("ov", a) for a in OPENVINO_ARTIFACTS if with_openvino])
+
+
+# ---- checks and memory ----------------------------------------------------------------------------
+
+def _top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def _relative_error(a: np.ndarray, reference: np.ndarray) -> float:
+    """RMS of a - reference over the RMS of reference: a wrong path reads about 1 or more."""
+    return float(np.sqrt(np.mean((a - reference) ** 2) / np.mean(reference ** 2)))
 
 
 def check_outputs(subject: Subject, paths: dict[str, Path], methods_: list[Method]) -> dict[str, dict]:
-    """Test accuracy of each method and its largest |logit difference| from the literal graph of
-    its artifact (PyTorch eager against the literal fp32 graph)."""
-    x, y = subject.test_x, subject.test_y
-    literal = {name: OnnxRuntimeRunner(path, CPU, optimization="disabled").predict(x, EVAL_BATCH)
+    """Per method: top-1 agreement with ORT FP32 and with its artifact's literal graph, the relative
+    logit error from each (`_relative_error`), and accuracy where the subject has labels. On random
+    weights agreement is only as good as the logits' margins: compare it with the relative errors."""
+    x = subject.images
+    literal = {name: OnnxRuntimeRunner(path, CPU, optimization="disabled").predict(x, CHECK_BATCH)
                for name, path in paths.items()}
+    logits = {}
+    for method in methods_:
+        predict = RUNTIMES[method.runtime](paths[method.artifact])(None)
+        logits[method.name] = np.concatenate([predict(b) for b in _batches(x, CHECK_BATCH)])
     rows = {}
     for method in methods_:
-        predict = method.build(None)
-        logits = np.concatenate([predict(b) for b in _batches(x, EVAL_BATCH)])
-        reference = literal[method.artifact or "fp32"]
-        rows[method.name] = {"accuracy": float((logits.argmax(1) == y).mean()),
-                             "max_diff_vs_literal": float(np.abs(logits - reference).max()),
-                             "agreement_vs_literal": float((logits.argmax(1) == reference.argmax(1)).mean())}
+        out, reference = logits[method.name], literal[method.artifact]
+        rows[method.name] = {"agreement_vs_fp32": _top1_agreement(out, logits[REFERENCE]),
+                             "agreement_vs_literal": _top1_agreement(out, reference),
+                             "rel_error_vs_fp32": _relative_error(out, logits[REFERENCE]),
+                             "rel_error_vs_literal": _relative_error(out, reference)}
+        if subject.labels is not None:
+            rows[method.name]["accuracy"] = float((out.argmax(1) == subject.labels).mean())
     return rows
 
 
-def time_round_robin(methods_: list[Method], x: np.ndarray, threads: int | None, rounds: int,
-                     warmup: int) -> dict[tuple[str, int], float]:
+def _vmrss_kib() -> int:
+    """This process's resident set size (VmRSS of /proc/self/status, proc(5)), in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[int, ...]) -> int:
+    """VmRSS increase, in KiB, from before building `runtime`'s session on `path` to after its first
+    batch-1 run. Meant for a fresh process: the runtime's library is loaded before the first reading
+    (OpenVINO's CPU plugin too), so only the session and its first run count."""
+    module = importlib.import_module(RUNTIME_MODULES[runtime])
+    if runtime == "ov":
+        module.Core().get_property("CPU", "FULL_DEVICE_NAME")  # loads the CPU plugin library
+    before = _vmrss_kib()
+    predict = RUNTIMES[runtime](Path(path))(threads)
+    predict(np.zeros((1, *input_shape), np.float32))
+    return _vmrss_kib() - before
+
+
+def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,
+                       input_shape: tuple[int, ...]) -> dict[str, float]:
+    """{method: `session_rss_kib` in MiB}, each measured in its own freshly spawned process."""
+    context = multiprocessing.get_context("spawn")
+    out = {}
+    for method in methods_:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            kib = pool.submit(session_rss_kib, method.runtime, str(paths[method.artifact]), threads,
+                              input_shape).result()
+        out[method.name] = kib / 1024
+    return out
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def time_round_robin(methods_: list[Method], paths: dict[str, Path], x: np.ndarray, threads: int,
+                     batch_sizes: tuple[int, ...], rounds: int, warmup: int) -> dict[tuple[str, int], float]:
     """{(method, batch): median images/s} over `rounds` rounds of every method in turn, in a
     shuffled order per round; a method that has used its time budget sits out later rounds."""
     shuffler = random.Random(0)
-    predicts = {m.name: m.build(threads) for m in methods_}
+    predicts = {m.name: RUNTIMES[m.runtime](paths[m.artifact])(threads) for m in methods_}
     throughput = {}
-    for batch in BATCH_SIZES:
+    for batch in batch_sizes:
         sample, calls = x[:batch], {}
         for name, predict in predicts.items():
             for _ in range(warmup):
@@ -207,63 +350,159 @@ def time_round_robin(methods_: list[Method], x: np.ndarray, threads: int | None,
     return throughput
 
 
-def _thread_label(threads: int | None) -> str:
-    return "default threads" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
+# ---- one model, end to end ------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """What to time: intra-op thread counts (the first also for session memory), batch sizes, rounds,
+    warm-up calls per method and batch."""
+
+    threads: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    rounds: int
+    warmup: int
 
 
-def format_table(methods_: list[Method], checks: dict, timings: dict) -> str:
-    settings = list(timings)
-    header = ["method", "acc", "max|Δ| vs literal"]
-    for threads in settings:
-        header += [f"b{b} img/s ({_thread_label(threads)})" for b in BATCH_SIZES] + ["× fp32 b1", "× fp32 b64"]
+def kernel_summaries(paths: dict[str, Path], methods_: list[Method], input_shape: tuple[int, ...]) -> dict[str, dict]:
+    """How each method's runtime ran its artifact: `exporters.kernels.kernel_summary` for ORT,
+    `openvino_kernels` for OpenVINO."""
+    return {m.name: kernel_summary(paths[m.artifact], CPU) if m.runtime == "ort"
+            else openvino_kernels(paths[m.artifact], input_shape) for m in methods_}
+
+
+def unfused(method: Method, summary: dict) -> list[str]:
+    """The weight ops that stayed float in an artifact laid out for integer kernels (INTEGER_ARTIFACTS);
+    [] for the float layouts, whose weight ops are meant to run float."""
+    return summary["unfused"] if method.artifact in INTEGER_ARTIFACTS else []
+
+
+def _kernels_cell(method: Method, summary: dict) -> str:
+    missed = unfused(method, summary)
+    return f"{summary['integer_ops']}/{summary['float_weight_ops']}" + (f" ({len(missed)} unfused)" if missed else "")
+
+
+def format_table(methods_: list[Method], result: dict, settings: Settings, with_accuracy: bool) -> str:
+    """One markdown row per method: checks, kernels, session memory, then images/s and × ORT FP32
+    per thread count and batch size."""
+    header = ["method", "agree fp32", "rel err fp32", "agree literal", "rel err literal",
+              *(["acc"] if with_accuracy else []), "int/float ops", "RSS MiB"]
+    for threads in settings.threads:
+        header += [f"b{b} img/s ({threads}t)" for b in settings.batch_sizes]
+        header += [f"× fp32 b{b} ({threads}t)" for b in settings.batch_sizes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods_:
-        check = checks[m.name]
-        cells = [m.name, f"{check['accuracy']:.2%}", f"{check['max_diff_vs_literal']:.2g}"]
-        for threads in settings:
-            t = timings[threads]
-            cells += [f"{t[m.name, b]:.0f}" for b in BATCH_SIZES]
-            cells += [f"{t[m.name, b] / t['ort fp32', b]:.2f}" for b in BATCH_SIZES]
+        check = result["checks"][m.name]
+        cells = [m.name, f"{check['agreement_vs_fp32']:.1%}", f"{check['rel_error_vs_fp32']:.2g}",
+                 f"{check['agreement_vs_literal']:.1%}", f"{check['rel_error_vs_literal']:.2g}",
+                 *([f"{check['accuracy']:.2%}"] if with_accuracy else []),
+                 _kernels_cell(m, result["kernels"][m.name]), f"{result['rss_mib'][m.name]:.1f}"]
+        for threads in settings.threads:
+            speed = result["throughput"][threads]
+            cells += [f"{speed[m.name, b]:.1f}" for b in settings.batch_sizes]
+            cells += [f"{speed[m.name, b] / speed[REFERENCE, b]:.2f}" for b in settings.batch_sizes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def notes(methods_: list[Method], result: dict, with_accuracy: bool) -> list[str]:
+    """The lines under the table: session memory W8A8 against FP32, unfused weight ops, accuracy."""
+    rss = result["rss_mib"]
+    lines = [f"session RSS, ort w8a8 / ort fp32: {rss['ort w8a8'] / rss[REFERENCE]:.2f} "
+             f"({rss['ort w8a8']:.1f} / {rss[REFERENCE]:.1f} MiB)"]
+    for m in methods_:
+        missed = unfused(m, result["kernels"][m.name])
+        if missed:
+            lines.append(f"{m.name}: {len(missed)} weight op(s) meant for integer kernels ran as float ops: "
+                         f"{', '.join(missed[:5])}")
+    if with_accuracy:
+        checks = result["checks"]
+        lines.append("test accuracy (same fp32 graph, same calibration images): " + ", ".join(
+            f"{name} {checks[name]['accuracy']:.2%}" for name in (REFERENCE, "ort w8a8", "ort w4a8", f"ort {PEER}")))
+    return lines
+
+
+def _timed(label: str, stage: Callable, *args):
+    start = time.perf_counter()
+    out = stage(*args)
+    print(f"  {label}: {time.perf_counter() - start:.1f} s", flush=True)
+    return out
+
+
+def run_subject(subject: Subject, settings: Settings, folder: Path, with_openvino: bool) -> dict:
+    """Export, check, measure memory and time one subject; prints its table and returns the results."""
+    print(f"\n## {subject.label}\n", flush=True)
+    methods_ = methods(with_openvino)
+    paths = _timed("export ours", export_ours, subject, folder)
+    paths[PEER] = _timed("export peer", export_peer, paths["fp32"], subject.calibration, folder)
+    kernels = _timed("kernel summaries", kernel_summaries, paths, methods_, subject.input_shape)
+    checks = _timed("checks", check_outputs, subject, paths, methods_)
+    rss = _timed("session memory", session_memory_mib, paths, methods_, settings.threads[0], subject.input_shape)
+    load_before = os.getloadavg()[0]
+    throughput = {threads: _timed(f"timing, {threads} thread(s)", time_round_robin, methods_, paths, subject.images,
+                                  threads, settings.batch_sizes, settings.rounds, settings.warmup)
+                  for threads in settings.threads}
+    result = {"checks": checks, "kernels": kernels, "rss_mib": rss, "throughput": throughput}
+    print(f"\n{len(subject.images)} check images; median of up to {settings.rounds} round-robin rounds; × is the ratio "
+          f"to {REFERENCE} at the same batch and threads; RSS: one session, batch 1, {settings.threads[0]} thread(s); "
+          f"load average {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after\n")
+    print(format_table(methods_, result, settings, subject.labels is not None))
+    print("\n" + "\n".join(notes(methods_, result, subject.labels is not None)), flush=True)
+    return {"model": subject.label, "input_shape": list(subject.input_shape), **result,
+            "throughput": {f"{t} thread(s)": {f"{name} b{b}": v for (name, b), v in speed.items()}
+                           for t, speed in throughput.items()}}
+
+
+def _thread_counts(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(t) for t in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected positive thread counts separated by commas, e.g. 1,2; got {value!r}")
+    return counts
+
+
 @click.command()
+@click.option("--model", "model_names", type=click.Choice(sorted(imagenet_models.MODELS)), multiple=True,
+              help="ImageNet-layout model(s) to time (repeatable; default: resnet18 then mobilenetv2).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="hero-deploy checkpoint; without it an untrained ResNet20 is timed (accuracy meaningless).")
-@click.option("--data-root", default=None, help="Folder holding the dataset files (default: the usual places).")
-@click.option("--limit-test", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Test images for the accuracy check.")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=256, show_default=True)
+              help="Time a trained hero checkpoint on its own test images instead (adds test accuracy).")
+@click.option("--data-root", default=None, help="Folder holding the checkpoint's dataset files.")
+@click.option("--images", type=click.IntRange(min=1), default=None,
+              help="Images for the checks [default: 2000 test images with --checkpoint, else 128 random; --quick 16].")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
+              help="Calibration images, ours and the peer's [default: 128; --quick 8].")
+@click.option("--threads", callback=_thread_counts, default="1,2", show_default=True,
+              help="Intra-op thread counts to time, comma-separated.")
 @click.option("--rounds", type=click.IntRange(min=1), default=25, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--threads", "thread_settings", multiple=True, default=["default", "1"], show_default=True,
-              help="intra-op thread settings to time: 'default' (ORT's choice) or a count; repeatable.")
+@click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--quick", is_flag=True, help="Smoke test: 64x64 images, 2 rounds, batch 1, fewer images.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the exported artifacts here (default: a temporary folder).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write results here.")
-def main(checkpoint, data_root, limit_test, calibration_images, rounds, warmup, thread_settings, out_dir, json_path):
-    subject = load_subject(checkpoint, limit_test, calibration_images, data_root)
-    settings = [None if s == "default" else int(s) for s in thread_settings]
+def main(model_names, checkpoint, data_root, images, calibration_images, threads, rounds, warmup, quick, out_dir,
+         json_path):
+    if checkpoint and model_names:
+        raise click.UsageError("--checkpoint and --model each name what to time: pass one of them")
+    image_size = QUICK["image_size"] if quick else imagenet_models.IMAGE_SIZE
+    calibration_images = calibration_images or (QUICK["calibration_images"] if quick else 128)
+    images = images or (QUICK["images"] if quick else 2000 if checkpoint else 128)
+    settings = Settings(threads, QUICK["batch_sizes"] if quick else BATCH_SIZES,
+                        QUICK["rounds"] if quick else rounds, 1 if quick else warmup)
+    missing = openvino_missing()
+    if missing:
+        print(f"OpenVINO rows skipped: {missing}")
+    subjects = ([lambda: checkpoint_subject(checkpoint, images, calibration_images, data_root)] if checkpoint
+                else [lambda name=name: imagenet_subject(name, image_size, images, calibration_images)
+                      for name in model_names or ("resnet18", "mobilenetv2")])
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(out_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        paths = export_artifacts(subject, folder)
-        print(f"model: {subject.label}; exported {len(paths)} artifacts in {time.perf_counter() - start:.1f} s")
-        methods_ = methods(subject, paths)
-        checks = check_outputs(subject, paths, methods_)
-        load_before = os.getloadavg()[0]
-        timings = {threads: time_round_robin(methods_, subject.test_x, threads, rounds, warmup)
-                   for threads in settings}
-    print(f"{len(subject.test_x)} test images; median of {rounds} round-robin rounds; ratios to ort fp32 in the "
-          f"same column group; load average {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after\n")
-    print(format_table(methods_, checks, timings))
+        for index, subject in enumerate(subjects):
+            folder = Path(out_dir or tmp) / str(index)
+            folder.mkdir(parents=True, exist_ok=True)
+            results.append(run_subject(subject(), settings, folder, missing is None))
     if json_path:
-        Path(json_path).write_text(json.dumps({
-            "model": subject.label, "checks": checks,
-            "throughput": {_thread_label(t): {f"{name} b{b}": v for (name, b), v in timing.items()}
-                           for t, timing in timings.items()}}, indent=2))
+        Path(json_path).write_text(json.dumps({"settings": vars(settings), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

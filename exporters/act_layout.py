@@ -12,8 +12,9 @@ So the layout quantizes, per tensor and once (one QuantizeLinear, shared by ever
 - the output of every Conv/Linear, Add, Concat and average pooling, after the Relu/ReLU6 that is
   its only consumer, unless it is the graph's output (logits stay float: QGemm with float output);
 - every input of those ops that is not already quantized (the network input, a SiLU's output);
-- the output of a pass-through op (MaxPool, Flatten, Reshape, Identity, Dropout) whose input is
-  quantized, with the same scale and zero point: an exact identity, which lets the next op fuse.
+- the output of a pass-through op (MaxPool, Flatten, Reshape) whose input is quantized, with the
+  same scale and zero point: an exact identity, which lets the next op fuse. Identities (a folded
+  BatchNorm, a shortcut, eval Dropout) leave the traced graph, as they leave the exported one.
 
 Activations are asymmetric uint8 over the calibrated [min(lo, 0), max(hi, 0)] (HERO Theorem 2,
 `exporters.quantize.asymmetric_qparams`), so a ReLU output gets zero point 0. The placement is a
@@ -90,10 +91,10 @@ _ADD_FUNCTIONS = {operator.add, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 _AVGPOOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 _AVGPOOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d}
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, _FoldedIntoLinear)
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, _FoldedIntoLinear)
 _PASS_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, torch.reshape}
 _PASS_METHODS = {"flatten", "view", "reshape"}
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, _FoldedIntoLinear)
+_IDENTITY_MODULES = (_FoldedIntoLinear,)  # kept by `trace` for its shape check; nn.Identity and Dropout are not
 
 
 def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
@@ -193,7 +194,8 @@ def with_qdq(folded: nn.Module, calibration) -> torch.fx.GraphModule:
     layout's emulation (and, with float weights, the module the exporter exports)."""
     gm = trace(folded)
     plan = plan_points(gm)
-    missing, unknown = sorted(set(plan.calibrated) - set(calibration.scales)), sorted(set(calibration.scales) - set(plan.calibrated))
+    missing = sorted(set(plan.calibrated) - set(calibration.scales))
+    unknown = sorted(set(calibration.scales) - set(plan.calibrated))
     if missing or unknown:
         raise HeroError(f"activation scales do not match the model's quantization points (missing: {missing}, "
                         f"unknown: {unknown}): calibrate this model with exporters.calibrate.calibrate_activations")
