@@ -3,9 +3,12 @@
 The graph computes what `exporters.quantize.quantize_model` computes with the same options: the
 float model (BatchNorm folded by the same `fold_bn`) is exported with torch's dynamo exporter,
 then every Conv/Gemm/MatMul weight becomes an integer initializer read through
-DequantizeLinear, with integers, scales and zero points from `quantize_tensor` itself. With
-a Calibration (act_bits 8) each such op's activation input passes through Clip -> QuantizeLinear ->
-DequantizeLinear (per-tensor, int8, zero point 0), the form ONNX Runtime and TensorRT accept.
+DequantizeLinear, with integers, scales and zero points from `quantize_tensor` itself
+(`exporters.qdq_graph` places them). With a Calibration (act_bits 8) the activations are quantized
+where spec.act_layout says: "onnxruntime" exports the emulation's own traced module, whose
+hero::qdq_u8 ops become QuantizeLinear/DequantizeLinear pairs (`exporters.act_layout`), with int32
+biases; "tensorrt" puts Clip -> QuantizeLinear -> DequantizeLinear (per tensor, int8, zero point 0)
+on each weight op's activation input.
 
 Weight storage: int8/uint8 (symmetric/asymmetric) up to 8 bits, int4/uint4 for bits <= 4 with
 int4_storage (opset 21), int16/uint16 for 16 bits (opset 21). fp16=True (float models only)
@@ -14,7 +17,6 @@ stores float16 weights and computes in float16; input and output stay float32 vi
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import logging
 import warnings
@@ -38,7 +40,7 @@ from onnxscript import optimizer, rewriter
 from onnxscript.rewriter.rules import common as rules
 from torch import nn
 
-from exporters import act_layout, quantize
+from exporters import act_layout, qdq_graph, quantize
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
@@ -47,7 +49,6 @@ from exporters.device.runtime import QUANTIZATION_KEY
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits
 LOW_BIT_OPSET = 21  # first opset with INT4/UINT4 and INT16/UINT16 DequantizeLinear
-_ACT_ZERO_POINT = np.int8(0)
 _CLEANUP_RULES = [
     rules.remove_optional_bias_from_conv_rule,
     rules.remove_optional_bias_from_gemm_rule,
@@ -65,16 +66,6 @@ class WeightQuant(NamedTuple):
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None
-
-
-class _WeightUse(NamedTuple):
-    """The ONNX node named `node` reads the weight of torch layer `module` from initializer
-    `weight`, whose output channels lie along `axis`."""
-
-    node: str
-    module: str
-    weight: str
-    axis: int
 
 
 @dataclass(frozen=True)
@@ -114,14 +105,14 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     if integer_layout:  # the emulation's own module, float weights: its QDQ export as Q/DQ pairs
         float_model = act_layout.with_qdq(float_model, calibration)
     proto = export_float_graph(float_model, input_shape, opset)
-    uses = _weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
+    uses = qdq_graph.weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
         codes = quantize.weight_codes(model, spec)
-        _quantize_weights(proto, uses, codes, spec, options.int4_storage)
+        qdq_graph.quantize_weights(proto, uses, codes, spec, options.int4_storage)
         if integer_layout:
-            _quantize_biases(proto, uses, quantize.integer_biases(float_model, codes))
+            qdq_graph.quantize_biases(proto, uses, quantize.integer_biases(float_model, codes))
     if calibration is not None and not integer_layout:
-        _quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
+        qdq_graph.quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
     if options.fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
@@ -138,7 +129,7 @@ def _check_options(spec: quantize.QuantSpec, options: ExportOptions) -> None:
         raise HeroError(f"options must be an ExportOptions, got {type(options).__name__}")
     if options.fp16 and (spec.bits is not None or spec.act_bits is not None):
         raise HeroError("fp16 export is for float models: use bits=None and act_bits=None, or fp16=False")
-    if options.int4_storage and (spec.bits is None or min(_widths(spec)) > 4):
+    if options.int4_storage and (spec.bits is None or min(qdq_graph.widths(spec)) > 4):
         raise HeroError(f"int4_storage needs bits <= 4, got bits={spec.bits}: drop int4_storage or lower bits")
     if options.int4_storage and spec.grid == "nested":
         raise HeroError("grid nested stores every width as INT8 codes on the 8-bit scale: drop int4_storage")
@@ -240,186 +231,6 @@ def _fold_weight_transposes(proto: onnx.ModelProto) -> None:
     graph.node.extend(kept)
 
 
-def _output_channel_axis(node: onnx.NodeProto) -> int:
-    """Axis of the stored weight that indexes output channels (ONNX operator specs): Conv W is
-    (M, C/group, k...) -> 0; Gemm B is (K, N), or (N, K) with transB=1; MatMul B is (K, N) -> 1."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 1
-    return 1
-
-
-def _stored_layout(weight: torch.Tensor, axis: int) -> np.ndarray:
-    """The torch (out, in, ...) weight as the ONNX op stores it (transposed when axis is 1)."""
-    array = weight.detach().cpu().numpy()
-    return array if axis == 0 else array.T
-
-
-def _scope_modules(node: onnx.NodeProto) -> list[str]:
-    """Module names the dynamo exporter recorded for `node`, innermost first."""
-    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
-    return list(reversed(ast.literal_eval(scopes)))
-
-
-def _weight_uses(proto: onnx.ModelProto, model: nn.Module) -> list[_WeightUse]:
-    """Every Conv/Gemm/MatMul node whose weight input is the weight of one of `model`'s
-    Conv/Linear layers, found by initializer name ("conv1.weight") or by the exporter's module
-    scope, and confirmed by value. Raises HeroError if a layer's weight is not found."""
-    layers = dict(quantize.quantized_layers(model))
-    initializers = {t.name: t for t in proto.graph.initializer}
-    uses = []
-    for node in proto.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in initializers:
-            continue
-        axis = _output_channel_axis(node)
-        stored = numpy_helper.to_array(initializers[node.input[1]])
-        for name in [node.input[1].removesuffix(".weight"), *_scope_modules(node)]:
-            layer = layers.get(name)
-            if layer is not None and (axis == 0 or stored.ndim == 2) \
-                    and np.array_equal(stored, _stored_layout(layer.weight, axis)):
-                uses.append(_WeightUse(node.name, name, node.input[1], axis))
-                break
-    missing = sorted(layers.keys() - {use.module for use in uses})
-    if missing:
-        raise HeroError(f"the exported ONNX graph has no Conv/Gemm/MatMul reading the weights of {missing}; "
-                        "this model cannot be exported quantized: export it with bits=None")
-    return uses
-
-
-def _widths(spec: quantize.QuantSpec) -> list[int]:
-    return [b for _, b in spec.layer_bits] if spec.layer_bits is not None else [spec.bits]
-
-
-def _storage_type(bits: int, spec: quantize.QuantSpec, int4_storage: bool) -> tuple[int, type]:
-    """(ONNX element type, numpy dtype) holding a layer's `bits`-wide integer grid (`quantize.qrange`):
-    INT4 where int4_storage and bits <= 4 on the canonical grid, INT16 for 16 bits, else INT8."""
-    if int4_storage and bits <= 4 and spec.grid == "canonical":
-        return (TensorProto.INT4, ml_dtypes.int4) if spec.symmetric else (TensorProto.UINT4, ml_dtypes.uint4)
-    if bits == 16:
-        return (TensorProto.INT16, np.int16) if spec.symmetric else (TensorProto.UINT16, np.uint16)
-    return (TensorProto.INT8, np.int8) if spec.symmetric else (TensorProto.UINT8, np.uint8)
-
-
-def _dequantized_name(use: _WeightUse, taken: set[str]) -> str:
-    """"<layer>.weight" ("<layer>.weight_transposed" when stored (in, out)) for the dequantized
-    weight, so weights keep readable names after the exporter folded a Transpose into "val_N"."""
-    name = f"{use.module}.weight" + ("" if use.axis == 0 else "_transposed")
-    return name if name == use.weight or name not in taken else use.weight
-
-
-def _quantize_weights(proto: onnx.ModelProto, uses: list[_WeightUse], codes: dict[str, quantize.WeightCodes],
-                      spec: quantize.QuantSpec, int4_storage: bool) -> None:
-    """Replace each used float weight initializer by DequantizeLinear(W_quantized, W_scale,
-    W_zero_point) -> W, so its consumers read the dequantized weight W: one per layer and stored
-    layout, which copies of one weight (a layer called twice) share."""
-    graph = proto.graph
-    taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
-    renamed: dict[str, str] = {}
-    dequantized: dict[tuple[str, int], str] = {}
-    dq_nodes = []
-    for use in uses:
-        if use.weight in renamed:
-            continue
-        if (use.module, use.axis) in dequantized:
-            renamed[use.weight] = dequantized[use.module, use.axis]
-            continue
-        layer = codes[use.module]
-        q, scale, zero_point = layer.q.cpu(), layer.scale.cpu(), layer.zero_point.cpu()
-        _, dtype = _storage_type(layer.bits, spec, int4_storage)
-        weight = renamed[use.weight] = dequantized[use.module, use.axis] = _dequantized_name(use, taken)
-        taken.add(weight)
-        names = [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"]
-        graph.initializer.extend([numpy_helper.from_array(_stored_layout(q, use.axis).astype(dtype), names[0]),
-                                  numpy_helper.from_array(scale.numpy().astype(np.float32), names[1]),
-                                  numpy_helper.from_array(zero_point.numpy().astype(dtype), names[2])])
-        axis_attr = {"axis": use.axis} if scale.dim() else {}  # quantize-first: per channel after the fold
-        dq_nodes.append(helper.make_node("DequantizeLinear", names, [weight], name=f"{weight}_DequantizeLinear",
-                                         **axis_attr))
-    kept = [t for t in graph.initializer if t.name not in renamed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    for node in graph.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-    kept_info = [v for v in graph.value_info if v.name not in renamed]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
-    nodes = dq_nodes + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def _quantize_biases(proto: onnx.ModelProto, uses: list[_WeightUse],
-                     biases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Replace the float bias initializer of each Conv/Gemm in `biases` by int32 codes read through
-    DequantizeLinear (scale input scale x weight scale, axis 0), `quantize.quantize_bias`'s grid:
-    what QLinearConv adds to its accumulator, written out so the graph says it."""
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    nodes = {node.name: node for node in graph.node}
-    done: dict[str, str] = {}
-    added = []
-    for use in uses:
-        node = nodes[use.node]
-        if use.module not in biases or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
-            continue
-        if node.input[2] in done:
-            node.input[2] = done[node.input[2]]
-            continue
-        if node.input[2] not in initializers:
-            continue
-        q, scale = biases[use.module]
-        name = f"{use.module}.bias_dequantized"
-        graph.initializer.extend([numpy_helper.from_array(q.numpy().astype(np.int32), f"{use.module}.bias_quantized"),
-                                  numpy_helper.from_array(scale.numpy().astype(np.float32), f"{use.module}.bias_scale")])
-        added.append(helper.make_node("DequantizeLinear", [f"{use.module}.bias_quantized", f"{use.module}.bias_scale"],
-                                      [name], name=f"{name}_DequantizeLinear", axis=0))
-        done[node.input[2]] = name
-        node.input[2] = name
-    read = {name for node in graph.node for name in node.input}
-    live = [t for t in graph.initializer if t.name not in done or t.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    nodes_now = added + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes_now)
-
-
-def _quantize_activations(proto: onnx.ModelProto, uses: list[_WeightUse], scales: dict[str, float]) -> None:
-    """Put Clip -> QuantizeLinear -> DequantizeLinear (int8, zero point 0, per tensor) on the
-    activation input of every weight op. QuantizeLinear saturates to [-128, 127]; the Clip to
-    [-127 s, 127 s] first gives quantize_model's restricted range [-127, 127]."""
-    graph = proto.graph
-    qmin, qmax = quantize.qrange(quantize.ACT_BITS, symmetric=True)
-    nodes_by_name = {node.name: node for node in graph.node}
-    added: set[str] = set()
-    before: dict[str, list[onnx.NodeProto]] = {}
-    for count, use in enumerate(uses):
-        node = nodes_by_name[use.node]
-        prefix = f"{use.module}.input"
-        scale = np.float32(scales[use.module])
-        if prefix not in added:
-            graph.initializer.extend([numpy_helper.from_array(scale, f"{prefix}_scale"),
-                                      numpy_helper.from_array(_ACT_ZERO_POINT, f"{prefix}_zero_point"),
-                                      numpy_helper.from_array(np.float32(qmin * scale), f"{prefix}_min"),
-                                      numpy_helper.from_array(np.float32(qmax * scale), f"{prefix}_max")])
-            added.add(prefix)
-        tag = f"{prefix}_{count}"
-        qdq = [f"{prefix}_scale", f"{prefix}_zero_point"]
-        before[use.node] = [
-            helper.make_node("Clip", [node.input[0], f"{prefix}_min", f"{prefix}_max"], [f"{tag}_clipped"],
-                             name=f"{tag}_Clip"),
-            helper.make_node("QuantizeLinear", [f"{tag}_clipped", *qdq], [f"{tag}_quantized"],
-                             name=f"{tag}_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{tag}_quantized", *qdq], [f"{tag}_dequantized"],
-                             name=f"{tag}_DequantizeLinear"),
-        ]
-        node.input[0] = f"{tag}_dequantized"
-    nodes = [n for node in graph.node for n in [*before.get(node.name, []), node]]
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
 def to_float16(proto: onnx.ModelProto) -> None:
     """Make a float graph compute in float16, in place: float32 initializers and Cast targets
     become float16; the graph input and output stay float32 through Cast nodes."""
@@ -457,8 +268,8 @@ def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOp
     if spec.bits is None:
         storage = "float16" if options.fp16 else "float32"
     else:
-        storage = "+".join(sorted({np.dtype(_storage_type(b, spec, options.int4_storage)[1]).name
-                                   for b in _widths(spec)}))
+        storage = "+".join(sorted({np.dtype(qdq_graph.storage_type(b, spec, options.int4_storage)[1]).name
+                                   for b in qdq_graph.widths(spec)}))
     return {"spec": spec.to_dict(), "act_scales": None if calibration is None else dict(calibration.scales),
             "act_zero_points": None if calibration is None or calibration.zero_points is None
             else dict(calibration.zero_points), "weight_storage": storage, "tool_version": TOOL_VERSION}
@@ -499,7 +310,7 @@ def weight_initializers(onnx_path_or_model) -> dict[str, WeightQuant]:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         q = numpy_helper.to_array(initializers[node.input[0]])
-        if q.dtype == np.int32:  # a bias on its accumulator grid (`_quantize_biases`), not a weight
+        if q.dtype == np.int32:  # a bias on its accumulator grid (`qdq_graph.quantize_biases`), not a weight
             continue
         if q.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
             q = q.astype(np.int8 if q.dtype == ml_dtypes.int4 else np.uint8)
