@@ -76,3 +76,20 @@ def trained(tmp_path_factory):
 def trained_seed1(trained):
     """The same training as `trained` at seed 1: a second checkpoint of the same model and data."""
     return _train_tiny(trained["root"], seed=1)
+
+
+def with_batchnorm_statistics(model, mean: float = 0.5):
+    """`model` in eval mode with non-trivial BatchNorm statistics and affine parameters (as after
+    training: running means in [-mean, mean], variances in [0.5, 2], gains in [0.5, 1.5], shifts in
+    [-0.2, 0.2]; seed 0), so folding changes the weights and activation ranges are not centred."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-mean, mean)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()

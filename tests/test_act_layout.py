@@ -21,19 +21,13 @@ from exporters.onnx import ExportOptions, export_onnx
 from exporters.calibrate import calibrate_activations
 from exporters.quantize import ACT_NOISE_FACTOR, QuantSpec, fold_bn, quantize_model, quantized_layers
 from hero_train.models import build_model
+from conftest import with_batchnorm_statistics
 from own_models import depthwise_cnn, tiny_attention
 
 
 def _realistic(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics (as after training) so folding and zero points matter."""
-    torch.manual_seed(0)
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-            bn.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return with_batchnorm_statistics(model, mean=0.3)
 
 
 MODELS = {

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from agreement import assert_float_close, assert_matches_act_quantized, float_tolerance
+from conftest import with_batchnorm_statistics
 
 from exporters.act_layout import plan_points, trace
 from exporters.device.errors import HeroError
@@ -148,14 +149,7 @@ class WithMultiheadAttention(nn.Module):
 
 def _build(make):
     torch.manual_seed(0)
-    model = make()
-    for bn in model.modules():  # non-trivial statistics so folding changes the weights
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-            bn.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return with_batchnorm_statistics(make())  # non-trivial statistics so folding changes the weights
 
 
 MODELS = [MobileNetLike, TinyViT, MixerLike]
