@@ -69,6 +69,7 @@ CALIBRATION_BATCH = 16
 ROUND_SECONDS = 0.1
 METHOD_BUDGET_SECONDS = 8.0
 MIN_ROUNDS = 5
+MEMORY_REPEATS = 3  # fresh processes per session's memory reading (`session_memory_mib`)
 QUICK = {"image_size": 64, "rounds": 2, "batch_sizes": (1,), "images": 16, "calibration_images": 8}
 
 # Our artifacts: name -> how it is quantized and stored. All come from the same model.
@@ -290,13 +291,28 @@ def _vmrss_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
+def _tiny_conv(path: Path) -> Path:
+    """A one-Conv ONNX model (input "input", 1x3x8x8): what `session_rss_kib` warms a runtime up on."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["logits"])], "warm-up",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
 def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[int, ...]) -> int:
     """VmRSS increase, in KiB, from before building `runtime`'s session on `path` to after its first
-    batch-1 run. Meant for a fresh process: the runtime's library is loaded before the first reading
-    (OpenVINO's CPU plugin too), so only the session and its first run count."""
-    module = importlib.import_module(RUNTIME_MODULES[runtime])
-    if runtime == "ov":
-        module.Core().get_property("CPU", "FULL_DEVICE_NAME")  # loads the CPU plugin library
+    batch-1 run. Meant for a fresh process that has first built and run a session on a one-Conv
+    model (`_tiny_conv`), so the runtime's libraries, kernel registry and thread pools are in place
+    (OpenVINO's CPU plugin too) and only this model's session and its first run count."""
+    importlib.import_module(RUNTIME_MODULES[runtime])
+    with tempfile.TemporaryDirectory() as scratch:
+        warm = RUNTIMES[runtime](_tiny_conv(Path(scratch) / "tiny.onnx"))(threads)
+        warm(np.zeros((1, 3, 8, 8), np.float32))
     before = _vmrss_kib()
     predict = RUNTIMES[runtime](Path(path))(threads)
     predict(np.zeros((1, *input_shape), np.float32))
@@ -304,15 +320,18 @@ def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[in
 
 
 def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,
-                       input_shape: tuple[int, ...]) -> dict[str, float]:
-    """{method: `session_rss_kib` in MiB}, each measured in its own freshly spawned process."""
+                       input_shape: tuple[int, ...], repeats: int = MEMORY_REPEATS) -> dict[str, float]:
+    """{method: the median of `repeats` `session_rss_kib` readings, in MiB}, each reading in its
+    own freshly spawned process (glibc's allocator makes one reading vary by a third)."""
     context = multiprocessing.get_context("spawn")
     out = {}
     for method in methods_:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            kib = pool.submit(session_rss_kib, method.runtime, str(paths[method.artifact]), threads,
-                              input_shape).result()
-        out[method.name] = kib / 1024
+        readings = []
+        for _ in range(repeats):
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                readings.append(pool.submit(session_rss_kib, method.runtime, str(paths[method.artifact]), threads,
+                                            input_shape).result())
+        out[method.name] = statistics.median(readings) / 1024
     return out
 
 
@@ -361,6 +380,7 @@ class Settings:
     batch_sizes: tuple[int, ...]
     rounds: int
     warmup: int
+    memory_repeats: int = MEMORY_REPEATS
 
 
 def kernel_summaries(paths: dict[str, Path], methods_: list[Method], input_shape: tuple[int, ...]) -> dict[str, dict]:
@@ -436,7 +456,8 @@ def run_subject(subject: Subject, settings: Settings, folder: Path, with_openvin
     paths[PEER] = _timed("export peer", export_peer, paths["fp32"], subject.calibration, folder)
     kernels = _timed("kernel summaries", kernel_summaries, paths, methods_, subject.input_shape)
     checks = _timed("checks", check_outputs, subject, paths, methods_)
-    rss = _timed("session memory", session_memory_mib, paths, methods_, settings.threads[0], subject.input_shape)
+    rss = _timed("session memory", session_memory_mib, paths, methods_, settings.threads[0], subject.input_shape,
+                 settings.memory_repeats)
     load_before = os.getloadavg()[0]
     throughput = {threads: _timed(f"timing, {threads} thread(s)", time_round_robin, methods_, paths, subject.images,
                                   threads, settings.batch_sizes, settings.rounds, settings.warmup)
@@ -488,7 +509,7 @@ def main(model_names, checkpoint, data_root, images, calibration_images, threads
     calibration_images = calibration_images or (QUICK["calibration_images"] if quick else 128)
     images = images or (QUICK["images"] if quick else 2000 if checkpoint else 128)
     settings = Settings(threads, QUICK["batch_sizes"] if quick else BATCH_SIZES,
-                        QUICK["rounds"] if quick else rounds, 1 if quick else warmup)
+                        QUICK["rounds"] if quick else rounds, 1 if quick else warmup, 1 if quick else MEMORY_REPEATS)
     missing = openvino_missing()
     if missing:
         print(f"OpenVINO rows skipped: {missing}")
