@@ -313,16 +313,29 @@ def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[in
     with tempfile.TemporaryDirectory() as scratch:
         warm = RUNTIMES[runtime](_tiny_conv(Path(scratch) / "tiny.onnx"))(threads)
         warm(np.zeros((1, 3, 8, 8), np.float32))
+    _trim()
     before = _vmrss_kib()
     predict = RUNTIMES[runtime](Path(path))(threads)
     predict(np.zeros((1, *input_shape), np.float32))
+    _trim()
     return _vmrss_kib() - before
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back (glibc malloc_trim(3)), so RSS counts what is live, not what
+    building a session allocated and freed: without it one session's reading varies by a third."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,
                        input_shape: tuple[int, ...], repeats: int = MEMORY_REPEATS) -> dict[str, float]:
     """{method: the median of `repeats` `session_rss_kib` readings, in MiB}, each reading in its
-    own freshly spawned process (glibc's allocator makes one reading vary by a third)."""
+    own freshly spawned process."""
     context = multiprocessing.get_context("spawn")
     out = {}
     for method in methods_:
