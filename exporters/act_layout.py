@@ -17,9 +17,9 @@ So the layout quantizes, per tensor and once (one QuantizeLinear, shared by ever
   BatchNorm, a shortcut, eval Dropout) leave the traced graph, as they leave the exported one.
 
 Activations are asymmetric uint8 over the calibrated [min(lo, 0), max(hi, 0)] (HERO Theorem 2,
-`exporters.quantize.asymmetric_qparams`), so a ReLU output gets zero point 0. The placement is a
+`exporters.grid.asymmetric_qparams`), so a ReLU output gets zero point 0. The placement is a
 torch.fx pass over the BatchNorm-folded model; the quantizer it inserts is one custom op,
-``hero::qdq_u8``, whose PyTorch kernel is `quantize_with_qparams` then `dequantize` (ONNX
+``hero::qdq_u8``, whose PyTorch kernel is `exporters.grid.quantize_with_qparams` then `dequantize` (ONNX
 QuantizeLinear/DequantizeLinear: divide, round half to even, saturate) and whose ONNX translation is
 that Q/DQ pair. The emulation is the traced module itself, and the exporter exports that same
 module: what is emulated and what is exported cannot differ in placement.
@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _FoldedIntoLinear, _Tracer
 from exporters.device.errors import HeroError
+from exporters.grid import dequantize, quantize_with_qparams
 
 U8 = (0, 255)
 
@@ -44,8 +45,6 @@ U8 = (0, 255)
 @torch.library.custom_op("hero::qdq_u8", mutates_args=())
 def qdq_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """ONNX QuantizeLinear to uint8 then DequantizeLinear, per tensor, in float32."""
-    from exporters.quantize import dequantize, quantize_with_qparams
-
     s = torch.tensor(scale, dtype=torch.float32, device=x.device)
     z = torch.tensor(zero_point, dtype=torch.int32, device=x.device)
     return dequantize(quantize_with_qparams(x, s, z, *U8), s, z).to(x.dtype)

@@ -116,7 +116,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
     of the plan. Ranges by spec.act_method (module docstring). Modes are restored afterwards."""
     method, percentile, keep = spec.act_method, spec.act_percentile, spec.act_method != "max"
     generator = torch.Generator().manual_seed(0)
-    if spec.act_layout == "onnxruntime":
+    if spec.integer_activations:
         gm = act_layout.trace(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
         observers = {name: Observer(name, keep, generator) for name in act_layout.plan_points(gm).calibrated}
         act_layout.insert_after(gm, observers)

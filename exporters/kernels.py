@@ -25,18 +25,18 @@ INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvIn
 FLOAT_WEIGHT_OPS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 
 
-def optimized_graph(path, providers=None, threads: int | None = None) -> onnx.ModelProto:
-    """The graph an `OnnxRuntimeRunner(path, providers)` session runs (its weight_dequant "auto" choice
-    included), as ONNX Runtime serialises it after optimisation."""
-    runner = ort_runtime.OnnxRuntimeRunner(path, providers, intra_op_threads=threads)
-    fold = runner.weight_dequant == "folded"
+def optimized_graph(proto: onnx.ModelProto, path, providers=None, threads: int | None = None) -> onnx.ModelProto:
+    """The graph an `OnnxRuntimeRunner(path, providers)` session runs (weight_dequant "auto",
+    `runtime.auto_folds` on the artifact's metadata), as ONNX Runtime serialises it after optimisation."""
     import onnxruntime
 
+    providers = ort_runtime.checked_providers(providers)
+    fold = ort_runtime.auto_folds({p.key: p.value for p in proto.metadata_props}, providers)
     with tempfile.TemporaryDirectory() as scratch:
         options = ort_runtime.session_options("default", fold, threads)
         options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
         options.log_severity_level = 3  # ORT warns that an optimised graph is specific to this machine
-        onnxruntime.InferenceSession(str(path), options, providers=runner.providers)
+        onnxruntime.InferenceSession(str(path), options, providers=providers)
         return onnx.load(options.optimized_model_filepath)
 
 
@@ -57,8 +57,9 @@ def kernel_summary(path, providers=None, threads: int | None = None) -> dict:
     ops of the artifact (Conv/Gemm/MatMul reading a quantized weight through DequantizeLinear) that
     still run as float ops under their own name (ORT renames the float Conv it moves to its NCHWc
     layout, which only happens to weights it folded: weight-only and tensorrt-layout artifacts)."""
-    quantized = _weight_ops(onnx.load(str(path), load_external_data=False))
-    graph = optimized_graph(path, providers, threads).graph
+    proto = onnx.load(str(path), load_external_data=False)
+    quantized = _weight_ops(proto)
+    graph = optimized_graph(proto, path, providers, threads).graph
     ops = Counter(n.op_type for n in graph.node)
     initializers = {t.name for t in graph.initializer}
     constant = initializers | {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
@@ -70,7 +71,7 @@ def kernel_summary(path, providers=None, threads: int | None = None) -> dict:
 def integer_lint(spec, summary: dict) -> list[str]:
     """Warnings for an artifact meant for integer kernels (act_bits 8, act_layout "onnxruntime") whose
     weight ops did not all fuse, naming them; [] otherwise."""
-    if spec.act_bits is None or spec.act_layout != "onnxruntime" or not summary["unfused"]:
+    if not spec.integer_activations or not summary["unfused"]:
         return []
     names = summary["unfused"]
     return [f"{len(names)} weight op(s) meant for integer kernels run as float ops after ONNX Runtime's "

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from exporters import act_layout
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import BN_MODES, GRIDS
+from exporters.grid import asymmetric_qparams, dequantize, qrange, quantize_with_qparams, symmetric_qparams
 from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
@@ -118,6 +120,12 @@ class QuantSpec:
         if self.act_bits is None:  # no activation is quantized anywhere: one spec, whatever the layout says
             object.__setattr__(self, "act_layout", ACT_LAYOUTS[0])
 
+    @property
+    def integer_activations(self) -> bool:
+        """Whether activations are laid out for ONNX Runtime's integer kernels (act_bits 8, act_layout
+        "onnxruntime"): what the emulation, the exporter and the run's storage choice branch on."""
+        return self.act_bits is not None and self.act_layout == "onnxruntime"
+
     def bits_for(self, layer: str) -> int | None:
         """The width of one layer: its layer_bits entry, else bits."""
         if self.layer_bits is None:
@@ -189,51 +197,6 @@ def _check_act_method(method, percentile) -> None:
         raise HeroError(unknown_choice("activation calibration method", method, _ACT_METHODS))
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
         raise HeroError(f"act_percentile must be a number in (0, 100], got {percentile!r}")
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer grid of the quantizer: symmetric uses TensorRT's restricted range
-    [-(2^(b-1)-1), 2^(b-1)-1] (NVIDIA, "Integer Quantization for Deep Learning Inference", 2020,
-    Sec. 3.1), asymmetric the full unsigned range [0, 2^b - 1]."""
-    bits = check_bits(bits)
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def symmetric_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HERO paper Theorem 2 (linear uniform quantizer), symmetric form:
-    scale = amax / (2^(bits-1) - 1), zero point 0. Where amax is 0 the scale is 1 (ONNX and
-    TensorRT need a positive scale; the values there are all 0 and stay exactly 0)."""
-    _, qmax = qrange(bits, symmetric=True)
-    amax = amax.to(torch.float32)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    return scale, torch.zeros_like(scale, dtype=torch.int32)
-
-
-def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HERO paper Theorem 2 (linear uniform quantizer), asymmetric form over [lo, hi] with
-    lo <= 0 <= hi: scale = (hi - lo) / (2^bits - 1), zero point = round(-lo / scale), so 0 is
-    exactly representable. Where hi == lo == 0 the scale is 1 and the zero point 0."""
-    _, qmax = qrange(bits, symmetric=False)
-    width = hi.to(torch.float32) - lo.to(torch.float32)
-    scale = torch.where(width > 0, width / qmax, torch.ones_like(width))
-    zero_point = torch.round(-lo.to(torch.float32) / scale).clamp(0, qmax).to(torch.int32)
-    return scale, zero_point
-
-
-def quantize_with_qparams(x, scale, zero_point, qmin: int, qmax: int, axis: int = 0) -> torch.Tensor:
-    """q = clamp(round(x / scale) + zero_point, qmin, qmax) as int32: ONNX QuantizeLinear
-    (onnx.ai/onnx/operators/onnx__QuantizeLinear.html), computed in float32."""
-    x = x.to(torch.float32)
-    q = torch.round(x / _along(scale, x.dim(), axis)) + _along(zero_point, x.dim(), axis)
-    return q.clamp(qmin, qmax).to(torch.int32)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """x = (q - zero_point) * scale in float32: ONNX DequantizeLinear."""
-    shifted = (q.to(torch.int32) - _along(zero_point, q.dim(), axis)).to(torch.float32)
-    return shifted * _along(scale, q.dim(), axis)
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
@@ -378,8 +341,6 @@ def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
 def integer_biases(traced: nn.Module, codes: Mapping[str, WeightCodes]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: `quantize_bias` of its bias} for every quantized layer of an onnxruntime-layout module
     (`exporters.act_layout.with_qdq`) with a bias and a quantized input."""
-    from exporters import act_layout
-
     out = {}
     for name, input_scale in act_layout.input_scales(traced).items():
         bias = traced.get_submodule(name).bias
@@ -404,9 +365,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
         for name, layer in quantized_layers(quantized):
             if name in codes:
                 layer.weight.copy_(codes[name].dequantized().to(layer.weight.dtype))
-    if calibration is not None and spec.act_layout == "onnxruntime":
-        from exporters import act_layout
-
+    if spec.integer_activations:
         quantized = act_layout.with_qdq(quantized, calibration)
         for name, (q, scale) in integer_biases(quantized, codes).items():
             act_layout.use_integer_bias(quantized.get_submodule(name), dequantize(q, scale, torch.zeros_like(q)))

@@ -268,7 +268,7 @@ def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1
                         "was it exported from this checkpoint?")
     model_bytes = instrumented_graph(proto, taps).SerializeToString()
     providers = ort_runtime.checked_providers(providers)
-    fold = ort_runtime._has_quantized_weights(metadata) and ort_runtime.folds_weights(providers)
+    fold = ort_runtime.auto_folds(metadata, providers)
     sessions = [_session(model_bytes, providers, "default", fold), _session(model_bytes, providers, "disabled", False)]
     names = list(dict.fromkeys(tap.output for tap in taps))
     input_name = sessions[0].get_inputs()[0].name

@@ -166,9 +166,8 @@ def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, s
     kernel is meant to read the weights (ORT's QLinearConv/QGemm fuse int8 weights only, so a W4A8
     variant laid out for them stores its 4-bit codes as int8), fp16 only for the baseline."""
     widths = [b for _, b in spec.layer_bits] if spec.layer_bits else [spec.bits]
-    integer_kernels = spec.act_bits is not None and spec.act_layout == "onnxruntime"
     int4 = (export.int4_storage and spec.bits is not None and min(widths) <= 4 and spec.grid == "canonical"
-            and not integer_kernels)
+            and not spec.integer_activations)
     return ExportOptions(int4_storage=int4,
                          fp16=export.fp16_baseline and spec.bits is None, opset=export.opset, metadata=metadata)
 

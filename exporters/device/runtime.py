@@ -133,6 +133,12 @@ def folds_weights(providers: list[str]) -> bool:
     return set(providers) <= _FOLDING_PROVIDERS
 
 
+def auto_folds(metadata: dict, providers: list[str]) -> bool:
+    """weight_dequant "auto" under optimization "default": fold where the artifact's weights are
+    quantized for float kernels (`_has_quantized_weights`) and the CPU is the only provider."""
+    return _has_quantized_weights(metadata) and folds_weights(providers)
+
+
 class OnnxRuntimeRunner:
     """An ONNX Runtime session on one exported model with a single input and output.
 

@@ -1,0 +1,58 @@
+"""The linear uniform quantizer of HERO (Yang et al., DAC 2022), Theorem 2, on its own: the integer
+grid, its scale and zero point, and the ONNX QuantizeLinear / DequantizeLinear maps between them.
+Everything that quantizes (`exporters.quantize` for weights, `exporters.act_layout` and
+`exporters.calibrate` for activations) takes its arithmetic from here. float32, rounding half to
+even (torch.round, like ONNX QuantizeLinear).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exporters.bn_fold import _along
+from exporters.device.bits import check_bits
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer grid of the quantizer: symmetric uses TensorRT's restricted range
+    [-(2^(b-1)-1), 2^(b-1)-1] (NVIDIA, "Integer Quantization for Deep Learning Inference", 2020,
+    Sec. 3.1), asymmetric the full unsigned range [0, 2^b - 1]."""
+    bits = check_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def symmetric_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HERO paper Theorem 2 (linear uniform quantizer), symmetric form:
+    scale = amax / (2^(bits-1) - 1), zero point 0. Where amax is 0 the scale is 1 (ONNX and
+    TensorRT need a positive scale; the values there are all 0 and stay exactly 0)."""
+    _, qmax = qrange(bits, symmetric=True)
+    amax = amax.to(torch.float32)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HERO paper Theorem 2 (linear uniform quantizer), asymmetric form over [lo, hi] with
+    lo <= 0 <= hi: scale = (hi - lo) / (2^bits - 1), zero point = round(-lo / scale), so 0 is
+    exactly representable. Where hi == lo == 0 the scale is 1 and the zero point 0."""
+    _, qmax = qrange(bits, symmetric=False)
+    width = hi.to(torch.float32) - lo.to(torch.float32)
+    scale = torch.where(width > 0, width / qmax, torch.ones_like(width))
+    zero_point = torch.round(-lo.to(torch.float32) / scale).clamp(0, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize_with_qparams(x, scale, zero_point, qmin: int, qmax: int, axis: int = 0) -> torch.Tensor:
+    """q = clamp(round(x / scale) + zero_point, qmin, qmax) as int32: ONNX QuantizeLinear
+    (onnx.ai/onnx/operators/onnx__QuantizeLinear.html), computed in float32."""
+    x = x.to(torch.float32)
+    q = torch.round(x / _along(scale, x.dim(), axis)) + _along(zero_point, x.dim(), axis)
+    return q.clamp(qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """x = (q - zero_point) * scale in float32: ONNX DequantizeLinear."""
+    shifted = (q.to(torch.int32) - _along(zero_point, q.dim(), axis)).to(torch.float32)
+    return shifted * _along(scale, q.dim(), axis)
