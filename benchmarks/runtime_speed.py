@@ -20,7 +20,8 @@ Timing: per thread count (--threads), every method runs round-robin at batch 1 a
 then rounds in a shuffled order in which each method runs for about ROUND_SECONDS; a method past
 its time budget sits out later rounds); the table gives the median images/s and the ratio to ORT
 FP32 at the same batch and threads. Memory: the VmRSS increase of a fresh process from before
-building one method's session to after its first batch-1 run. Checks, before any timing: each
+building one method's session to the session built (its weights as the runtime holds them) and to
+after its first batch-1 run (plus activation buffers). Checks, before any timing: each
 method's top-1 agreement with ORT FP32 and with its own artifact's literal graph (ORT, all
 optimisations off), so a fast wrong path shows; with --checkpoint also test accuracy. The kernel
 column says how ORT ran each artifact: integer weight ops / float weight ops (`exporters.kernels`).
@@ -304,11 +305,13 @@ def _tiny_conv(path: Path) -> Path:
     return path
 
 
-def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[int, ...]) -> int:
-    """VmRSS increase, in KiB, from before building `runtime`'s session on `path` to after its first
-    batch-1 run. Meant for a fresh process that has first built and run a session on a one-Conv
-    model (`_tiny_conv`), so the runtime's libraries, kernel registry and thread pools are in place
-    (OpenVINO's CPU plugin too) and only this model's session and its first run count."""
+def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """VmRSS increases, in KiB, from before building `runtime`'s session on `path` to (a) the session
+    built: its weights as the runtime keeps them (initializers, prepacked copies), and (b) after its
+    first batch-1 run, which adds the activation buffers (ORT's arena). Meant for a fresh process
+    that has first built and run a session on a one-Conv model (`_tiny_conv`), so the runtime's
+    libraries, kernel registry and thread pools are in place (OpenVINO's CPU plugin too) and only
+    this model's session and its first run count."""
     importlib.import_module(RUNTIME_MODULES[runtime])
     with tempfile.TemporaryDirectory() as scratch:
         warm = RUNTIMES[runtime](_tiny_conv(Path(scratch) / "tiny.onnx"))(threads)
@@ -316,9 +319,11 @@ def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[in
     _trim()
     before = _vmrss_kib()
     predict = RUNTIMES[runtime](Path(path))(threads)
+    _trim()
+    built = _vmrss_kib() - before
     predict(np.zeros((1, *input_shape), np.float32))
     _trim()
-    return _vmrss_kib() - before
+    return built, _vmrss_kib() - before
 
 
 def _trim() -> None:
@@ -333,9 +338,9 @@ def _trim() -> None:
 
 
 def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,
-                       input_shape: tuple[int, ...], repeats: int = MEMORY_REPEATS) -> dict[str, float]:
-    """{method: the median of `repeats` `session_rss_kib` readings, in MiB}, each reading in its
-    own freshly spawned process."""
+                       input_shape: tuple[int, ...], repeats: int = MEMORY_REPEATS) -> dict[str, dict[str, float]]:
+    """{method: {"weights": ..., "first_run": ...}}: the medians of `repeats` `session_rss_kib`
+    readings, in MiB, each reading in its own freshly spawned process."""
     context = multiprocessing.get_context("spawn")
     out = {}
     for method in methods_:
@@ -344,7 +349,8 @@ def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: 
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
                 readings.append(pool.submit(session_rss_kib, method.runtime, str(paths[method.artifact]), threads,
                                             input_shape).result())
-        out[method.name] = statistics.median(readings) / 1024
+        out[method.name] = {key: statistics.median(r[i] for r in readings) / 1024
+                            for i, key in enumerate(("weights", "first_run"))}
     return out
 
 
@@ -418,7 +424,7 @@ def format_table(methods_: list[Method], result: dict, settings: Settings, with_
     """One markdown row per method: checks, kernels, session memory, then images/s and × ORT FP32
     per thread count and batch size."""
     header = ["method", "agree fp32", "rel err fp32", "agree literal", "rel err literal",
-              *(["acc"] if with_accuracy else []), "int/float ops", "RSS MiB"]
+              *(["acc"] if with_accuracy else []), "int/float ops", "RSS MiB built/run"]
     for threads in settings.threads:
         header += [f"b{b} img/s ({threads}t)" for b in settings.batch_sizes]
         header += [f"× fp32 b{b} ({threads}t)" for b in settings.batch_sizes]
@@ -428,7 +434,8 @@ def format_table(methods_: list[Method], result: dict, settings: Settings, with_
         cells = [m.name, f"{check['agreement_vs_fp32']:.1%}", f"{check['rel_error_vs_fp32']:.2g}",
                  f"{check['agreement_vs_literal']:.1%}", f"{check['rel_error_vs_literal']:.2g}",
                  *([f"{check['accuracy']:.2%}"] if with_accuracy else []),
-                 _kernels_cell(m, result["kernels"][m.name]), f"{result['rss_mib'][m.name]:.1f}"]
+                 _kernels_cell(m, result["kernels"][m.name]),
+                 "{weights:.1f}/{first_run:.1f}".format(**result["rss_mib"][m.name])]
         for threads in settings.threads:
             speed = result["throughput"][threads]
             cells += [f"{speed[m.name, b]:.1f}" for b in settings.batch_sizes]
@@ -439,9 +446,11 @@ def format_table(methods_: list[Method], result: dict, settings: Settings, with_
 
 def notes(methods_: list[Method], result: dict, with_accuracy: bool) -> list[str]:
     """The lines under the table: session memory W8A8 against FP32, unfused weight ops, accuracy."""
-    rss = result["rss_mib"]
-    lines = [f"session RSS, ort w8a8 / ort fp32: {rss['ort w8a8'] / rss[REFERENCE]:.2f} "
-             f"({rss['ort w8a8']:.1f} / {rss[REFERENCE]:.1f} MiB)"]
+    rss, ours = result["rss_mib"], "ort w8a8"
+    lines = [f"session RSS, {ours} / {REFERENCE}: built (weights) {rss[ours]['weights'] / rss[REFERENCE]['weights']:.2f} "
+             f"({rss[ours]['weights']:.1f} / {rss[REFERENCE]['weights']:.1f} MiB), after the first batch-1 run "
+             f"{rss[ours]['first_run'] / rss[REFERENCE]['first_run']:.2f} "
+             f"({rss[ours]['first_run']:.1f} / {rss[REFERENCE]['first_run']:.1f} MiB)"]
     for m in methods_:
         missed = unfused(m, result["kernels"][m.name])
         if missed:
@@ -477,7 +486,8 @@ def run_subject(subject: Subject, settings: Settings, folder: Path, with_openvin
                   for threads in settings.threads}
     result = {"checks": checks, "kernels": kernels, "rss_mib": rss, "throughput": throughput}
     print(f"\n{len(subject.images)} check images; median of up to {settings.rounds} round-robin rounds; × is the ratio "
-          f"to {REFERENCE} at the same batch and threads; RSS: one session, batch 1, {settings.threads[0]} thread(s); "
+          f"to {REFERENCE} at the same batch and threads; RSS: one session built, and after its first run at "
+          f"batch 1, {settings.threads[0]} thread(s); "
           f"load average {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after\n")
     print(format_table(methods_, result, settings, subject.labels is not None))
     print("\n" + "\n".join(notes(methods_, result, subject.labels is not None)), flush=True)

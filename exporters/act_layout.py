@@ -1,4 +1,5 @@
-"""Where activations are quantized, for a target's integer kernels: the "onnxruntime" layout.
+"""Where activations are quantized, for a target's integer kernels: the "onnxruntime" layout, and
+the residual inputs of the "tensorrt" layout (`residual_points`, at the end).
 
 ONNX Runtime's CPU execution provider fuses a QDQ graph into integer kernels only in its patterns
 (onnxruntime/core/optimizer/qdq_transformer/selectors_actions): DQ(x), DQ(W) -> Conv -> [Relu] -> Q
@@ -28,6 +29,7 @@ module: what is emulated and what is exported cannot differ in placement.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ from exporters.device.errors import HeroError
 from exporters.grid import dequantize, quantize_with_qparams
 
 U8 = (0, 255)
+S8 = (-127, 127)  # the symmetric restricted range (exporters.grid.qrange(8, symmetric=True))
 
 
 @torch.library.custom_op("hero::qdq_u8", mutates_args=())
@@ -65,7 +68,47 @@ def qdq_u8_onnx(x, scale: float, zero_point: int):
     return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
 
-TRANSLATIONS = {torch.ops.hero.qdq_u8.default: qdq_u8_onnx}
+@torch.library.custom_op("hero::qdq_s8", mutates_args=())
+def qdq_s8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric int8 QuantizeLinear then DequantizeLinear on the restricted range [-127, 127]
+    (zero point 0, per tensor), in float32: the tensorrt layout's activation quantizer."""
+    s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    z = torch.zeros((), dtype=torch.int32, device=x.device)
+    return dequantize(quantize_with_qparams(x, s, z, *S8), s, z).to(x.dtype)
+
+
+@qdq_s8.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+def qdq_s8_onnx(x, scale: float):
+    """The ONNX translation of hero::qdq_s8: Clip to [-127 s, 127 s] (QuantizeLinear alone saturates
+    to -128), then int8 QuantizeLinear and DequantizeLinear with zero point 0."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    s = op.Constant(value_float=scale)
+    z = op.Cast(op.Constant(value_int=0), to=TensorProto.INT8)
+    clipped = op.Clip(x, op.Constant(value_float=S8[0] * scale), op.Constant(value_float=S8[1] * scale))
+    return op.DequantizeLinear(op.QuantizeLinear(clipped, s, z), s, z)
+
+
+TRANSLATIONS = {torch.ops.hero.qdq_u8.default: qdq_u8_onnx, torch.ops.hero.qdq_s8.default: qdq_s8_onnx}
+
+
+class SymmetricQDQ(nn.Module):
+    """Per-tensor symmetric int8 fake quantization with a fixed scale (hero::qdq_s8)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hero.qdq_s8(x, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
 
 
 class QDQ(nn.Module):
@@ -255,6 +298,68 @@ def insert_qdq(gm: torch.fx.GraphModule, plan: Plan, params: Mapping[str, tuple[
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(attr, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ---- the tensorrt layout's residual inputs ----------------------------------------------------
+
+_TRANSPARENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _FoldedIntoLinear)
+
+
+def _from_weighted(gm: torch.fx.GraphModule, node) -> bool:
+    """Whether `node`'s value is a Conv/Linear output (through a BatchNorm that TensorRT fuses)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_module" \
+            and isinstance(gm.get_submodule(node.target), _TRANSPARENT):
+        node = node.args[0]
+    return isinstance(node, torch.fx.Node) and _kind(gm, node) == "weighted"
+
+
+def residual_points(gm: torch.fx.GraphModule) -> dict[str, tuple[str, int]]:
+    """{point name "<add>.residual": (Add node name, argument index)} for the tensorrt layout.
+
+    TensorRT fuses an element-wise Add into the convolution producing one of its inputs and runs
+    the fusion in INT8 only when the other input, the residual, is quantized too (TensorRT
+    developer guide, "Q/DQ Layer-Placement Recommendations": quantize the residual input; NVIDIA's
+    pytorch-quantization ResNet quantizes the identity branch before `out += identity`). So of an
+    Add with a Conv/Linear output among its inputs, the other input is quantized; where both are
+    such outputs (a projection shortcut), the second, the shortcut as torchvision writes it."""
+    points = {}
+    for node in gm.graph.nodes:
+        if _kind(gm, node) != "add":
+            continue
+        weighted = [_from_weighted(gm, a) for a in node.args[:2]]
+        if any(weighted):
+            points[f"{node.name}.residual"] = (node.name, 1 if weighted[0] else 0)
+    return points
+
+
+def residual_plan(folded: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, int]]]:
+    """(`folded` traced, its `residual_points`), or (`folded`, {}) where it has none or fx cannot
+    trace it (a warning: TensorRT then runs its residual Adds outside the INT8 convolutions)."""
+    try:
+        gm = trace(folded)
+    except HeroError:
+        warnings.warn(f"torch.fx cannot trace {type(folded).__name__}: its residual Adds keep float inputs, and "
+                      "TensorRT runs them outside the INT8 convolutions", stacklevel=2)
+        return folded, {}
+    points = residual_points(gm)
+    return (gm, points) if points else (folded, {})
+
+
+def insert_residual(gm: torch.fx.GraphModule, points: Mapping[str, tuple[str, int]],
+                    modules: Mapping[str, nn.Module]) -> torch.fx.GraphModule:
+    """`gm` with modules[point] called on the residual argument of each point's Add (observers, or
+    the tensorrt layout's `SymmetricQDQ`); other users of that value are unchanged. In place."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for point, (add_name, index) in points.items():
+        add = nodes[add_name]
+        attr = f"residual_{add_name}"
+        gm.add_submodule(attr, modules[point])
+        with gm.graph.inserting_before(add):
+            q = gm.graph.call_module(attr, (add.args[index],))
+        add.update_arg(index, q)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -11,9 +11,10 @@ The range then gives the quantizer of HERO Theorem 2: symmetric int8 on [-amax, 
 tensorrt layout (`exporters.quantize.symmetric_qparams`), asymmetric uint8 on [min(lo, 0),
 max(hi, 0)] for the onnxruntime layout (`asymmetric_qparams`).
 
-Where the tensors are: the input of every Conv/Linear (tensorrt layout, by forward pre-hooks; the
-same folded or not, since an eval BatchNorm is an affine map after its Conv) or every point of the
-onnxruntime layout's plan (`exporters.act_layout.plan_points`, on the BatchNorm-folded model).
+Where the tensors are, on the BatchNorm-folded model (what the emulation runs): for the tensorrt
+layout the input of every Conv/Linear (forward pre-hooks) and the residual input of every Add that
+TensorRT fuses into a convolution (`exporters.act_layout.residual_points`); for the onnxruntime
+layout every point of its plan (`exporters.act_layout.plan_points`).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _run(model: nn.Module, batches: Iterable) -> None:
 def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) -> Calibration:
     """The Calibration of `model` for `spec`'s activation layout, from running it in eval mode over
     `batches` (tensors, or tuples whose first item is the input): tensorrt, one symmetric int8 scale
-    per Conv/Linear input keyed by module name; onnxruntime, a uint8 scale and zero point per point
+    per Conv/Linear input keyed by module name and per residual point; onnxruntime, a uint8 scale and zero point per point
     of the plan. Ranges by spec.act_method (module docstring). Modes are restored afterwards."""
     method, percentile, keep = spec.act_method, spec.act_percentile, spec.act_method != "max"
     generator = torch.Generator().manual_seed(0)
@@ -127,14 +128,13 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
             scale, zero_point = asymmetric_qparams(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 0.0)), ACT_BITS)
             params[name] = (float(scale), int(zero_point))
         return Calibration({k: s for k, (s, _) in params.items()}, {k: z for k, (_, z) in params.items()})
-    layers = quantized_layers(model)
-    observers = {name: Observer(name, keep, generator) for name, _ in layers}
-    handles = [layer.register_forward_pre_hook(lambda _, args, o=observers[name]: (o(args[0]), *args[1:]))
-               for name, layer in layers]
-    try:
-        _run(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    module, points = act_layout.residual_plan(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
+    layers = quantized_layers(module)
+    observers = {name: Observer(name, keep, generator) for name in [*(name for name, _ in layers), *points]}
+    for name, layer in layers:
+        layer.register_forward_pre_hook(lambda _, args, o=observers[name]: (o(args[0]), *args[1:]))
+    if points:
+        act_layout.insert_residual(module, points, {p: observers[p] for p in points})
+    _run(module, batches)
     amax = {name: max(abs(v) for v in o.range(method, percentile, symmetric=True)) for name, o in observers.items()}
     return Calibration({name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()})

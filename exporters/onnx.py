@@ -101,8 +101,11 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     _check_options(spec, options)
     opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
     float_model = (quantize.fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()).cpu()
+    layer_scales = None
     if spec.integer_activations:  # the emulation's own module, float weights: its QDQ export as Q/DQ pairs
         float_model = act_layout.with_qdq(float_model, calibration)
+    elif calibration is not None:  # the same for the residual inputs; Conv/Linear inputs below
+        float_model, layer_scales = quantize.with_residual_qdq(float_model, calibration)
     proto = export_float_graph(float_model, input_shape, opset)
     uses = qdq_graph.weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
@@ -110,8 +113,8 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
         qdq_graph.quantize_weights(proto, uses, codes, spec, options.int4_storage)
         if spec.integer_activations:
             qdq_graph.quantize_biases(proto, uses, quantize.integer_biases(float_model, codes))
-    if calibration is not None and not spec.integer_activations:
-        qdq_graph.quantize_activations(proto, uses, quantize.checked_act_scales(float_model, calibration))
+    if layer_scales is not None:
+        qdq_graph.quantize_activations(proto, uses, layer_scales)
     if options.fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)

@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +67,9 @@ class QuantSpec:
       "onnxruntime": asymmetric uint8 at every point ONNX Runtime's CPU kernels fuse (the output of
       every Conv/Linear, Add, Concat and average pool, and the inputs they need;
       `exporters.act_layout`), so Conv, Gemm, Add and pooling run as QLinear* integer ops.
-      "tensorrt": symmetric int8 (zero point 0) on the input of every Conv/Linear, TensorRT's
-      explicit-quantization placement.
+      "tensorrt": symmetric int8 (zero point 0) on the input of every Conv/Linear and on the
+      residual input of every Add TensorRT fuses into a convolution, TensorRT's
+      explicit-quantization placement (`exporters.act_layout.residual_points`).
     """
 
     bits: int | None = None
@@ -263,15 +264,27 @@ def activation_scales(model: nn.Module) -> dict[str, float]:
     return {name: float(m.act_quant.scale) for name, m in quantized_layers(model) if hasattr(m, "act_quant")}
 
 
-def checked_act_scales(model: nn.Module, calibration: Calibration) -> dict[str, float]:
-    """The calibration's scales for exactly the model's Conv/Linear layers, in layer order, or a HeroError."""
-    names = {name for name, _ in quantized_layers(model)}
+def checked_act_scales(model: nn.Module, calibration: Calibration, residual: Iterable[str] = ()) -> dict[str, float]:
+    """The calibration's scales for exactly the model's Conv/Linear layers, in layer order, or a
+    HeroError; the calibration must also hold the `residual` points (`act_layout.residual_points`)."""
+    names = {name for name, _ in quantized_layers(model)} | set(residual)
     scales = calibration.scales
     missing, unknown = sorted(names - scales.keys()), sorted(scales.keys() - names)
     if missing or unknown:
-        raise HeroError(f"activation scales do not match the model's Conv/Linear layers (missing: {missing}, "
-                        f"unknown: {unknown}): calibrate this model with calibrate_activations")
+        raise HeroError(f"activation scales do not match the model's Conv/Linear inputs and residual Adds (missing: "
+                        f"{missing}, unknown: {unknown}): calibrate this model with calibrate_activations")
     return {name: scales[name] for name, _ in quantized_layers(model)}
+
+
+def with_residual_qdq(folded: nn.Module, calibration: Calibration) -> tuple[nn.Module, dict[str, float]]:
+    """The tensorrt layout's graph: `folded` with a `SymmetricQDQ` on the residual input of every
+    Add that TensorRT fuses into a convolution (`act_layout.residual_plan`), and the scales of its
+    Conv/Linear inputs, which the caller quantizes (emulation: pre-hooks; export: Q/DQ nodes)."""
+    module, points = act_layout.residual_plan(folded)
+    scales = checked_act_scales(module, calibration, points)
+    if points:
+        act_layout.insert_residual(module, points, {p: act_layout.SymmetricQDQ(calibration.scales[p]) for p in points})
+    return module, scales
 
 
 @dataclass(frozen=True)
@@ -354,8 +367,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
     BatchNorm folded unless spec.bn is "keep", every Conv/Linear weight replaced by its dequantized
     `weight_codes`; biases stay float. With spec.act_bits 8 (which needs `calibration`) each
     Conv/Linear also fake-quantizes its input to int8 through an ActQuant child `<layer>.act_quant`
-    run by a forward pre-hook, so layer names do not change; the copy's `act_scales` attribute is
-    then the {layer name: scale} dict."""
+    run by a forward pre-hook, so layer names do not change, and the residual input of every Add
+    TensorRT fuses into a convolution passes a `SymmetricQDQ` (`with_residual_qdq`: the copy is then
+    a torch.fx GraphModule); the copy's `act_scales` attribute is then the calibration's scales."""
     if not isinstance(spec, QuantSpec):
         raise HeroError(f"quantize_model takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
     check_calibration(spec, calibration)
@@ -371,15 +385,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
             act_layout.use_integer_bias(quantized.get_submodule(name), dequantize(q, scale, torch.zeros_like(q)))
         quantized.act_scales = dict(calibration.scales)
         return quantized.eval()
-    scales = None if calibration is None else checked_act_scales(quantized, calibration)
-    with torch.no_grad():
-        for name, layer in quantized_layers(quantized):
-            if scales is not None:
-                layer.act_quant = ActQuant(scales[name]).to(layer.weight.device)
-                layer.register_forward_pre_hook(_quantize_input)
-    if scales is not None:
-        quantized.act_scales = scales
-    return quantized
+    if calibration is None:
+        return quantized
+    quantized, scales = with_residual_qdq(quantized, calibration)
+    for name, layer in quantized_layers(quantized):
+        layer.act_quant = ActQuant(scales[name]).to(layer.weight.device)
+        layer.register_forward_pre_hook(_quantize_input)
+    quantized.act_scales = dict(calibration.scales)
+    return quantized.eval()
 
 
 def packed_weight_bytes(model: nn.Module, spec: QuantSpec) -> int:

@@ -36,7 +36,11 @@ the exporter can catch that on the training machine. Rules and sources:
 - Opset 13..MAX_OPSET: per-axis Q/DQ appeared in opset 13; TensorRT 10.0's parser reads
   opsets up to 20 (10.15 reaches 24). Raise max_opset when targeting a newer TensorRT.
 
-Usage: python -m exporters.trt_lint MODEL.onnx  (exit 0 clean, 1 issues, 2 unusable input)
+`residual_warnings` adds what builds but runs slower than it could: a residual Add outside the
+INT8 convolution before it.
+
+Usage: python -m exporters.trt_lint MODEL.onnx  (exit 0 clean, 1 issues, 2 unusable input; warnings
+are printed prefixed "warning:" and do not change the exit code)
 """
 
 import argparse
@@ -357,6 +361,43 @@ def lint_explicit_quantization(
     return issues
 
 
+_FUSING_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def _weighted_producer(name: str, g: _Graph) -> onnx.NodeProto | None:
+    """The Conv/Gemm/MatMul whose output `name` is, through a BatchNormalization TensorRT fuses."""
+    node = g.producers.get(name)
+    while node is not None and node.op_type == "BatchNormalization":
+        node = g.producers.get(node.input[0])
+    return node if node is not None and node.op_type in _FUSING_OPS else None
+
+
+def residual_warnings(model: "str | os.PathLike | onnx.ModelProto") -> list[str]:
+    """Adds that TensorRT cannot run inside an INT8 convolution ([] = none, or no quantized activations).
+
+    TensorRT fuses an element-wise Add into the Conv/Gemm producing one of its inputs, in INT8, when
+    the other input, the residual, comes through a Q/DQ pair (TensorRT developer guide, "Q/DQ
+    Layer-Placement Recommendations"; hero-deploy's tensorrt layout places it: `exporters.act_layout.
+    residual_points`). An Add reading a weighted op's output and no DequantizeLinear output then runs
+    apart, in float. Not a build error, so not an `lint_explicit_quantization` issue: a warning."""
+    model = _load(model)
+    g = _index(model.graph)
+    if not any(n.op_type == "QuantizeLinear" and n.input[0] not in g.consts for n in model.graph.node):
+        return []  # weight-only: every activation is float anyway
+    warnings = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in g.consts for i in node.input):
+            continue  # a bias Add, not a residual one
+        weighted = [_weighted_producer(i, g) for i in node.input]
+        quantized = [getattr(g.producers.get(i), "op_type", None) == "DequantizeLinear" for i in node.input]
+        if any(weighted) and not any(quantized):
+            op = next(w for w in weighted if w is not None)
+            warnings.append(f"{_where(node)}: no input comes through a Q/DQ pair, so TensorRT cannot fuse it into the "
+                            f"INT8 {_where(op)}: quantize its residual input (act_layout tensorrt does, on models "
+                            "torch.fx can trace)")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: print one issue per line; exit 0 clean, 1 with issues, 2 on unusable input."""
     parser = argparse.ArgumentParser(
@@ -373,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for issue in issues:
         print(issue)
+    for warning in residual_warnings(args.model):
+        print(f"warning: {warning}")
     return 1 if issues else 0
 
 

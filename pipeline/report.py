@@ -17,7 +17,8 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
                    "trt_lint": [str], "kernels": {"integer_ops": int, "float_weight_ops": int,
                    "unfused": [str], "ops": {op: count}} (how ONNX Runtime ran it after optimisation,
                    exporters.kernels), "integer_lint": [str] (weight ops meant for integer kernels
-                   that stayed float)}, ...],
+                   that stayed float; for act_layout tensorrt, residual Adds TensorRT cannot fuse,
+                   exporters.trt_lint.residual_warnings)}, ...],
      "gate": {"passed": bool, "gated": bool, "reasons": [str], "note": str|null}}
 
 ``gate.passed`` is what the exit code says; ``reasons`` are the failures (empty when it passed).

@@ -26,7 +26,7 @@ from exporters.calibrate import calibrate_activations
 from exporters.quantize import (ACT_NOISE_FACTOR, Calibration, QuantSpec, average_bits, packed_weight_bytes,
                                 quantize_model)
 from exporters.kernels import integer_lint, kernel_summary
-from exporters.trt_lint import lint_explicit_quantization
+from exporters.trt_lint import lint_explicit_quantization, residual_warnings
 from hero_train import data as hdata
 from hero_train.checkpoint import Loaded, load_for_deploy, model_from_checkpoint
 from hero_train.models import ModelRef
@@ -311,7 +311,7 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
         # TensorRT's explicit-quantization rules, checked on every integer variant whatever the target.
         lint = lint_explicit_quantization(str(art.path)) if spec.bits is not None else []
         kernels = kernel_summary(art.path, rt.providers, rt.threads)
-        unfused = integer_lint(spec, kernels)
+        unfused = integer_lint(spec, kernels) + (residual_warnings(str(art.path)) if spec.act_layout == "tensorrt" else [])
         for warning in unfused:
             print(f"hero: warning: {art.variant.name}: {warning}", file=sys.stderr)
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from agreement import assert_float_close, assert_matches_act_quantized, float_tolerance
 from conftest import with_batchnorm_statistics
 
-from exporters.act_layout import plan_points, trace
+from exporters.act_layout import plan_points, residual_points, trace
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx, weight_initializers
@@ -228,8 +228,10 @@ def test_export_matches_quantize_model_and_quantizes_every_layer(cls, spec, imag
     _assert_every_layer_stored_quantized(path, model, spec)
     assert _ops(path).count("BatchNormalization") == FLOAT_BATCHNORMS[cls]
     assert _activation_matmuls(path) == ACTIVATION_MATMULS[cls]
-    if spec.act_bits and spec.act_layout == "tensorrt":  # one Q on each Conv/Linear input
-        assert _ops(path).count("QuantizeLinear") == len(quantized_layers(model))
+    if spec.act_bits and spec.act_layout == "tensorrt":  # one Q on each Conv/Linear input and residual input
+        residual = residual_points(trace(fold_bn(model)))
+        assert set(calibration.scales) == {name for name, _ in quantized_layers(model)} | set(residual)
+        assert _ops(path).count("QuantizeLinear") == len(quantized_layers(model)) + len(residual)
     if spec.act_bits and spec.act_layout == "onnxruntime":  # one Q per quantization point
         assert _ops(path).count("QuantizeLinear") == len(calibration.scales) + sum(
             1 for name in plan_points(trace(fold_bn(model))).points.values() if name is not None)

@@ -56,13 +56,14 @@ class SequenceNet(nn.Module):
 
 @pytest.fixture(scope="module", autouse=True)
 def reuse_float_graphs():
-    """Memoize the torch export (about a second each) by weights and opset: the tests export the
-    same float model at many bit widths, and only the quantization after it differs."""
+    """Memoize the torch export (about a second each) by module structure (its repr, and its code
+    for a traced module: the activation layouts' QDQ modules hold no tensors), weights and opset:
+    the tests export the same float model at many bit widths, and only the quantization after it differs."""
     real_export, graphs = exporters.onnx.export_float_graph, {}
 
     def export_float_graph(model, input_shape, opset):
         weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
-        key = (type(model).__name__, weights, tuple(input_shape), opset)
+        key = (type(model).__name__, repr(model), getattr(model, "code", None), weights, tuple(input_shape), opset)
         if key not in graphs:
             graphs[key] = real_export(model, input_shape, opset)
         graph = onnx.ModelProto()
@@ -197,10 +198,11 @@ DYADIC_SCALES = {"conv1": 2.0**-4, "conv2": 2.0**-3, "fc": 2.0**-2}
 
 
 def dyadic_calibration(net, layout: str) -> Calibration:
-    """Powers of two for every activation scale. tensorrt: the inputs of conv1, conv2 and fc.
+    """Powers of two for every activation scale. tensorrt: the inputs of conv1, conv2 and fc, and the
+    residual input of the Add (conv2's input again, at its scale).
     onnxruntime: every point of the plan; zero point 0 after a ReLU, 128 where values are signed."""
     if layout == "tensorrt":
-        return Calibration(DYADIC_SCALES)
+        return Calibration({**DYADIC_SCALES, "add.residual": DYADIC_SCALES["conv2"]})
     points = plan_points(trace(fold_bn(net))).calibrated
     scales = {name: 2.0 ** -(3 + i % 3) for i, name in enumerate(points)}
     return Calibration(scales, {name: 0 if name.startswith("relu") or "pool" in name else 128 for name in points})

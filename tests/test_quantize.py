@@ -501,7 +501,9 @@ def test_calibrate_max_gives_one_positive_scale_per_layer():
     calibration = calibrate_activations(model, batches, W8A8)
     assert isinstance(calibration, Calibration)
     scales = calibration.scales
-    assert set(scales) == {"conv1", "conv2", "shortcut.0"}
+    # every Conv input, and the Add's residual input (the projection shortcut's output: TensorRT
+    # fuses the Add into conv2 and wants the other input quantized)
+    assert set(scales) == {"conv1", "conv2", "shortcut.0", "add.residual"}
     assert all(s > 0 for s in scales.values())
     # conv1 and the shortcut conv see the raw input: amax = max |x| over all batches.
     expected = max(b.abs().max().item() for b in batches) / 127
@@ -542,7 +544,7 @@ def test_act_quantized_model_feeds_layers_inputs_on_int8_grid():
         layer.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0]))
     x = _batches(1, seed=9)[0] * 10  # larger than calibration: some inputs saturate
     quantized(x)
-    assert set(seen) == set(scales)
+    assert set(seen) | {"add.residual"} == set(scales)
     for name, inputs in seen.items():
         levels = inputs / scales[name]
         torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
@@ -560,8 +562,8 @@ def test_act_scales_must_match_model_layers():
     with pytest.raises(HeroError, match=r"missing: \['conv2'\]"):
         quantize_model(model, W8A8, missing)
     with pytest.raises(HeroError, match=r"unknown: \['fc'\]"):
-        checked_act_scales(fold_bn(model), unknown)
-    assert list(checked_act_scales(fold_bn(model), Calibration(dict(reversed(scales.items()))))) == \
+        checked_act_scales(fold_bn(model), unknown, ["add.residual"])
+    assert list(checked_act_scales(fold_bn(model), Calibration(dict(reversed(scales.items()))), ["add.residual"])) == \
         ["conv1", "conv2", "shortcut.0"]  # layer order, whatever order the calibration has
 
 

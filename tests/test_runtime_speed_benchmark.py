@@ -124,6 +124,7 @@ def test_quick_run_reports_every_method(tmp_path):
     (model,) = json.loads(out.read_text())["results"]
     names = [m.name for m in R.methods(with_openvino)]
     assert set(model["checks"]) == set(model["rss_mib"]) == set(names)
+    assert all(set(rss) == {"weights", "first_run"} for rss in model["rss_mib"].values())
     assert set(model["throughput"]["1 thread(s)"]) == {f"{n} b1" for n in names}
     for name in ("ort w8a8", "ort w4a8", f"ort {R.PEER}"):
         assert model["kernels"][name]["float_weight_ops"] == 0, name

@@ -8,7 +8,7 @@ from torch import nn
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.calibrate import calibrate_activations
 from exporters.quantize import QuantSpec, fold_bn
-from exporters.trt_lint import lint_explicit_quantization, main
+from exporters.trt_lint import lint_explicit_quantization, main, residual_warnings
 
 CHANNELS = 4
 
@@ -263,3 +263,59 @@ def test_exported_graphs_lint_clean_exactly_when_symmetric_int8(tmp_path, spec, 
         assert issues == []
     else:
         assert _has(issues, *words)
+
+
+# ---- TensorRT's residual placement ---------------------------------------------------------
+
+class _Block(nn.Module):
+    """A ResNet basic block with an identity shortcut, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.conv(x) + x))
+
+
+def _exported_block(tmp_path):
+    torch.manual_seed(0)
+    net, spec = _Block().eval(), QuantSpec(bits=8, act_bits=8, act_layout="tensorrt")
+    calibration = calibrate_activations(net, [torch.randn(4, 2, 6, 6)], spec)
+    return export_onnx(net, tmp_path / "m.onnx", spec, calibration=calibration, input_shape=(2, 6, 6)), calibration
+
+
+def test_tensorrt_layout_quantizes_the_residual_input_of_the_add(tmp_path):
+    path, calibration = _exported_block(tmp_path)
+    assert "add.residual" in calibration.scales
+    graph = onnx.load(path).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    (add,) = [node for node in graph.node if node.op_type == "Add"]
+    kinds = sorted(producers[name].op_type for name in add.input)
+    assert kinds == ["Conv", "DequantizeLinear"]  # the conv fuses with the Add; the shortcut is INT8
+    assert lint_explicit_quantization(str(path)) == [] and residual_warnings(str(path)) == []
+
+
+def test_residual_add_without_qdq_is_a_warning_naming_it_not_an_issue(tmp_path, capsys):
+    path, _ = _exported_block(tmp_path)
+    proto = onnx.load(path)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    (add,) = [node for node in proto.graph.node if node.op_type == "Add"]
+    index = next(i for i, name in enumerate(add.input) if producers[name].op_type == "DequantizeLinear")
+    clip = producers[producers[producers[add.input[index]].input[0]].input[0]]  # DQ <- Q <- Clip
+    add.input[index] = clip.input[0]  # the float residual, around its Q/DQ
+    onnx.save(proto, tmp_path / "float_residual.onnx")
+    warnings = residual_warnings(str(tmp_path / "float_residual.onnx"))
+    assert len(warnings) == 1 and add.name in warnings[0] and "Conv" in warnings[0]
+    assert lint_explicit_quantization(str(tmp_path / "float_residual.onnx")) == []
+    assert main([str(tmp_path / "float_residual.onnx")]) == 0
+    assert capsys.readouterr().out.startswith("warning: ")
+
+
+def test_weight_only_graphs_have_no_residual_warning(tmp_path):
+    net = _Block().eval()
+    path = export_onnx(net, tmp_path / "m.onnx", QuantSpec(bits=8), input_shape=(2, 6, 6))
+    assert residual_warnings(str(path)) == []
