@@ -336,22 +336,25 @@ def residual_points(gm: torch.fx.GraphModule) -> dict[str, tuple[str, int]]:
 
 
 def residual_plan(folded: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, int]]]:
-    """(`folded` traced, its `residual_points`), or (`folded`, {}) where it has none or fx cannot
-    trace it (a warning: TensorRT then runs its residual Adds outside the INT8 convolutions)."""
+    """(`folded` traced, its `residual_points`): the tensorrt layout's module, whose Conv/Linear
+    layers are those called as modules (a weight only passed to F.linear keeps a float input there).
+    (`folded`, {}) where fx cannot trace it, with a warning: TensorRT then runs its residual Adds
+    outside the INT8 convolutions."""
     try:
         gm = trace(folded)
     except HeroError:
         warnings.warn(f"torch.fx cannot trace {type(folded).__name__}: its residual Adds keep float inputs, and "
                       "TensorRT runs them outside the INT8 convolutions", stacklevel=2)
         return folded, {}
-    points = residual_points(gm)
-    return (gm, points) if points else (folded, {})
+    return gm, residual_points(gm)
 
 
 def insert_residual(gm: torch.fx.GraphModule, points: Mapping[str, tuple[str, int]],
                     modules: Mapping[str, nn.Module]) -> torch.fx.GraphModule:
     """`gm` with modules[point] called on the residual argument of each point's Add (observers, or
     the tensorrt layout's `SymmetricQDQ`); other users of that value are unchanged. In place."""
+    if not points:
+        return gm
     nodes = {n.name: n for n in gm.graph.nodes}
     for point, (add_name, index) in points.items():
         add = nodes[add_name]

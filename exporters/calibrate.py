@@ -19,7 +19,6 @@ layout every point of its plan (`exporters.act_layout.plan_points`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from exporters import act_layout
 from exporters.device.errors import HeroError
-from exporters.quantize import (ACT_BITS, Calibration, QuantSpec, asymmetric_qparams, dequantize, fold_bn, qrange,
+from exporters.quantize import (ACT_BITS, Calibration, QuantSpec, asymmetric_qparams, dequantize, float_copy, qrange,
                                 quantize_with_qparams, quantized_layers, symmetric_qparams)
 
 _SAMPLES_PER_BATCH = 1 << 20  # values kept per tensor and batch (torch.quantile refuses more than 2^24)
@@ -118,7 +117,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
     method, percentile, keep = spec.act_method, spec.act_percentile, spec.act_method != "max"
     generator = torch.Generator().manual_seed(0)
     if spec.integer_activations:
-        gm = act_layout.trace(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
+        gm = act_layout.trace(float_copy(model, spec))
         observers = {name: Observer(name, keep, generator) for name in act_layout.plan_points(gm).calibrated}
         act_layout.insert_after(gm, observers)
         _run(gm, batches)
@@ -128,13 +127,12 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec) 
             scale, zero_point = asymmetric_qparams(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 0.0)), ACT_BITS)
             params[name] = (float(scale), int(zero_point))
         return Calibration({k: s for k, (s, _) in params.items()}, {k: z for k, (_, z) in params.items()})
-    module, points = act_layout.residual_plan(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
+    module, points = act_layout.residual_plan(float_copy(model, spec))
     layers = quantized_layers(module)
     observers = {name: Observer(name, keep, generator) for name in [*(name for name, _ in layers), *points]}
     for name, layer in layers:
         layer.register_forward_pre_hook(lambda _, args, o=observers[name]: (o(args[0]), *args[1:]))
-    if points:
-        act_layout.insert_residual(module, points, {p: observers[p] for p in points})
+    act_layout.insert_residual(module, points, {p: observers[p] for p in points})
     _run(module, batches)
     amax = {name: max(abs(v) for v in o.range(method, percentile, symmetric=True)) for name, o in observers.items()}
     return Calibration({name: float(symmetric_qparams(torch.tensor(a), ACT_BITS)[0]) for name, a in amax.items()})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-import copy
 import dataclasses
 import json
 import numbers
@@ -100,14 +99,15 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     quantize.check_calibration(spec, calibration)
     _check_options(spec, options)
     opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
-    float_model = (quantize.fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()).cpu()
+    float_model = quantize.float_copy(model, spec).cpu()
     layer_scales = None
     if spec.integer_activations:  # the emulation's own module, float weights: its QDQ export as Q/DQ pairs
         float_model = act_layout.with_qdq(float_model, calibration)
     elif calibration is not None:  # the same for the residual inputs; Conv/Linear inputs below
         float_model, layer_scales = quantize.with_residual_qdq(float_model, calibration)
     proto = export_float_graph(float_model, input_shape, opset)
-    uses = qdq_graph.weight_uses(proto, float_model) if spec.bits is not None or calibration is not None else []
+    uses = qdq_graph.weight_uses(proto, quantize.exported_weights(model, float_model)) \
+        if spec.bits is not None or calibration is not None else []
     if spec.bits is not None:
         codes = quantize.weight_codes(model, spec)
         qdq_graph.quantize_weights(proto, uses, codes, spec, options.int4_storage)

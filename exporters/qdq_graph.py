@@ -8,6 +8,7 @@ comes from `exporters.quantize`; this module only places it.
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import ml_dtypes
@@ -55,25 +56,42 @@ def _scope_modules(node: onnx.NodeProto) -> list[str]:
     return list(reversed(ast.literal_eval(scopes)))
 
 
-def weight_uses(proto: onnx.ModelProto, model: nn.Module) -> list[WeightUse]:
-    """Every Conv/Gemm/MatMul node whose weight input is the weight of one of `model`'s
-    Conv/Linear layers, found by initializer name ("conv1.weight") or by the exporter's module
-    scope, and confirmed by value. Raises HeroError if a layer's weight is not found."""
-    layers = dict(quantize.quantized_layers(model))
+def weight_uses(proto: onnx.ModelProto, weights: Mapping[str, torch.Tensor | None]) -> list[WeightUse]:
+    """Every Conv/Gemm/MatMul node whose weight input is one of `weights` ({layer: its weight as
+    exported, None for a layer the exported module does not hold}: `quantize.exported_weights`),
+    as stored or transposed. Found by initializer name ("conv1.weight"), by the exporter's module
+    scope, or else by value alone (a weight passed to F.linear or F.conv2d outside its module:
+    torchvision's Swin attention), always confirmed by value. Raises HeroError naming every layer
+    whose weight no such node reads."""
+    layers = {name: weight for name, weight in weights.items() if weight is not None}
     initializers = {t.name: t for t in proto.graph.initializer}
+    layouts: dict[tuple[str, int], np.ndarray] = {}
+
+    def layout(name: str, axis: int) -> np.ndarray:
+        if (name, axis) not in layouts:
+            layouts[name, axis] = stored_layout(layers[name], axis)
+        return layouts[name, axis]
+
+    def matches(name: str, stored: np.ndarray, axis: int) -> bool:
+        weight = layers[name]
+        shape = tuple(weight.shape) if axis == 0 else tuple(weight.shape)[::-1]
+        return (axis == 0 or weight.dim() == 2) and stored.shape == shape and np.array_equal(stored, layout(name, axis))
+
     uses = []
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in initializers:
             continue
         axis = output_channel_axis(node)
         stored = numpy_helper.to_array(initializers[node.input[1]])
-        for name in [node.input[1].removesuffix(".weight"), *_scope_modules(node)]:
-            layer = layers.get(name)
-            if layer is not None and (axis == 0 or stored.ndim == 2) \
-                    and np.array_equal(stored, stored_layout(layer.weight, axis)):
-                uses.append(WeightUse(node.name, name, node.input[1], axis))
-                break
-    missing = sorted(layers.keys() - {use.module for use in uses})
+        named = [n for n in [node.input[1].removesuffix(".weight"), *_scope_modules(node)] if n in layers]
+        found = next((n for n in named if matches(n, stored, axis)), None)
+        if found is None:  # by value: of equal weights, one not placed yet
+            equal = [n for n in layers if matches(n, stored, axis)]
+            taken = {use.module for use in uses}
+            found = next((n for n in equal if n not in taken), equal[0] if equal else None)
+        if found is not None:
+            uses.append(WeightUse(node.name, found, node.input[1], axis))
+    missing = sorted(weights.keys() - {use.module for use in uses})
     if missing:
         raise HeroError(f"the exported ONNX graph has no Conv/Gemm/MatMul reading the weights of {missing}; "
                         "this model cannot be exported quantized: export it with bits=None")
@@ -180,7 +198,7 @@ def quantize_biases(proto: onnx.ModelProto, uses: list[WeightUse],
 
 def quantize_activations(proto: onnx.ModelProto, uses: list[WeightUse], scales: dict[str, float]) -> None:
     """Put Clip -> QuantizeLinear -> DequantizeLinear (int8, zero point 0, per tensor) on the
-    activation input of every weight op. QuantizeLinear saturates to [-128, 127]; the Clip to
+    activation input of every weight op whose layer has a scale in `scales`. QuantizeLinear saturates to [-128, 127]; the Clip to
     [-127 s, 127 s] first gives quantize_model's restricted range [-127, 127]."""
     graph = proto.graph
     qmin, qmax = quantize.qrange(quantize.ACT_BITS, symmetric=True)
@@ -188,6 +206,8 @@ def quantize_activations(proto: onnx.ModelProto, uses: list[WeightUse], scales: 
     added: set[str] = set()
     before: dict[str, list[onnx.NodeProto]] = {}
     for count, use in enumerate(uses):
+        if use.module not in scales:  # a weight used outside its module (F.linear): its input stays float
+            continue
         node = nodes_by_name[use.node]
         prefix = f"{use.module}.input"
         scale = np.float32(scales[use.module])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from exporters import act_layout
+from exporters import act_layout, attention
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
@@ -236,8 +236,36 @@ def fake_quantize(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_cha
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (qualified name, module) of every Conv1d/2d/3d and Linear, in registration order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYER_TYPES)]
+    """The (qualified name, module) of every Conv1d/2d/3d and Linear, in registration order, and of
+    every nn.MultiheadAttention's input projection, "<mha>.in_proj": a Linear sharing its
+    in_proj_weight (`exporters.attention.in_projection`), just before its out_proj."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            layers.append((f"{name}.in_proj" if name else "in_proj", attention.in_projection(m, name)))
+        elif isinstance(m, QUANTIZED_LAYER_TYPES):
+            layers.append((name, m))
+    return layers
+
+
+def exported_weights(model: nn.Module, exported: nn.Module) -> dict[str, torch.Tensor | None]:
+    """{layer of `quantized_layers(model)`: its weight in `exported`} (`float_copy(model)`, maybe
+    traced: torch.fx keeps a layer only used through F.linear as its bare weight), None where
+    `exported` does not hold it (a layer forward never uses)."""
+    weights = {}
+    for name, _ in quantized_layers(model):
+        try:
+            weights[name] = exported.get_parameter(f"{name}.weight")
+        except AttributeError:
+            weights[name] = None
+    return weights
+
+
+def float_copy(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The eval-mode float model that the emulation quantizes and the exporter exports (`model` is
+    never modified): BatchNorm folded unless spec.bn is "keep" (`fold_bn`), and every
+    nn.MultiheadAttention decomposed into two Linear layers (`exporters.attention`)."""
+    return attention.decompose_attention(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
 
 
 class ActQuant(nn.Module):
@@ -282,8 +310,7 @@ def with_residual_qdq(folded: nn.Module, calibration: Calibration) -> tuple[nn.M
     Conv/Linear inputs, which the caller quantizes (emulation: pre-hooks; export: Q/DQ nodes)."""
     module, points = act_layout.residual_plan(folded)
     scales = checked_act_scales(module, calibration, points)
-    if points:
-        act_layout.insert_residual(module, points, {p: act_layout.SymmetricQDQ(calibration.scales[p]) for p in points})
+    act_layout.insert_residual(module, points, {p: act_layout.SymmetricQDQ(calibration.scales[p]) for p in points})
     return module, scales
 
 
@@ -373,7 +400,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
     if not isinstance(spec, QuantSpec):
         raise HeroError(f"quantize_model takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
     check_calibration(spec, calibration)
-    quantized = fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval()
+    quantized = float_copy(model, spec)
     codes = weight_codes(model, spec)
     with torch.no_grad():
         for name, layer in quantized_layers(quantized):

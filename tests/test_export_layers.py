@@ -22,7 +22,7 @@ from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx, weight_initializers
 from exporters.calibrate import calibrate_activations
-from exporters.quantize import (QuantSpec, fold_bn, quantize_model, quantize_tensor,
+from exporters.quantize import (QuantSpec, dequantize, float_copy, fold_bn, quantize_model, quantize_tensor,
                                 quantized_layers)
 
 INPUT_SHAPE = (3, 8, 8)
@@ -133,18 +133,67 @@ class TokenBatchNorm(nn.Module):
         return self.head(self.bn(self.fc(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
 
 
-class WithMultiheadAttention(nn.Module):
-    """nn.MultiheadAttention: its in_proj_weight is a bare parameter (not a Linear, stays float)
-    and out_proj a Linear whose weight F.multi_head_attention_forward reads directly."""
+class ViTLike(nn.Module):
+    """torchvision's vit_b_16 in miniature: patch embedding by a strided conv, a class token and a
+    position embedding (float Parameters, not weights), pre-norm nn.MultiheadAttention (its in_proj
+    a bare Parameter, its out_proj read by F.multi_head_attention_forward), a GELU MLP, LayerNorm,
+    and the head on the class token."""
 
-    def __init__(self, dim=16):
+    def __init__(self, dim=16, tokens=16):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 2, stride=2)
-        self.mha, self.head = nn.MultiheadAttention(dim, 2, batch_first=True), nn.Linear(dim, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.5)
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
-        return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+class WindowAttention(nn.Module):
+    """Swin's shifted-window attention as torchvision writes it: the qkv and proj weights are passed
+    to F.linear outside their Linear modules, and a learned bias is added to the scores."""
+
+    def __init__(self, dim=12, window=2, heads=2):
+        super().__init__()
+        self.dim, self.window, self.heads = dim, window, heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, window * window, window * window) * 0.5)
+
+    def forward(self, x):  # (B, H, W, C) with H = W = 2 windows
+        b, w, c, h = x.shape[0], self.window, self.dim, self.heads
+        x = x.reshape(b, 2, w, 2, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, w * w, c)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b * 4, w * w, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(torch.matmul(qkv[0], qkv[1].transpose(-2, -1)) * (c // h) ** -0.5 + self.bias, dim=-1)
+        out = F.linear(torch.matmul(attn, qkv[2]).transpose(1, 2).reshape(b * 4, w * w, c), self.proj.weight,
+                       self.proj.bias)
+        return out.reshape(b, 2, 2, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * w, 2 * w, c)
+
+
+class SwinLike(nn.Module):
+    """Patch embedding to (B, H, W, C), pre-norm window attention and MLP blocks, mean pooling, head."""
+
+    def __init__(self, dim=12):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).permute(0, 2, 3, 1)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean((1, 2)))
 
 
 def _build(make):
@@ -152,9 +201,13 @@ def _build(make):
     return with_batchnorm_statistics(make())  # non-trivial statistics so folding changes the weights
 
 
-MODELS = [MobileNetLike, TinyViT, MixerLike]
-FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0}  # folded: only the BN after an add stays
-ACTIVATION_MATMULS = {MobileNetLike: 0, TinyViT: 2, MixerLike: 0}  # q.k^T and attn.v: no weight to quantize
+MODELS = [MobileNetLike, TinyViT, MixerLike, ViTLike, SwinLike]
+FLOAT_BATCHNORMS = {MobileNetLike: 1, TinyViT: 0, MixerLike: 0, ViTLike: 0, SwinLike: 0}  # only the BN after an add
+# q.k^T and attn.v: MatMuls between activations, no weight to quantize
+ACTIVATION_MATMULS = {MobileNetLike: 0, TinyViT: 2, MixerLike: 0, ViTLike: 2, SwinLike: 2}
+# layers whose weight is only passed to F.linear: quantized, but the tensorrt layout (pre-hooks on
+# module calls) leaves their input float
+FUNCTIONAL = {SwinLike: {"attn.qkv", "attn.proj"}}
 SPECS = [QuantSpec(bits=8), QuantSpec(bits=4), QuantSpec(bits=4, symmetric=False, per_channel=False),
          QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"), QuantSpec(bits=8, act_bits=8)]
 SPEC_IDS = ["w8", "w4", "w4-asym-per-tensor", "w8a8-tensorrt", "w8a8"]
@@ -206,8 +259,16 @@ def _assert_every_layer_stored_quantized(path, model, spec) -> None:
         np.testing.assert_array_equal(stored.q.T if transposed else stored.q, q)
         np.testing.assert_array_equal(stored.scale, scale)
         np.testing.assert_array_equal(stored.zero_point, zero_point)
-    floats = [t.name for t in onnx.load(path).graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1]
-    assert floats == []
+    assert _float_weight_matrices(path) == []
+
+
+def _float_weight_matrices(path) -> list[str]:
+    """Float initializers of rank >= 2 that a Conv/Gemm/MatMul reads (a class token or a position
+    embedding is a float Parameter, not a weight)."""
+    proto = onnx.load(path)
+    floats = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1}
+    return sorted({name for node in proto.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+                   for name in node.input if name in floats})
 
 
 def _activation_matmuls(path) -> int:
@@ -229,12 +290,13 @@ def test_export_matches_quantize_model_and_quantizes_every_layer(cls, spec, imag
     assert _ops(path).count("BatchNormalization") == FLOAT_BATCHNORMS[cls]
     assert _activation_matmuls(path) == ACTIVATION_MATMULS[cls]
     if spec.act_bits and spec.act_layout == "tensorrt":  # one Q on each Conv/Linear input and residual input
-        residual = residual_points(trace(fold_bn(model)))
-        assert set(calibration.scales) == {name for name, _ in quantized_layers(model)} | set(residual)
-        assert _ops(path).count("QuantizeLinear") == len(quantized_layers(model)) + len(residual)
+        residual = residual_points(trace(float_copy(model, spec)))
+        called = {name for name, _ in quantized_layers(model)} - FUNCTIONAL.get(cls, set())
+        assert set(calibration.scales) == called | set(residual)
+        assert _ops(path).count("QuantizeLinear") == len(called) + len(residual)
     if spec.act_bits and spec.act_layout == "onnxruntime":  # one Q per quantization point
         assert _ops(path).count("QuantizeLinear") == len(calibration.scales) + sum(
-            1 for name in plan_points(trace(fold_bn(model))).points.values() if name is not None)
+            1 for name in plan_points(trace(float_copy(model, spec))).points.values() if name is not None)
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda cls: cls.__name__)
@@ -247,9 +309,9 @@ def test_every_layer_alone_moves_the_logits_beyond_the_export_tolerance(cls, ima
     with torch.no_grad():
         expected = quantize_model(model, QuantSpec(bits=4))(images)
         tolerance = float_tolerance(expected)
-        for name, _ in quantized_layers(folded):
+        for name, layer in quantized_layers(folded):
             one_float = quantize_model(model, QuantSpec(bits=4))
-            one_float.get_submodule(name).weight.copy_(folded.get_submodule(name).weight)
+            one_float.get_parameter(f"{name}.weight").copy_(layer.weight)
             assert (one_float(images) - expected).abs().max() > 2 * tolerance, name
 
 
@@ -317,15 +379,36 @@ def test_folding_a_folded_model_traces_without_fallback(images):
     torch.testing.assert_close(twice(images), folded(images), rtol=0, atol=0)
 
 
-def test_multihead_attention_quantizes_out_proj_and_leaves_in_proj_float(images, tmp_path):
-    model, spec = _build(WithMultiheadAttention), QuantSpec(bits=4)
+def test_multihead_attention_in_proj_is_one_matrix_quantized_per_row(images, tmp_path):
+    """q, k and v are row blocks of in_proj_weight: one per-row grid, the emulation's codes in the graph,
+    and every use of the Parameter (the emulation changes it where it lives) sees the same codes."""
+    model, spec = _build(ViTLike), QuantSpec(bits=4)
+    layers = dict(quantized_layers(model))
+    assert layers["attn.in_proj"].weight is model.attn.in_proj_weight
     path = export_onnx(model, tmp_path / "m.onnx", spec, input_shape=INPUT_SHAPE)
-    _assert_runtime_matches(path, model, spec, None, images)
-    assert sorted(weight_initializers(path)) == ["head.weight", "mha.out_proj.weight", "patch.weight"]
-    in_proj = model.mha.in_proj_weight.detach().numpy()
-    floats = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
-              if t.data_type == TensorProto.FLOAT and len(t.dims) > 1]
-    assert len(floats) == 1 and any(np.array_equal(floats[0], w) for w in (in_proj, in_proj.T))  # in either layout
-    with pytest.raises(HeroError, match="mha.out_proj"):
-        calibrate_activations(model, [images], QuantSpec(bits=8, act_bits=8, act_layout="tensorrt"))
+    stored = weight_initializers(path)["attn.in_proj.weight_transposed"]
+    q, scale, _ = quantize_tensor(model.attn.in_proj_weight, 4)
+    np.testing.assert_array_equal(stored.q.T, q.numpy())
+    np.testing.assert_array_equal(stored.scale, scale.numpy())
+    assert scale.shape == (3 * 16,)  # one scale per row: per output channel of q, k and v alike
+    quantized = quantize_model(model, spec)
+    assert quantized.attn.in_proj.weight.data_ptr() != model.attn.in_proj_weight.data_ptr()  # a copy
+    torch.testing.assert_close(quantized.attn.in_proj.weight, dequantize(q, scale, torch.zeros_like(scale), axis=0))
+
+
+def test_attention_that_cannot_be_quantized_is_one_error_naming_it(tmp_path):
+    class CrossDims(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 2, stride=2)
+            self.attn, self.head = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            return self.head(self.attn(x, x[..., :8], x[..., :8], need_weights=False)[0].mean(1))
+
+    with pytest.raises(HeroError, match=r"nn.MultiheadAttention attn uses kdim/vdim"):
+        export_onnx(CrossDims().eval(), tmp_path / "m.onnx", QuantSpec(bits=4), input_shape=INPUT_SHAPE)
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(CrossDims().eval(), tmp_path / "m.onnx", QuantSpec(), input_shape=INPUT_SHAPE)  # float: fine
 
