@@ -34,7 +34,7 @@ What a switch costs, by runtime:
   Each refit is proven on its first use on a device (`exporters.device.trt_switch`).
 
 Which precision to run under a latency, memory or accuracy budget is `select`'s choice over a
-device report's measured numbers (`exporters.device.select`).
+device report's measured numbers (`exporters.device.choice`).
 
 numpy and the runtime only (onnxruntime, openvino or TensorRT, imported when used): this runs on
 the device.
@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.device import memory
+from exporters.device.choice import Budget, choose
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import read_manifest, verify_file
 
@@ -141,6 +142,15 @@ class PrecisionSwitcher:
             what = f"variant {bits!r}" if isinstance(bits, str) else f"{bits}-bit variant"
             raise HeroError(f"this bundle has no {what}: choose one of {shown}")
         return self._variants[bits]
+
+    def select(self, report: dict, budget: Budget, *, allow_host_numbers: bool = False) -> int | str | None:
+        """The precision to run under `budget`, chosen from the numbers of `report` (a device report
+        of this bundle and runtime, as `exporters.device.validate_bundle` writes it on this device):
+        the most accurate variant within every limit, ties to the faster. A pure choice, it does not
+        switch: pass the result to `set_precision`. A host report is refused unless
+        `allow_host_numbers` (rules in `exporters.device.choice`)."""
+        return choose(report, budget, {bits: self._variants[bits]["sha256"] for bits in self.precisions},
+                      self.runtime, set(self.loaded), allow_host_numbers=allow_host_numbers)
 
     def set_precision(self, bits: int | str | None) -> None:
         """Make the variant with `bits` (None: float; a mixed variant's name) the one `predict` runs."""

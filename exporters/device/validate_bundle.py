@@ -27,7 +27,7 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
   number in a row.
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
 - meta.role: "device" (a bundle's host_report.json says "host": the same measurement on the host,
-  which `PrecisionSwitcher.select` refuses unless told, `exporters.device.select`).
+  which `PrecisionSwitcher.select` refuses unless told, `exporters.device.choice`).
 - meta.switch_latency: `measure_switch_latency` over every variant prepared ({"median_ms",
   "max_ms", "switches"}); meta.cold_switch_latency: the same with one resident session, so that
   every switch evicts a session and prepares another (null on TensorRT, which takes no `resident`).
