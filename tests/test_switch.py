@@ -94,6 +94,23 @@ def test_resident_must_be_a_positive_count(tiny, resident):
         PrecisionSwitcher(tiny["bundle"], providers=CPU, resident=resident)
 
 
+def test_an_activation_quantized_variant_beside_a_weight_only_one_of_its_bits_is_named(tiny, tmp_path):
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "artifacts" / "w8a8.onnx").write_bytes((bundle / "artifacts" / "w8.onnx").read_bytes())
+    manifest["variants"].append(dict(manifest["variants"][1], name="w8a8", act_bits=8, artifact="artifacts/w8a8.onnx"))
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    switcher = PrecisionSwitcher(bundle, providers=CPU)
+    assert switcher.precisions == [None, 8, 4, "w8a8"]
+    switcher.set_precision("w8a8")
+    assert switcher.variant("w8a8")["act_bits"] == 8 and switcher.variant(8)["act_bits"] is None
+
+    manifest["variants"][-1]["act_bits"] = None  # two weight-only 8-bit variants: which is 8?
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HeroError, match="variants w8 and w8a8 both have bits 8 and act_bits None"):
+        PrecisionSwitcher(bundle, providers=CPU)
+
+
 def test_tampered_artifact_is_refused_naming_the_file(tiny, tmp_path):
     bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
     path = bundle / "artifacts" / "w4.onnx"

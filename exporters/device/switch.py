@@ -58,10 +58,13 @@ RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 SESSION_RUNTIMES = ("onnxruntime", "openvino")  # a prepared session per variant: `resident` applies
 
 
-def precision_key(variant: dict) -> int | str | None:
-    """How a variant is named to `set_precision`: its bits (None = float), or, for a mixed-precision
-    variant (per-layer widths), its name."""
-    return variant["name"] if variant.get("layer_bits") else variant["bits"]
+def precision_keys(variants: list[dict]) -> dict:
+    """{how each variant is named to `set_precision`: variant}. A variant is named by its bits (None =
+    float), except a mixed-precision variant (per-layer widths) and an activation-quantized variant
+    whose bits a weight-only variant of the bundle also has (w8a8 beside w8): those by their name."""
+    widths = [v["bits"] for v in variants if not v.get("layer_bits")]
+    return {(v["name"] if v.get("layer_bits") or (v.get("act_bits") and widths.count(v["bits"]) > 1) else v["bits"]): v
+            for v in variants}
 
 
 def precision_order(key: int | str | None) -> tuple:
@@ -80,10 +83,10 @@ class PrecisionSwitcher:
     default) prepares every variant up front, so every switch is a lookup; N keeps the N most
     recently used, the first N precisions prepared at start, and a switch to another one evicts the
     least recently used session and prepares the new one (a cold switch: its `prepare_ms`). The
-    default is all: on ResNet18 at 224x224 a cold switch costs tens to hundreds of milliseconds
-    against under a microsecond, and five prepared variants hold a few times one FP32 session's
-    memory (`benchmarks/switch_cost.py`, benchmarks/README.md); set N where memory is tighter than
-    latency. TensorRT keeps one engine per refit group and takes no `resident`.
+    default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 210 ms
+    (median) against 0.1 µs for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
+    w4) held 4.2x one FP32 session's memory and resident=2 1.6x (`benchmarks/switch_cost.py`,
+    benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per refit group and takes no `resident`.
 
     `costs[bits]` is what preparing each variant cost here, measured when it was last prepared:
     {"prepare_ms" (session build and first batch-1 run), "first_run_ms", "resident_mib" (VmRSS
@@ -107,7 +110,7 @@ class PrecisionSwitcher:
         self.runtime = runtime
         self.resident = resident
         self.manifest = read_manifest(self.bundle_dir)
-        self._variants = {precision_key(v): v for v in self.manifest["variants"]}
+        self._variants = precision_keys(self.manifest["variants"])
         self.precisions = sorted(self._variants, key=precision_order)
         paths = {bits: verify_file(self.bundle_dir, v["artifact"], v["sha256"]) for bits, v in self._variants.items()}
         self.costs: dict = {}
