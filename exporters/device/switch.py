@@ -75,8 +75,9 @@ def precision_order(key: int | str | None) -> tuple:
 class PrecisionSwitcher:
     """One model, the precisions of a bundle prepared, one of them active.
 
-    `precisions` lists the bundle's bits (None = float; a mixed-precision variant by its name) float
-    first, then descending, then mixed; the float variant is active at start (else the widest).
+    `precisions` lists the bundle's bits (None = float; a mixed-precision variant, or a w8a8 beside a
+    w8, by its name: `precision_keys`) float first, then descending, then the named ones; the float
+    variant is active at start (else the widest).
     `last_switch_ms` is the wall-clock time of the last `set_precision`.
 
     `resident` (onnxruntime and openvino): how many prepared sessions stay loaded. None (the
@@ -86,7 +87,8 @@ class PrecisionSwitcher:
     default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 210 ms
     (median) against 0.1 µs for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
     w4) held 4.2x one FP32 session's memory and resident=2 1.6x (`benchmarks/switch_cost.py`,
-    benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per refit group and takes no `resident`.
+    benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per
+    refit group and takes no `resident`.
 
     `costs[bits]` is what preparing each variant cost here, measured when it was last prepared:
     {"prepare_ms" (session build and first batch-1 run), "first_run_ms", "resident_mib" (VmRSS
@@ -130,13 +132,12 @@ class PrecisionSwitcher:
     @property
     def loaded(self) -> list:
         """The precisions whose sessions are prepared now, least recently used first (TensorRT: all)."""
-        runners = getattr(self._backend, "runners", None)
-        return list(runners) if runners is not None else list(self.precisions)
+        return self._backend.loaded()
 
     @property
     def refit_verdicts(self) -> dict:
         """TensorRT: {variant name: verdict record} of refits proven here (`trt_switch`); else {}."""
-        return dict(getattr(self._backend, "verdicts", {}))
+        return dict(self._backend.verdicts)
 
     def variant(self, bits: int | str | None) -> dict:
         """The manifest entry of the variant with `bits` (a mixed variant: its name)."""
@@ -198,6 +199,10 @@ class _SessionBackend:
             self._prepare(bits)
         self.providers = next(iter(self.runners.values())).providers
         self.active = None
+        self.verdicts: dict = {}  # refit verdicts: TensorRT's only
+
+    def loaded(self) -> list:
+        return list(self.runners)
 
     def _prepare(self, bits) -> None:
         """Build `bits`' session and run it once (ORT and OpenVINO allocate and pick kernels on the

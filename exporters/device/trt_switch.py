@@ -21,7 +21,9 @@ several percent of the logits or more. It is a chosen bound, not one measured on
 Each verdict is recorded next to the engine cache, in `<engine_dir>/refit_verdicts.json` (schema:
 `VerdictRecord` fields, keyed by the TensorRT version, GPU and compute capability, the shared
 engine's ONNX sha256 and the variant's sha256), so a later switcher on this device trusts it without
-proving again, and in the device report (`meta.refit_verdicts`). numpy and TensorRT only.
+proving again, and in the device report (`meta.refit_verdicts`). Costs (`PrecisionSwitcher.costs`)
+are those of each engine prepared (its `resident_mib` is host memory: VmRSS does not see the GPU's)
+and, for a variant switched to by refit, "refit_ms". numpy and TensorRT only.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ class TensorRTBackend:
                     self._own[bits] = self._engine_runner(bits, refit=False)
         self.providers = ["TensorRT"]
         self.active = None
+
+    def loaded(self) -> list:
+        """Every variant: each has an engine prepared (its group's, or its own)."""
+        return list(self._paths)
 
     def _shared(self, bits) -> bool:
         return sum(g == self._group[bits] for g in self._group.values()) > 1

@@ -22,8 +22,9 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
   batch-1 run, what a cold switch to it costs; "first_run_ms"; "resident_mib": VmRSS growth from
   preparing it, glibc heap trimmed before and after (`exporters.device.memory`; one in-process
   reading: benchmarks/switch_cost.py gives the median of fresh processes), null off Linux with
-  meta.memory.unavailable saying why; "latency_ms" as above}; TensorRT variants switched by refit
-  carry {"refit_ms", "latency_ms"}. These are device numbers; ``host_accuracy`` is the one host
+  meta.memory.unavailable saying why; "latency_ms" as above}; on TensorRT resident_mib is host
+  memory only (not the GPU's), and a variant switched to by refit has "refit_ms" (its last refit)
+  instead of its own engine's costs. These are device numbers; ``host_accuracy`` is the one host
   number in a row.
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
 - meta.role: "device" (a bundle's host_report.json says "host": the same measurement on the host,
