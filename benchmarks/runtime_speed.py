@@ -50,6 +50,7 @@ import click
 import numpy as np
 import torch
 
+from exporters.device import memory
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.kernels import kernel_summary
 from exporters.onnx import ExportOptions, export_onnx
@@ -286,12 +287,6 @@ def check_outputs(subject: Subject, paths: dict[str, Path], methods_: list[Metho
     return rows
 
 
-def _vmrss_kib() -> int:
-    """This process's resident set size (VmRSS of /proc/self/status, proc(5)), in KiB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
 def _tiny_conv(path: Path) -> Path:
     """A one-Conv ONNX model (input "input", 1x3x8x8): what `session_rss_kib` warms a runtime up on."""
     import onnx
@@ -316,25 +311,11 @@ def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[in
     with tempfile.TemporaryDirectory() as scratch:
         warm = RUNTIMES[runtime](_tiny_conv(Path(scratch) / "tiny.onnx"))(threads)
         warm(np.zeros((1, 3, 8, 8), np.float32))
-    _trim()
-    before = _vmrss_kib()
+    before = memory.reading()  # exporters.device.memory: VmRSS after glibc malloc_trim
     predict = RUNTIMES[runtime](Path(path))(threads)
-    _trim()
-    built = _vmrss_kib() - before
+    built = memory.resident_delta_kib(before)
     predict(np.zeros((1, *input_shape), np.float32))
-    _trim()
-    return built, _vmrss_kib() - before
-
-
-def _trim() -> None:
-    """Hand the heap's free pages back (glibc malloc_trim(3)), so RSS counts what is live, not what
-    building a session allocated and freed: without it one session's reading varies by a third."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.util.find_library("c")
-    if libc:
-        ctypes.CDLL(libc).malloc_trim(0)
+    return built, memory.resident_delta_kib(before)
 
 
 def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,

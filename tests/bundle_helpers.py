@@ -2,13 +2,18 @@
 built once per test session with pipeline.bundle and shared by test_bundle, test_switch and
 test_validate_bundle. Tests that change a bundle copy it first (`copy_bundle`)."""
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from conftest import make_fashion_mnist
 
+import exporters.device
 from exporters.device.files import sha256_file
+from exporters.device.trt_contract import build_flags, sidecar_path
 from exporters.onnx import ExportOptions, export_onnx
 from pipeline import stages
 from pipeline.bundle import BundleOptions, write_bundle
@@ -70,3 +75,58 @@ def built_bundle(tmp_path_factory) -> dict:
 def copy_bundle(bundle: Path, target: Path) -> Path:
     shutil.copytree(bundle, target)
     return target
+
+
+class FakeTensorRT:
+    """Stands in for exporters.device.tensorrt (no GPU here): records engine builds and refits. An
+    engine's logits are a fixed function of the input and of the weights it holds (named by its
+    ONNX file's sha256), so a refit that loads a variant's weights computes what that variant's own
+    engine computes. With `faulty_refit` a refit reports success but keeps the weights it had, as a
+    dropped bias or a weight refit under the wrong name looks from outside."""
+
+    def __init__(self, version: str = "10.0-fake", faulty_refit: bool = False):
+        self.version, self.faulty_refit = version, faulty_refit
+        self.builds, self.refits = [], []
+
+    def available(self):
+        return True, self.version
+
+    def device_identity(self):
+        return {"tensorrt_version": self.version, "gpu_name": "fake GPU", "compute_capability": "0.0"}
+
+    def build_engine(self, onnx_path, engine_path, config):
+        self.builds.append((Path(engine_path).name, config.precision, config.refit))
+        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(engine_path).write_text(sha256_file(onnx_path))
+        sidecar = {**self.device_identity(), "onnx_sha256": sha256_file(onnx_path),
+                   "flags": build_flags(config, self.version)}
+        Path(sidecar_path(engine_path)).write_text(json.dumps(sidecar))
+
+    @staticmethod
+    def logits(x: np.ndarray, weights: str) -> np.ndarray:
+        """What an engine holding `weights` (an ONNX sha256) computes for `x`."""
+        scale = 0.5 + int(weights[:8], 16) / 2 ** 32
+        return (np.asarray(x, np.float32).reshape(len(x), -1)[:, :10] * scale).astype(np.float32)
+
+    def TensorRTRunner(self, engine_path):  # noqa: N802 - mirrors the class it stands in for
+        fake = self
+
+        class Runner:
+            weights = Path(engine_path).read_text()
+
+            def refit_from_onnx(self, onnx_path):
+                fake.refits.append(Path(onnx_path).name)
+                if not fake.faulty_refit:
+                    self.weights = sha256_file(onnx_path)
+
+            def predict(self, x):
+                return fake.logits(x, self.weights)
+
+        return Runner()
+
+
+def use_fake_tensorrt(monkeypatch, fake: FakeTensorRT) -> FakeTensorRT:
+    """Make `from exporters.device import tensorrt` give `fake` for the rest of the test."""
+    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
+    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
+    return fake

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-from bundle_helpers import CPU, built_bundle, copy_bundle
+from bundle_helpers import CPU, FakeTensorRT, built_bundle, copy_bundle, use_fake_tensorrt
 
 import exporters.device
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.device.switch import PrecisionSwitcher, measure_switch_latency
-from exporters.device.trt_contract import build_flags, sidecar_path
 
 
 @pytest.fixture
@@ -60,6 +59,58 @@ def test_switching_creates_no_new_session(tiny, images, monkeypatch):
     assert len(created) == at_start
 
 
+def test_resident_keeps_the_most_recently_used_sessions_and_prepares_the_others_on_a_switch(tiny, images,
+                                                                                               monkeypatch):
+    created = []
+    original = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda *args, **kwargs: (created.append(Path(args[0]).name), original(*args, **kwargs))[1])
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU, resident=2)
+    assert switcher.loaded == [8, None] and switcher.precision is None  # the first two prepared, float active
+    # (switch to, loaded after it, least recently used first; whether it built a session)
+    steps = [(4, [None, 4], True), (None, [4, None], False), (None, [4, None], False), (8, [None, 8], True),
+             (4, [8, 4], True)]
+    for bits, loaded, cold in steps:
+        before = len(created)
+        switcher.set_precision(bits)
+        assert switcher.loaded == loaded and (len(created) > before) == cold, (bits, created[before:])
+        fresh = OnnxRuntimeRunner(tiny["bundle"] / switcher.variant(bits)["artifact"], CPU)
+        np.testing.assert_allclose(switcher.predict(images), fresh.predict(images), rtol=0, atol=1e-6)
+
+
+def test_every_prepared_session_records_what_it_cost(tiny):
+    switcher = PrecisionSwitcher(tiny["bundle"], providers=CPU, resident=1)
+    assert set(switcher.costs) == {None}
+    switcher.set_precision(4)
+    assert switcher.loaded == [4] and set(switcher.costs) == {None, 4}
+    for cost in switcher.costs.values():
+        assert cost["prepare_ms"] >= cost["first_run_ms"] > 0
+        assert cost["resident_mib"] is None or isinstance(cost["resident_mib"], float)
+
+
+@pytest.mark.parametrize("resident", [0, -1, True, 1.5, "2"])
+def test_resident_must_be_a_positive_count(tiny, resident):
+    with pytest.raises(HeroError, match="resident must be None .* or an integer >= 1"):
+        PrecisionSwitcher(tiny["bundle"], providers=CPU, resident=resident)
+
+
+def test_an_activation_quantized_variant_beside_a_weight_only_one_of_its_bits_is_named(tiny, tmp_path):
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "artifacts" / "w8a8.onnx").write_bytes((bundle / "artifacts" / "w8.onnx").read_bytes())
+    manifest["variants"].append(dict(manifest["variants"][1], name="w8a8", act_bits=8, artifact="artifacts/w8a8.onnx"))
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    switcher = PrecisionSwitcher(bundle, providers=CPU)
+    assert switcher.precisions == [None, 8, 4, "w8a8"]
+    switcher.set_precision("w8a8")
+    assert switcher.variant("w8a8")["act_bits"] == 8 and switcher.variant(8)["act_bits"] is None
+
+    manifest["variants"][-1]["act_bits"] = None  # two weight-only 8-bit variants: which is 8?
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HeroError, match="variants w8 and w8a8 both have bits 8 and act_bits None"):
+        PrecisionSwitcher(bundle, providers=CPU)
+
+
 def test_tampered_artifact_is_refused_naming_the_file(tiny, tmp_path):
     bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
     path = bundle / "artifacts" / "w4.onnx"
@@ -94,8 +145,8 @@ def test_unusable_bundle_folder_is_a_hero_error(tmp_path, problem, message):
 
 
 def test_unknown_runtime_is_refused_listing_the_choices(tiny):
-    with pytest.raises(HeroError, match="unknown runtime 'openvino': choose one of onnxruntime, tensorrt"):
-        PrecisionSwitcher(tiny["bundle"], "openvino")
+    with pytest.raises(HeroError, match="unknown runtime 'tflite': choose one of onnxruntime, openvino, tensorrt"):
+        PrecisionSwitcher(tiny["bundle"], "tflite")
 
 
 def test_unknown_precision_is_refused_listing_the_choices(tiny):
@@ -118,54 +169,71 @@ def test_measure_switch_latency_switches_every_time_and_ends_where_it_began(tiny
     assert 0 <= result["median_ms"] <= result["max_ms"] < 50  # a prepared session is only selected
 
 
-class _FakeTensorRT:
-    """Stands in for exporters.device.tensorrt (no GPU here): records engine builds and refits."""
-
-    def __init__(self):
-        self.builds, self.refits = [], []
-
-    def available(self):
-        return True, "10.0-fake"
-
-    def device_identity(self):
-        return {"tensorrt_version": "10.0-fake", "gpu_name": "fake GPU", "compute_capability": "0.0"}
-
-    def build_engine(self, onnx_path, engine_path, config):
-        self.builds.append((Path(onnx_path).name, config.precision, config.refit))
-        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(engine_path).write_bytes(b"plan")
-        sidecar = {**self.device_identity(), "onnx_sha256": sha256_file(onnx_path), "flags": build_flags(config, self.available()[1])}
-        Path(sidecar_path(engine_path)).write_text(json.dumps(sidecar))
-
-    def TensorRTRunner(self, engine_path):  # noqa: N802 - mirrors the class it stands in for
-        fake = self
-
-        class Runner:
-            def refit_from_onnx(self, onnx_path):
-                fake.refits.append(Path(onnx_path).name)
-
-            def predict(self, x):
-                return np.zeros((len(x), 10), np.float32)
-
-        return Runner()
-
-
-def test_tensorrt_switch_refits_one_engine_within_a_refit_group(tiny, tmp_path, monkeypatch):
-    fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
-    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
+def _shared_refit_group(tiny, tmp_path) -> Path:
+    """A copy of the tiny bundle whose w4 shares w8's refit group (w4 refits w8's engine)."""
     bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]  # w4 refits w8's engine
+    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle
 
+
+def test_tensorrt_switch_refits_one_engine_and_proves_each_refit_once(tiny, images, tmp_path, monkeypatch):
+    fake = use_fake_tensorrt(monkeypatch, FakeTensorRT())
+    bundle = _shared_refit_group(tiny, tmp_path)
     switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
-    assert fake.builds == [("fp32.onnx", "fp32", False), ("w8.onnx", "int8", True)]
+    assert fake.builds == [("fp32.engine", "fp32", False), ("w8.engine", "int8", True)]
     for bits in (4, 8, None, 8, 4):
         switcher.set_precision(bits)
+        weights = sha256_file(bundle / switcher.variant(bits)["artifact"])
+        np.testing.assert_array_equal(switcher.predict(images), FakeTensorRT.logits(images, weights))
     assert fake.refits == ["w4.onnx", "w8.onnx", "w4.onnx"]  # float has its own engine: no refit
-    PrecisionSwitcher(bundle, runtime="tensorrt")
-    assert len(fake.builds) == 2  # engines built on this device are reused
+    # The first use of each shared-engine variant built its own engine once, as the proof's reference.
+    assert fake.builds[2:] == [("w4.own.engine", "int8", False), ("w8.own.engine", "int8", False)]
+    assert {name: r["verdict"] for name, r in switcher.refit_verdicts.items()} == {"w4": "ok", "w8": "ok"}
+    stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
+    assert sorted((r["variant"], r["verdict"]) for r in stored) == [("w4", "ok"), ("w8", "ok")]
+    assert "refit_ms" in switcher.costs[4] and "prepare_ms" in switcher.costs[8]
+
+    again = PrecisionSwitcher(bundle, runtime="tensorrt")
+    again.set_precision(4)
+    assert len(fake.builds) == 4 and fake.refits[-1] == "w4.onnx"  # engines reused, verdicts trusted: no proof
+    assert again.refit_verdicts == switcher.refit_verdicts
+
+
+def test_a_refit_that_fails_its_proof_runs_on_its_own_engine_from_then_on(tiny, images, tmp_path, monkeypatch):
+    fake = use_fake_tensorrt(monkeypatch, FakeTensorRT(faulty_refit=True))
+    bundle = _shared_refit_group(tiny, tmp_path)
+    w4_weights = sha256_file(bundle / "artifacts" / "w4.onnx")
+    switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
+    switcher.set_precision(4)  # the refit "succeeds" but the engine still computes w8
+    assert switcher.refit_verdicts["w4"]["verdict"] == "mismatch" and switcher.refit_verdicts["w4"]["rel_error"] > 0.01
+    np.testing.assert_array_equal(switcher.predict(images), FakeTensorRT.logits(images, w4_weights))
+    switcher.set_precision(8)
+    assert switcher.refit_verdicts["w8"]["verdict"] == "ok"  # refit back to the engine's own weights
+
+    refits, builds = len(fake.refits), len(fake.builds)
+    again = PrecisionSwitcher(bundle, runtime="tensorrt")  # reads the verdict: w4's own engine, cached
+    assert len(fake.builds) == builds
+    for bits in (8, 4, 8, 4):
+        again.set_precision(bits)
+    np.testing.assert_array_equal(again.predict(images), FakeTensorRT.logits(images, w4_weights))
+    assert len(fake.refits) == refits  # w4 is selected, never refit; w8 stays loaded in the shared engine
+    stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
+    assert {r["variant"]: r["verdict"] for r in stored} == {"w4": "mismatch", "w8": "ok"}
+
+
+def test_a_verdict_of_another_tensorrt_version_is_proven_again(tiny, tmp_path, monkeypatch):
+    bundle = _shared_refit_group(tiny, tmp_path)
+    use_fake_tensorrt(monkeypatch, FakeTensorRT(faulty_refit=True))
+    PrecisionSwitcher(bundle, runtime="tensorrt").set_precision(4)  # proven "mismatch" on 10.0-fake
+    fake = use_fake_tensorrt(monkeypatch, FakeTensorRT(version="10.1-fake"))
+    switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
+    switcher.set_precision(4)
+    assert switcher.refit_verdicts["w4"]["verdict"] == "ok" and ("w4.own.engine", "int8", False) in fake.builds
+    stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
+    assert sorted((r["tensorrt_version"], r["verdict"]) for r in stored if r["variant"] == "w4") == \
+           [("10.0-fake", "mismatch"), ("10.1-fake", "ok")]
 
 
 def test_a_nested_grid_bundle_is_one_refit_group_and_switches_by_refit(tiny, tmp_path, monkeypatch):
@@ -187,14 +255,13 @@ def test_a_nested_grid_bundle_is_one_refit_group_and_switches_by_refit(tiny, tmp
     assert group["w8"] == group["w4"] != group["fp32"]
     assert {v["name"]: v["grid"] for v in manifest["variants"]} == {"fp32": "canonical", "w8": "nested", "w4": "nested"}
 
-    fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
-    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
+    fake = use_fake_tensorrt(monkeypatch, FakeTensorRT())
     switcher = PrecisionSwitcher(bundle, runtime="tensorrt", engine_dir=tmp_path / "engines")
-    assert fake.builds == [("fp32.onnx", "fp32", False), ("w8.onnx", "int8", True)]  # one integer engine
+    assert fake.builds == [("fp32.engine", "fp32", False), ("w8.engine", "int8", True)]  # one integer engine
     for bits in (4, 8, 4):
         switcher.set_precision(bits)
     assert fake.refits == ["w4.onnx", "w8.onnx", "w4.onnx"]
+    assert (tmp_path / "engines" / "refit_verdicts.json").is_file()
 
     (bundle / "artifacts" / "w4.onnx").write_bytes((bundle / "artifacts" / "w8.onnx").read_bytes())
     with pytest.raises(HeroError, match="w4.onnx .*sha256"):
@@ -202,15 +269,13 @@ def test_a_nested_grid_bundle_is_one_refit_group_and_switches_by_refit(tiny, tmp
 
 
 def test_on_tensorrt_11_3_every_variant_gets_its_own_engine(tiny, tmp_path, monkeypatch):
-    fake = _FakeTensorRT()
-    fake.available = lambda: (True, "11.3.0.1")
-    monkeypatch.setitem(sys.modules, "exporters.device.tensorrt", fake)
-    monkeypatch.setattr(exporters.device, "tensorrt", fake, raising=False)
-    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    switcher = PrecisionSwitcher(bundle, runtime="tensorrt")
+    fake = use_fake_tensorrt(monkeypatch, FakeTensorRT(version="11.3.0.1"))
+    switcher = PrecisionSwitcher(_shared_refit_group(tiny, tmp_path), runtime="tensorrt")
     assert [refit for _, _, refit in fake.builds] == [False, False, False]
     switcher.set_precision(4)
-    assert fake.refits == []  # selected, not refit
+    assert fake.refits == [] and switcher.refit_verdicts == {}  # selected, not refit: nothing to prove
+
+
+def test_tensorrt_takes_no_resident(tiny):
+    with pytest.raises(HeroError, match="TensorRT keeps one engine per refit group"):
+        PrecisionSwitcher(tiny["bundle"], "tensorrt", resident=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_helpers import CPU, built_bundle, copy_bundle
+from bundle_helpers import CPU, FakeTensorRT, built_bundle, copy_bundle, use_fake_tensorrt
 
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.device.validate_bundle import main as validate_main
@@ -88,7 +88,32 @@ def test_device_report_numbers_follow_the_documented_definitions(tiny):
         assert (v["sha256"], v["torch_accuracy"], v["host_accuracy"]) == \
                (entry["sha256"], entry["torch_accuracy"], entry["host_accuracy"])
         assert v["latency_ms"] > 0 and v["runtime"] == "onnxruntime"
+    for row in [baseline, *report["variants"]]:
+        costs = row["costs"]
+        assert costs["prepare_ms"] >= costs["first_run_ms"] > 0 and costs["latency_ms"] == row["latency_ms"]
+        assert isinstance(costs["resident_mib"], float) or report["meta"]["memory"]["unavailable"]
+    meta = report["meta"]
+    assert meta["role"] == "device" and meta["refit_verdicts"] is None
+    assert meta["cold_switch_latency"]["switches"] == 3 and meta["switch_latency"]["switches"] == 3
+    host = json.loads((tiny["bundle"] / "host_report.json").read_text())
+    assert host["meta"]["role"] == "host" and "costs" in host["baseline"]
     assert report["gate"] == {"passed": True, "reasons": []}
+
+
+def test_tensorrt_device_report_records_each_refit_verdict(tiny, tmp_path, monkeypatch):
+    use_fake_tensorrt(monkeypatch, FakeTensorRT(faulty_refit=True))
+    bundle = copy_bundle(tiny["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"][2]["refit_group"] = manifest["variants"][1]["refit_group"]  # w4 refits w8's engine
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = validate_bundle(bundle, "tensorrt", latency_batch=4, latency_repeats=1, switch_repeats=1)
+    verdicts = report["meta"]["refit_verdicts"]
+    assert {name: r["verdict"] for name, r in verdicts.items()} == {"w8": "ok", "w4": "mismatch"}
+    assert report["meta"]["cold_switch_latency"] is None
+    stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
+    assert {r["variant"]: r["verdict"] for r in stored} == {"w8": "ok", "w4": "mismatch"}
+    w4 = next(v for v in report["variants"] if v["name"] == "w4")
+    assert "prepare_ms" in w4["costs"]  # it runs on its own engine
 
 
 def test_validator_without_onnxruntime_imports_and_asks_for_it_in_one_line(tiny, tmp_path):

@@ -1,12 +1,14 @@
-"""What runs on the device: numpy, the standard library and the runtime (ONNX Runtime or TensorRT), no torch.
+"""What runs on the device: numpy, the standard library and the runtime (ONNX Runtime, OpenVINO or TensorRT), no torch.
 
-`errors` (HeroError), `files` (checksums, atomic writes, JSON), `runtime` (ONNX Runtime runner,
-latency timer), `switch` (PrecisionSwitcher over a bundle), `validate_bundle` (on-device
-validation, ``python -m exporters.device.validate_bundle``), `manifest` (the bundle manifest's
-schema, checked as untrusted input), `bits`, `tensorrt`, `trt_api` (the TensorRT names used, per
-major version, and the wrappers that turn its failures into one-line errors) and `trt_contract`
-(engine build/load/refit and its pure rules). A test imports every module here in a process
-where torch, onnx, click, yaml and pydantic cannot be imported.
+`errors` (HeroError), `files` (checksums, atomic writes, JSON), `memory` (the VmRSS reader),
+`runtime` (ONNX Runtime runner, latency timer), `openvino_runtime` (the OpenVINO runner), `switch`
+(PrecisionSwitcher over a bundle), `choice` (which precision fits a budget, from a device report),
+`trt_switch` (switching TensorRT engines by proven refit), `validate_bundle` (on-device validation,
+``python -m exporters.device.validate_bundle``), `manifest` (the bundle manifest's schema, checked as
+untrusted input), `bits`, `tensorrt`, `trt_api` (the TensorRT names used, per major version, and the
+wrappers that turn its failures into one-line errors) and `trt_contract` (engine build/load/refit and
+its pure rules). A test imports every module here in a process where torch, onnx, click, yaml and
+pydantic cannot be imported.
 """
 
 import importlib.metadata

@@ -152,9 +152,12 @@ def read_manifest(bundle_dir) -> dict:
     _check_fields(manifest["test_data"], _TEST_DATA, "test_data.", path)
     for i, variant in enumerate(manifest["variants"]):
         _check_fields(variant, _VARIANT, f"variants[{i}].", path)
-    bits = [v["bits"] for v in manifest["variants"] if not v.get("layer_bits")]
-    if len(set(bits)) != len(bits):
-        raise HeroError(f"{path} has several variants with the same bits {bits}: one precision per bits value")
+    plain = [v for v in manifest["variants"] if not v.get("layer_bits")]
+    for i, v in enumerate(plain):
+        twin = next((w for w in plain[i + 1:] if (w["bits"], w["act_bits"]) == (v["bits"], v["act_bits"])), None)
+        if twin is not None:
+            raise HeroError(f"{path}: variants {v['name']} and {twin['name']} both have bits {v['bits']} and act_bits "
+                            f"{v['act_bits']}: one variant per precision; rebuild the bundle")
     for key in ("name", "artifact"):
         values = [v[key] for v in manifest["variants"]]
         if len(set(values)) != len(values):

@@ -22,7 +22,8 @@ What a switch costs, by runtime:
   Feeding the weights as graph inputs gives one session and microsecond switches, but ORT then
   cannot fold or prepack them and inference ran 2.6x (batch 64) to 10x (batch 1) slower; a
   float graph also differs in structure from a Q/DQ one. The price of prepared sessions is
-  memory: every variant stays loaded.
+  memory: every variant stays loaded, unless `resident=N` keeps only the N most recently used.
+- openvino (optional, `exporters.device.openvino_runtime`): the same, one compiled model per variant.
 - tensorrt: variants whose graphs differ only in weight values (same `refit_group` in the
   manifest: same nodes, initializer shapes and dtypes, and Q/DQ scales) share one refittable
   engine, and switching between them refits it with the other variant's weights
@@ -30,28 +31,40 @@ What a switch costs, by runtime:
   scales (ordinary per-bit-width PTQ) get their own engine, built once on this device and
   cached next to the bundle; switching to them selects the prepared engine. On TensorRT 11.3, whose
   REFIT has a known issue (`trt_contract.refit_known_issue`), every variant gets its own engine.
+  Each refit is proven on its first use on a device (`exporters.device.trt_switch`).
 
-numpy and the runtime only (onnxruntime or TensorRT, imported when used): this runs on the device.
+Which precision to run under a latency, memory or accuracy budget is `select`'s choice over a
+device report's measured numbers (`exporters.device.choice`).
+
+numpy and the runtime only (onnxruntime, openvino or TensorRT, imported when used): this runs on
+the device.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from exporters.device import memory
+from exporters.device.choice import Budget, choose
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import read_manifest, verify_file
 
-RUNTIMES = ("onnxruntime", "tensorrt")
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+SESSION_RUNTIMES = ("onnxruntime", "openvino")  # a prepared session per variant: `resident` applies
 
 
-def precision_key(variant: dict) -> int | str | None:
-    """How a variant is named to `set_precision`: its bits (None = float), or, for a mixed-precision
-    variant (per-layer widths), its name."""
-    return variant["name"] if variant.get("layer_bits") else variant["bits"]
+def precision_keys(variants: list[dict]) -> dict:
+    """{how each variant is named to `set_precision`: variant}. A variant is named by its bits (None =
+    float), except a mixed-precision variant (per-layer widths) and an activation-quantized variant
+    whose bits a weight-only variant of the bundle also has (w8a8 beside w8): those by their name."""
+    widths = [v["bits"] for v in variants if not v.get("layer_bits")]
+    return {(v["name"] if v.get("layer_bits") or (v.get("act_bits") and widths.count(v["bits"]) > 1) else v["bits"]): v
+            for v in variants}
 
 
 def precision_order(key: int | str | None) -> tuple:
@@ -60,32 +73,71 @@ def precision_order(key: int | str | None) -> tuple:
 
 
 class PrecisionSwitcher:
-    """One model, every precision of a bundle prepared, one of them active.
+    """One model, the precisions of a bundle prepared, one of them active.
 
-    `precisions` lists the bundle's bits (None = float; a mixed-precision variant by its name) float
-    first, then descending, then mixed; the float
-    variant is active at start (else the widest). `last_switch_ms` is the wall-clock time of the
-    last `set_precision`.
+    `precisions` lists the bundle's bits (None = float; a mixed-precision variant, or a w8a8 beside a
+    w8, by its name: `precision_keys`) float first, then descending, then the named ones; the float
+    variant is active at start (else the widest).
+    `last_switch_ms` is the wall-clock time of the last `set_precision`.
+
+    `resident` (onnxruntime and openvino): how many prepared sessions stay loaded. None (the
+    default) prepares every variant up front, so every switch is a lookup; N keeps the N most
+    recently used, the first N precisions prepared at start, and a switch to another one evicts the
+    least recently used session and prepares the new one (a cold switch: its `prepare_ms`). The
+    default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 210 ms
+    (median) against 0.1 µs for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
+    w4) held 4.2x one FP32 session's memory and resident=2 1.6x (`benchmarks/switch_cost.py`,
+    benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per
+    refit group and takes no `resident`.
+
+    `costs[bits]` is what preparing each variant cost here, measured when it was last prepared:
+    {"prepare_ms" (session build and first batch-1 run), "first_run_ms", "resident_mib" (VmRSS
+    growth, `exporters.device.memory`; None where unreadable)}; on TensorRT a variant switched to by
+    refit records "refit_ms" (its last refit), beside its engine's costs where it owns the engine.
+
+    `providers`: ONNX Runtime's execution providers; for openvino, one OpenVINO device name in a
+    list (default ["CPU"]).
     """
 
-    def __init__(self, bundle_dir, runtime: str = "onnxruntime", providers=None, *, engine_dir=None):
+    def __init__(self, bundle_dir, runtime: str = "onnxruntime", providers=None, *, engine_dir=None,
+                 resident: int | None = None):
         if runtime not in RUNTIMES:
             raise HeroError(unknown_choice("runtime", runtime, RUNTIMES))
+        if resident is not None and (isinstance(resident, bool) or not isinstance(resident, int) or resident < 1):
+            raise HeroError(f"resident must be None (every variant prepared) or an integer >= 1, got {resident!r}")
+        if resident is not None and runtime not in SESSION_RUNTIMES:
+            raise HeroError(f"resident applies to {' and '.join(SESSION_RUNTIMES)}; TensorRT keeps one engine per "
+                            "refit group: leave resident unset")
         self.bundle_dir = Path(bundle_dir)
         self.runtime = runtime
+        self.resident = resident
         self.manifest = read_manifest(self.bundle_dir)
-        self._variants = {precision_key(v): v for v in self.manifest["variants"]}
+        self._variants = precision_keys(self.manifest["variants"])
         self.precisions = sorted(self._variants, key=precision_order)
         paths = {bits: verify_file(self.bundle_dir, v["artifact"], v["sha256"]) for bits, v in self._variants.items()}
-        if runtime == "onnxruntime":
-            self._backend = _OnnxRuntimeBackend(paths, providers, self.manifest.get("input_shape"))
+        self.costs: dict = {}
+        if runtime in SESSION_RUNTIMES:
+            opener = _session_opener(runtime, providers)
+            self._backend = _SessionBackend(paths, opener, self.manifest.get("input_shape"), resident, self.costs)
         else:
+            from exporters.device.trt_switch import TensorRTBackend
+
             engines = Path(engine_dir) if engine_dir is not None else self.bundle_dir / "engines"
-            self._backend = _TensorRTBackend(paths, self._variants, engines)
+            self._backend = TensorRTBackend(paths, self._variants, engines, self.manifest["input_shape"], self.costs)
         self.providers = self._backend.providers
         self.precision = self.precisions[0]
         self._backend.select(self.precision)
         self.last_switch_ms: float | None = None
+
+    @property
+    def loaded(self) -> list:
+        """The precisions whose sessions are prepared now, least recently used first (TensorRT: all)."""
+        return self._backend.loaded()
+
+    @property
+    def refit_verdicts(self) -> dict:
+        """TensorRT: {variant name: verdict record} of refits proven here (`trt_switch`); else {}."""
+        return dict(self._backend.verdicts)
 
     def variant(self, bits: int | str | None) -> dict:
         """The manifest entry of the variant with `bits` (a mixed variant: its name)."""
@@ -94,6 +146,15 @@ class PrecisionSwitcher:
             what = f"variant {bits!r}" if isinstance(bits, str) else f"{bits}-bit variant"
             raise HeroError(f"this bundle has no {what}: choose one of {shown}")
         return self._variants[bits]
+
+    def select(self, report: dict, budget: Budget, *, allow_host_numbers: bool = False) -> int | str | None:
+        """The precision to run under `budget`, chosen from the numbers of `report` (a device report
+        of this bundle and runtime, as `exporters.device.validate_bundle` writes it on this device):
+        the most accurate variant within every limit, ties to the faster. A pure choice, it does not
+        switch: pass the result to `set_precision`. A host report is refused unless
+        `allow_host_numbers` (rules in `exporters.device.choice`)."""
+        return choose(report, budget, {bits: self._variants[bits]["sha256"] for bits in self.precisions},
+                      self.runtime, set(self.loaded), allow_host_numbers=allow_host_numbers)
 
     def set_precision(self, bits: int | str | None) -> None:
         """Make the variant with `bits` (None: float; a mixed variant's name) the one `predict` runs."""
@@ -108,78 +169,66 @@ class PrecisionSwitcher:
         return self._backend.active.predict(x)
 
 
-class _OnnxRuntimeBackend:
-    """A prepared ONNX Runtime session per variant; selecting one is a dict lookup."""
+def _session_opener(runtime: str, providers):
+    """path -> a prepared runner of `runtime`; the runtime is imported here, when it is chosen."""
+    if runtime == "onnxruntime":
+        from exporters.device.runtime import OnnxRuntimeRunner, checked_providers
 
-    def __init__(self, paths: dict, providers, input_shape):
-        from exporters.device.runtime import OnnxRuntimeRunner  # onnxruntime only when this runtime is chosen
+        providers = checked_providers(providers)
+        return lambda path: OnnxRuntimeRunner(path, providers)
+    from exporters.device.openvino_runtime import DEFAULT_DEVICE, OpenVinoRunner, import_openvino
 
-        self.runners = {bits: OnnxRuntimeRunner(path, providers) for bits, path in paths.items()}
-        if input_shape:
-            warmup = np.zeros((1, *input_shape), np.float32)
-            for runner in self.runners.values():
-                runner.predict(warmup)  # ORT allocates and picks kernels on the first run, not in a switch
+    import_openvino()
+    names = [providers] if isinstance(providers, str) else list(providers or [DEFAULT_DEVICE])
+    if len(names) != 1:
+        raise HeroError(f"openvino runs on one device: name one (CPU, GPU, NPU), got {', '.join(names)}")
+    return lambda path: OpenVinoRunner(path, names[0])
+
+
+class _SessionBackend:
+    """One prepared session (ONNX Runtime or OpenVINO) per resident variant, at most `resident` of
+    them (None: all), evicting the least recently used; selecting a resident one is a dict lookup,
+    selecting another prepares it (a cold switch). Every preparation records its cost in `costs`."""
+
+    def __init__(self, paths: dict, opener, input_shape, resident: int | None, costs: dict):
+        self._paths, self._open, self._costs = paths, opener, costs
+        self._warmup = np.zeros((1, *input_shape), np.float32) if input_shape else None
+        self._capacity = len(paths) if resident is None else min(resident, len(paths))
+        self.runners: OrderedDict = OrderedDict()  # least recently used first
+        for bits in sorted(paths, key=precision_order)[:self._capacity]:
+            self._prepare(bits)
         self.providers = next(iter(self.runners.values())).providers
         self.active = None
+        self.verdicts: dict = {}  # refit verdicts: TensorRT's only
+
+    def loaded(self) -> list:
+        return list(self.runners)
+
+    def _prepare(self, bits) -> None:
+        """Build `bits`' session and run it once (ORT and OpenVINO allocate and pick kernels on the
+        first run, which belongs to the switch, not to the first predict); record prepare_ms (both),
+        first_run_ms and resident_mib (VmRSS growth, heap trimmed before and after; None off Linux)."""
+        before = memory.reading()
+        start = time.perf_counter()
+        runner = self._open(self._paths[bits])
+        built = time.perf_counter()
+        if self._warmup is not None:
+            runner.predict(self._warmup)
+        done = time.perf_counter()
+        self.runners[bits] = runner
+        grown = memory.resident_delta_kib(before)
+        self._costs[bits] = {"prepare_ms": (done - start) * 1000.0, "first_run_ms": (done - built) * 1000.0,
+                             "resident_mib": None if grown is None else grown / 1024.0}
 
     def select(self, bits) -> None:
+        if bits in self.runners:
+            self.runners.move_to_end(bits)
+        else:
+            self.active = None
+            while len(self.runners) >= self._capacity:
+                self.runners.popitem(last=False)  # the session is freed with its last reference
+            self._prepare(bits)
         self.active = self.runners[bits]
-
-
-class _TensorRTBackend:
-    """One refittable engine per refit group; selecting a variant refits its group's engine
-    with that variant's weights unless they are already loaded."""
-
-    def __init__(self, paths: dict, variants: dict, engine_dir: Path):
-        from exporters.device import tensorrt  # TensorRT only when this runtime is chosen
-
-        ok, why = tensorrt.available()
-        if not ok:
-            raise HeroError(why)
-        from exporters.device.trt_contract import refit_known_issue
-
-        self._paths = paths
-        self._group = {bits: v.get("refit_group") or v["sha256"] for bits, v in variants.items()}
-        if refit_known_issue(why):  # no REFIT on this version: every variant gets its own engine
-            self._group = {bits: v["sha256"] for bits, v in variants.items()}
-        self._runners, self._loaded = {}, {}
-        for bits in sorted(paths, key=precision_order):
-            group = self._group[bits]
-            if group in self._runners:
-                continue
-            shared = sum(g == group for g in self._group.values()) > 1
-            engine = _prepared_engine(tensorrt, paths[bits], variants[bits], engine_dir, refit=shared)
-            self._runners[group] = tensorrt.TensorRTRunner(engine)
-            self._loaded[group] = bits
-        self.providers = ["TensorRT"]
-        self.active = None
-
-    def select(self, bits) -> None:
-        group = self._group[bits]
-        runner = self._runners[group]
-        if self._loaded[group] != bits:
-            runner.refit_from_onnx(self._paths[bits])
-            self._loaded[group] = bits
-        self.active = runner
-
-
-def _prepared_engine(tensorrt, onnx_path: Path, variant: dict, engine_dir: Path, refit: bool) -> Path:
-    """An engine for `onnx_path` in `engine_dir`: the cached one when its sidecar says it was built
-    from this very ONNX file on this device with the same refit setting, else a fresh build."""
-    from exporters.device.trt_contract import EngineConfig, check_sidecar, read_sidecar
-
-    engine = engine_dir / f"{variant['name']}.engine"
-    try:
-        sidecar = read_sidecar(engine)
-        check_sidecar(sidecar, tensorrt.device_identity())
-        if engine.is_file() and sidecar.get("onnx_sha256") == variant["sha256"] \
-                and ("REFIT" in sidecar["flags"]["set"]) == refit:
-            return engine
-    except (HeroError, KeyError, TypeError):
-        pass  # no usable cached engine: build one below
-    precision = "fp32" if variant["bits"] is None else "int8"
-    tensorrt.build_engine(onnx_path, engine, EngineConfig(precision=precision, refit=refit))
-    return engine
 
 
 def measure_switch_latency(switcher: PrecisionSwitcher, repeats: int) -> dict:

@@ -1,6 +1,7 @@
 """Validate a precision-switch bundle on the device it is deployed to.
 
-    python -m exporters.device.validate_bundle BUNDLE [--runtime onnxruntime|tensorrt] [--out device_report.json]
+    python -m exporters.device.validate_bundle BUNDLE [--runtime onnxruntime|openvino|tensorrt]
+                                               [--out device_report.json]
                                                [--providers CUDAExecutionProvider,CPUExecutionProvider]
 
 Checks every file's sha256 against the manifest, runs every variant on the bundle's test.npz through
@@ -16,8 +17,23 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
 - drop, drop_points: baseline.accuracy minus runtime_accuracy, as a fraction and in points.
 - latency_ms: median time of one predict on ``latency_batch`` test images after a warm-up one
   (`exporters.device.runtime.time_batches`, as on the host).
+- costs: what this variant costs on this device, measured here (`PrecisionSwitcher.costs`, the
+  runtime warmed up first by the cold-switch measurement): {"prepare_ms": session build and first
+  batch-1 run, what a cold switch to it costs; "first_run_ms"; "resident_mib": VmRSS growth from
+  preparing it, glibc heap trimmed before and after (`exporters.device.memory`; one in-process
+  reading: benchmarks/switch_cost.py gives the median of fresh processes), null off Linux with
+  meta.memory.unavailable saying why; "latency_ms" as above}; on TensorRT resident_mib is host
+  memory only (not the GPU's), and a variant switched to by refit has "refit_ms" (its last refit)
+  instead of its own engine's costs. These are device numbers; ``host_accuracy`` is the one host
+  number in a row.
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
-- meta.switch_latency: `measure_switch_latency` ({"median_ms", "max_ms", "switches"}).
+- meta.role: "device" (a bundle's host_report.json says "host": the same measurement on the host,
+  which `PrecisionSwitcher.select` refuses unless told, `exporters.device.choice`).
+- meta.switch_latency: `measure_switch_latency` over every variant prepared ({"median_ms",
+  "max_ms", "switches"}); meta.cold_switch_latency: the same with one resident session, so that
+  every switch evicts a session and prepares another (null on TensorRT, which takes no `resident`).
+- meta.refit_verdicts (TensorRT): {variant: record} of each refit proven against the variant's own
+  engine (`exporters.device.trt_switch`); null for the other runtimes.
 - meta.unlisted_files: files in the bundle its manifest does not list (no sha256 covers them; the
   runtime never reads them unless an artifact names them as external data): printed as a note.
 - gate: fails a variant whose logits are not all finite; accuracy gates are ``hero check``'s job.
@@ -37,11 +53,12 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.device import memory
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.runtime import time_batches, top1
 from exporters.device.manifest import read_manifest, unlisted_files, verify_file
-from exporters.device.switch import PrecisionSwitcher, measure_switch_latency
+from exporters.device.switch import RUNTIMES, SESSION_RUNTIMES, PrecisionSwitcher, measure_switch_latency
 
 TEST_DATA = "test.npz"
 
@@ -69,6 +86,10 @@ def _runtime_version(runtime: str) -> str:
         import onnxruntime
 
         return onnxruntime.__version__
+    if runtime == "openvino":
+        from exporters.device.openvino_runtime import import_openvino
+
+        return import_openvino().__version__
     from exporters.device import tensorrt
 
     return tensorrt.available()[1]
@@ -82,6 +103,11 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
     x, y = load_test_data(bundle_dir, manifest)
     if None not in {v["bits"] for v in manifest["variants"]}:
         raise HeroError(f"bundle {bundle_dir} has no float variant (bits null) to serve as the baseline: rebuild it")
+    cold = None
+    if runtime in SESSION_RUNTIMES:  # also warms the runtime up, so `costs` below are per variant
+        cold_switcher = PrecisionSwitcher(bundle_dir, runtime, providers, resident=1)
+        cold = measure_switch_latency(cold_switcher, 1)
+        del cold_switcher
     switcher = PrecisionSwitcher(bundle_dir, runtime, providers)
     rows, reasons, reference = [], [], None
     for bits in switcher.precisions:  # float first: it is the reference for agreement
@@ -102,14 +128,20 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             "latency_ms": time_batches(switcher, x[:latency_batch], latency_repeats),
             "file_bytes": variant.get("file_bytes"), "artifact": variant["artifact"], "sha256": variant["sha256"],
         })
+    for row, bits in zip(rows, switcher.precisions):
+        row["costs"] = {**switcher.costs.get(bits, {}), "latency_ms": row["latency_ms"]}
     baseline = dict(rows[0], accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
     variants = [dict(r, drop=baseline["accuracy"] - r["runtime_accuracy"],
                      drop_points=100.0 * (baseline["accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
     meta = {
         "bundle": str(bundle_dir), "model": manifest.get("model"), "dataset": manifest.get("dataset"),
         "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
-        "runtime_version": _runtime_version(runtime), "providers": list(switcher.providers),
-        "switch_latency": measure_switch_latency(switcher, switch_repeats), "latency_batch": latency_batch,
+        "role": "device", "runtime_version": _runtime_version(runtime), "providers": list(switcher.providers),
+        "switch_latency": measure_switch_latency(switcher, switch_repeats), "cold_switch_latency": cold,
+        "latency_batch": latency_batch,
+        "memory": {"measure": "VmRSS growth, glibc heap trimmed before and after (exporters.device.memory)",
+                   "unavailable": memory.unavailable_reason()},
+        "refit_verdicts": switcher.refit_verdicts if runtime == "tensorrt" else None,
         "unlisted_files": unlisted_files(bundle_dir, manifest),
         "host": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
         "numpy": np.__version__,
@@ -154,10 +186,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m exporters.device.validate_bundle",
                                      description="Validate a hero-deploy precision-switch bundle on this device.")
     parser.add_argument("bundle", help="the bundle folder written by `hero bundle`")
-    parser.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--out", default="device_report.json", help="the device report to write")
     parser.add_argument("--providers", default=None,
-                        help="ONNX Runtime execution providers, comma-separated, in priority order")
+                        help="ONNX Runtime execution providers, comma-separated, in priority order; "
+                             "with --runtime openvino, one OpenVINO device (default CPU)")
     parser.add_argument("--latency-batch", type=_count, default=64)
     parser.add_argument("--latency-repeats", type=_count, default=10)
     parser.add_argument("--switch-repeats", type=_count, default=20)
