@@ -28,7 +28,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from exporters.device.errors import HeroError
 

@@ -56,3 +56,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
     """x = (q - zero_point) * scale in float32: ONNX DequantizeLinear."""
     shifted = (q.to(torch.int32) - _along(zero_point, q.dim(), axis)).to(torch.float32)
     return shifted * _along(scale, q.dim(), axis)
+
+
+def expand_blocks(t: torch.Tensor, block_size: int, columns: int) -> torch.Tensor:
+    """A per-block tensor (rows, ceil(columns / block_size)) repeated over each block's columns:
+    (rows, columns), what multiplies the codes elementwise."""
+    return t.repeat_interleave(block_size, dim=1)[:, :columns]
+
+
+def blockwise_symmetric(w: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Theorem 2's symmetric quantizer per block: a 2-D weight (rows = output channels, columns =
+    inputs) split along its columns into blocks of `block_size` (the last one shorter), each with its
+    own scale max|w_block| / (2^(b-1) - 1). The grid of block-quantized INT4 GEMM kernels (ONNX
+    DequantizeLinear-21 with `block_size`, ONNX Runtime's MatMulNBits). Returns int32 codes (rows,
+    columns), float32 scales and int32 zero points (rows, number of blocks)."""
+    rows, columns = w.shape
+    blocks = -(-columns // block_size)
+    padded = torch.nn.functional.pad(w.to(torch.float32), (0, blocks * block_size - columns))
+    scale, zero_point = symmetric_qparams(padded.reshape(rows, blocks, block_size).abs().amax(dim=2), bits)
+    qmin, qmax = qrange(bits, symmetric=True)
+    q = torch.round(w.to(torch.float32) / expand_blocks(scale, block_size, columns)).clamp(qmin, qmax)
+    return q.to(torch.int32), scale, zero_point

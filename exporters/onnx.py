@@ -39,7 +39,7 @@ from onnxscript import optimizer, rewriter
 from onnxscript.rewriter.rules import common as rules
 from torch import nn
 
-from exporters import act_layout, qdq_graph, quantize
+from exporters import act_layout, matmul_nbits, qdq_graph, quantize
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
@@ -72,15 +72,17 @@ class ExportOptions:
     """How to write the graph (not how to quantize: that is the QuantSpec). `int4_storage`:
     INT4/UINT4 initializers for bits <= 4 (opset 21); `fp16`: a float16 graph (float models
     only); `opset`: None for the lowest that the storage needs; `metadata`: extra
-    metadata_props entries written next to hero.quantization."""
+    metadata_props entries written next to hero.quantization; `matmul_nbits`: block-wise weights at
+    <= 4 bits (QuantSpec.block_size) as ONNX Runtime's MatMulNBits (`exporters.matmul_nbits`)."""
 
     int4_storage: bool = False
     fp16: bool = False
     opset: int | None = None
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    matmul_nbits: bool = False
 
     def __post_init__(self):
-        for name in ("int4_storage", "fp16"):
+        for name in ("int4_storage", "fp16", "matmul_nbits"):
             if not isinstance(getattr(self, name), bool):
                 raise HeroError(f"export option {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -98,7 +100,7 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
         raise HeroError(f"export_onnx takes a QuantSpec, got {type(spec).__name__}: e.g. QuantSpec(bits=4)")
     quantize.check_calibration(spec, calibration)
     _check_options(spec, options)
-    opset = _choose_opset(spec.bits, options.int4_storage, options.opset)
+    opset = _choose_opset(spec, options.int4_storage, options.opset)
     float_model = quantize.float_copy(model, spec).cpu()
     layer_scales = None
     if spec.integer_activations:  # the emulation's own module, float weights: its QDQ export as Q/DQ pairs
@@ -115,6 +117,8 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
             qdq_graph.quantize_biases(proto, uses, quantize.integer_biases(float_model, codes))
     if layer_scales is not None:
         qdq_graph.quantize_activations(proto, uses, layer_scales)
+    if options.matmul_nbits:
+        matmul_nbits.rewrite(proto)
     if options.fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
@@ -133,23 +137,28 @@ def _check_options(spec: quantize.QuantSpec, options: ExportOptions) -> None:
         raise HeroError("fp16 export is for float models: use bits=None and act_bits=None, or fp16=False")
     if options.int4_storage and (spec.bits is None or min(qdq_graph.widths(spec)) > 4):
         raise HeroError(f"int4_storage needs bits <= 4, got bits={spec.bits}: drop int4_storage or lower bits")
+    if options.matmul_nbits and spec.block_size is None:
+        raise HeroError("matmul_nbits writes block-wise weights: set block_size (e.g. 32) with bits <= 4, "
+                        "or drop matmul_nbits")
     if options.int4_storage and spec.grid == "nested":
         raise HeroError("grid nested stores every width as INT8 codes on the 8-bit scale: drop int4_storage")
     if QUANTIZATION_KEY in options.metadata:
         raise HeroError(f"metadata may not set {QUANTIZATION_KEY}: the exporter writes it")
 
 
-def _choose_opset(bits: int | None, int4_storage: bool, opset: int | None) -> int:
+def _choose_opset(spec: quantize.QuantSpec, int4_storage: bool, opset: int | None) -> int:
     """The requested opset, checked against what the weight storage needs (ONNX operator
-    changelog: per-axis DequantizeLinear from 13, INT4/INT16 inputs from 21; torch's exporter
-    emits 18 and up)."""
-    needed = LOW_BIT_OPSET if int4_storage or bits == 16 else DEFAULT_OPSET
+    changelog: per-axis DequantizeLinear from 13, INT4/INT16 inputs and blocked scales from 21;
+    torch's exporter emits 18 and up)."""
+    needs = [what for what, used in (("INT4 weight storage", int4_storage), ("INT16 weight storage", spec.bits == 16),
+                                     ("block-wise weights (block_size)", spec.block_size is not None)) if used]
+    needed = LOW_BIT_OPSET if needs else DEFAULT_OPSET
     if opset is None:
         return needed
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < DEFAULT_OPSET:
         raise HeroError(f"opset must be an integer >= {DEFAULT_OPSET} (torch's ONNX exporter), got {opset!r}")
     if opset < needed:
-        raise HeroError(f"{'INT4' if int4_storage else 'INT16'} weight storage needs opset >= {needed}, got {opset}")
+        raise HeroError(f"{needs[0]} needs opset >= {needed}, got {opset}")
     return opset
 
 

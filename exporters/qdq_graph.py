@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from exporters import quantize
 from exporters.device.errors import HeroError
@@ -141,10 +140,15 @@ def quantize_weights(proto: onnx.ModelProto, uses: list[WeightUse], codes: dict[
         weight = renamed[use.weight] = dequantized[use.module, use.axis] = _dequantized_name(use, taken)
         taken.add(weight)
         names = [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"]
+        if layer.block_size is not None:  # DequantizeLinear-21 blocked along the stored input axis
+            scale, zero_point = stored_layout(scale, use.axis), stored_layout(zero_point, use.axis)
+            axis_attr = {"axis": 1 - use.axis, "block_size": layer.block_size}
+        else:
+            scale, zero_point = scale.numpy(), zero_point.numpy()
+            axis_attr = {"axis": use.axis} if scale.ndim else {}  # quantize-first: per channel after the fold
         graph.initializer.extend([numpy_helper.from_array(stored_layout(q, use.axis).astype(dtype), names[0]),
-                                  numpy_helper.from_array(scale.numpy().astype(np.float32), names[1]),
-                                  numpy_helper.from_array(zero_point.numpy().astype(dtype), names[2])])
-        axis_attr = {"axis": use.axis} if scale.dim() else {}  # quantize-first: per channel after the fold
+                                  numpy_helper.from_array(scale.astype(np.float32), names[1]),
+                                  numpy_helper.from_array(zero_point.astype(dtype), names[2])])
         dq_nodes.append(helper.make_node("DequantizeLinear", names, [weight], name=f"{weight}_DequantizeLinear",
                                          **axis_attr))
     kept = [t for t in graph.initializer if t.name not in renamed]

@@ -30,7 +30,8 @@ from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import BN_MODES, GRIDS
-from exporters.grid import asymmetric_qparams, dequantize, qrange, quantize_with_qparams, symmetric_qparams
+from exporters.grid import (asymmetric_qparams, blockwise_symmetric, dequantize, expand_blocks, qrange,
+                           quantize_with_qparams, symmetric_qparams)
 from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
@@ -43,7 +44,7 @@ ACT_NOISE_FACTOR = 2.0
 _ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
 # Fields added after artifacts were first written: their value when an older artifact omits them.
 # act_layout: artifacts written before it quantized activations TensorRT's way.
-_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt"}
+_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt", "block_size": None}
 ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 
 
@@ -70,6 +71,10 @@ class QuantSpec:
       "tensorrt": symmetric int8 (zero point 0) on the input of every Conv/Linear and on the
       residual input of every Add TensorRT fuses into a convolution, TensorRT's
       explicit-quantization placement (`exporters.act_layout.residual_points`).
+    - `block_size`: None, or the weights of every Linear quantized per block of `block_size` inputs
+      within each output row (`exporters.grid.blockwise_symmetric`; a power of two >= 16, what
+      ONNX Runtime's MatMulNBits takes), Conv weights staying per channel: the INT4 GEMM grid.
+      Weight-only, symmetric, canonical grid, BatchNorm folded first or kept.
     """
 
     bits: int | None = None
@@ -82,6 +87,7 @@ class QuantSpec:
     act_method: str = "max"
     act_percentile: float = 99.99
     act_layout: str = "onnxruntime"
+    block_size: int | None = None
 
     def __post_init__(self):
         for name in ("symmetric", "per_channel"):
@@ -120,6 +126,23 @@ class QuantSpec:
             raise HeroError(unknown_choice("act_layout", self.act_layout, ACT_LAYOUTS))
         if self.act_bits is None:  # no activation is quantized anywhere: one spec, whatever the layout says
             object.__setattr__(self, "act_layout", ACT_LAYOUTS[0])
+        self._check_block_size()
+
+    def _check_block_size(self) -> None:
+        b = self.block_size
+        if b is None:
+            return
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b & (b - 1):
+            raise HeroError(f"block_size must be null or a power of two >= 16 (MatMulNBits' blocks), got {b!r}")
+        object.__setattr__(self, "block_size", int(b))
+        clashes = [what for what, bad in (("a float model (bits null)", self.bits is None),
+                                          ("act_bits 8 (integer kernels read per-channel weights)", self.act_bits),
+                                          ("symmetric false", not self.symmetric), ("per_channel false", not self.per_channel),
+                                          ("grid nested", self.grid == "nested"), ("bn quantize-first", self.bn == "quantize-first"))
+                   if bad]
+        if clashes:
+            raise HeroError(f"block_size (block-wise weight-only INT4 GEMM) does not combine with {clashes[0]}: "
+                            "drop block_size or that option")
 
     @property
     def integer_activations(self) -> bool:
@@ -201,16 +224,20 @@ def _check_act_method(method, percentile) -> None:
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                    axis: int = 0, grid: str = "canonical") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    axis: int = 0, grid: str = "canonical",
+                    block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `w` (cast to float32) to `bits`: returns int32 q on the grid of `qrange`, float32
     scale and int32 zero point, each of shape (w.shape[axis],) per channel or () per tensor.
     Ranges come from the tensor itself (symmetric: max |w|; asymmetric: [min(w, 0), max(w, 0)]),
     per slice along `axis` when per_channel. grid "nested": the n-bit grid as INT8 codes on the
-    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only)."""
+    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only). `block_size`: a 2-D
+    weight per block of its columns (`exporters.grid.blockwise_symmetric`; scales (rows, blocks))."""
     if not torch.isfinite(w).all():
         raise HeroError("cannot quantize a tensor with NaN or infinite values: check the checkpoint")
     qmin, qmax = qrange(bits, symmetric)
     w = w.detach().to(torch.float32)
+    if block_size is not None:
+        return blockwise_symmetric(w, bits, block_size)
     if grid == "nested":
         if not symmetric:
             raise HeroError("grid nested is symmetric only")
@@ -324,8 +351,13 @@ class WeightCodes:
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: int
+    block_size: int | None = None
 
     def dequantized(self) -> torch.Tensor:
+        if self.block_size is not None:  # scale (rows, blocks) over the columns of a 2-D weight
+            columns = self.q.shape[1]
+            shifted = self.q - expand_blocks(self.zero_point, self.block_size, columns)
+            return shifted.to(torch.float32) * expand_blocks(self.scale, self.block_size, columns)
         return dequantize(self.q, self.scale, self.zero_point, axis=0)
 
 
@@ -365,12 +397,14 @@ def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
     out = {}
     for name, layer in quantized_layers(source):
         bits = spec.bits_for(name)
+        block_size = spec.block_size if isinstance(layer, nn.Linear) else None
         q, scale, zero_point = quantize_tensor(layer.weight, bits, symmetric=spec.symmetric,
-                                               per_channel=spec.per_channel, axis=0, grid=spec.grid)
+                                               per_channel=spec.per_channel, axis=0, grid=spec.grid,
+                                               block_size=block_size)
         if name in factors:
             q, scale = fold_into_scales(q, scale, factors[name].to(q.device))
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        out[name] = WeightCodes(q, scale, zero_point, bits)
+        out[name] = WeightCodes(q, scale, zero_point, bits, block_size)
     if spec.layer_bits is not None:
         unknown = sorted(set(dict(spec.layer_bits)) - set(out))
         if unknown:

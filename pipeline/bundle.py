@@ -52,8 +52,8 @@ if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `
     from hero_train.checkpoint import Loaded
 
 HOST_REPORT = "host_report.json"
-_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits")
-_IDENTITY_DEFAULTS = {"bn": "fold-first", "grid": "canonical", "layer_bits": None}  # rows from before them
+_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits", "block_size")
+_IDENTITY_DEFAULTS = {"bn": "fold-first", "grid": "canonical", "layer_bits": None, "block_size": None}
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 

@@ -173,6 +173,8 @@ class QuantizeSection(_Section):
     act_layout: Literal["onnxruntime", "tensorrt"] | None = Field(
         None, description="where 8-bit activations are quantized; default: the runtime section's name")
     calibration_batches: int = Field(8, ge=1)
+    block_size: int | None = Field(None, description="Linear weights per block of this many inputs (INT4 GEMM, "
+                                                     "MatMulNBits); a power of two >= 16")
     mixed: MixedSection | None = None
 
     @model_validator(mode="before")
@@ -210,13 +212,16 @@ class QuantizeSection(_Section):
         return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, bn=self.bn,
                          grid=self.grid if quantized else "canonical", layer_bits=layer_bits,
                          act_bits=self.act_bits if quantized else None, act_method=self.act_method,
-                         act_percentile=self.act_percentile, act_layout=self.act_layout or "onnxruntime")
+                         act_percentile=self.act_percentile, act_layout=self.act_layout or "onnxruntime",
+                         block_size=self.block_size if quantized else None)
 
 
 class ExportSection(_Section):
     int4_storage: bool = True
     fp16_baseline: bool = False
     opset: int | None = None
+    matmul_nbits: bool = Field(False, description="block-wise weights at <= 4 bits as ONNX Runtime's MatMulNBits "
+                                                  "(needs quantize.block_size; ONNX Runtime only)")
 
 
 class RuntimeSection(_Section):

@@ -183,6 +183,7 @@ def variant_label(v: dict) -> str:
     scheme = ("sym" if v["symmetric"] else "asym") + ("/ch" if v["per_channel"] else "/tensor")
     scheme += "".join(f", {v[k]}" for k, default in (("bn", "fold-first"), ("grid", "canonical"))
                       if v.get(k, default) != default)
+    scheme += f", blocks of {v['block_size']}" if v.get("block_size") else ""
     act = f"a{v['act_bits']}" if v.get("act_bits") else ""
     width = f"mixed ≤{v['bits']}" if v.get("layer_bits") else f"w{v['bits']}"
     return f"{width}{act} ({scheme})"
@@ -192,7 +193,8 @@ def _identity(v: dict) -> tuple:
     """What makes two variants the same precision: widths (per layer for mixed), scheme, activations."""
     layers = v.get("layer_bits")
     return (v["bits"], v["symmetric"], v["per_channel"], v.get("act_bits"), v.get("bn", "fold-first"),
-            v.get("grid", "canonical"), tuple(sorted(layers.items())) if isinstance(layers, dict) else None)
+            v.get("grid", "canonical"), tuple(sorted(layers.items())) if isinstance(layers, dict) else None,
+            v.get("block_size"))
 
 
 def _samples(v: dict, meta: dict) -> int | None:

@@ -6,6 +6,7 @@ the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in 
     {"meta": {...},
      "baseline": {"accuracy": float, "runtime_accuracy": float, ...same keys as a variant...},
      "variants": [{"name": str, "bits": int, "symmetric": bool, "per_channel": bool,
+                   "block_size": int|null (Linear weights per block of that many inputs),
                    "act_bits": int|null, "act_layout": "onnxruntime"|"tensorrt",
                    "bn": "fold-first"|"quantize-first"|"keep",
                    "grid": "canonical"|"nested", "layer_bits": {layer: bits}|null (mixed precision),

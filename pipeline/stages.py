@@ -168,8 +168,9 @@ def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, s
     widths = [b for _, b in spec.layer_bits] if spec.layer_bits else [spec.bits]
     int4 = (export.int4_storage and spec.bits is not None and min(widths) <= 4 and spec.grid == "canonical"
             and not spec.integer_activations)
-    return ExportOptions(int4_storage=int4,
-                         fp16=export.fp16_baseline and spec.bits is None, opset=export.opset, metadata=metadata)
+    return ExportOptions(int4_storage=int4, fp16=export.fp16_baseline and spec.bits is None, opset=export.opset,
+                         metadata=metadata, matmul_nbits=export.matmul_nbits and spec.block_size is not None
+                         and min(widths) <= 4)
 
 
 def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection, calibration: Calibration | None,
@@ -182,7 +183,8 @@ def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection,
         scales = calibration if spec.act_bits else None
         options = export_options(export, spec, {"hero.source_sha256": loaded.sha256, "hero.variant": variant.name})
         key = input_key(checkpoint=loaded.sha256, spec=spec.to_dict(), int4=options.int4_storage, fp16=options.fp16,
-                        opset=options.opset, act_scales=scales and scales.scales, tool=TOOL_VERSION)
+                        opset=options.opset, nbits=options.matmul_nbits, act_scales=scales and scales.scales,
+                        tool=TOOL_VERSION)
         if cache.get("export", variant.name, key) is None:
             export_onnx(loaded.model, path, spec, options, scales, input_shape=tuple(loaded.ckpt["input_shape"]))
             cache.put("export", variant.name, key, {"path": str(path)}, files=[path])
@@ -315,7 +317,7 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
         for warning in unfused:
             print(f"hero: warning: {art.variant.name}: {warning}", file=sys.stderr)
         row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
-               "per_channel": spec.per_channel, "act_bits": spec.act_bits,
+               "per_channel": spec.per_channel, "block_size": spec.block_size, "act_bits": spec.act_bits,
                "act_layout": spec.act_layout if spec.act_bits else None, "bn": spec.bn, "grid": spec.grid,
                "layer_bits": None if spec.layer_bits is None else dict(spec.layer_bits),
                "average_bits": average_bits(loaded.model, spec), "runtime": "onnxruntime",

@@ -84,6 +84,7 @@ _VARIANT = {  # key: (required, check, what it must be)
     "bn": (False, lambda v: v in BN_MODES, " or ".join(BN_MODES)),
     "grid": (False, lambda v: v in GRIDS, " or ".join(GRIDS)),
     "layer_bits": (False, _optional(_layer_bits), "null or an object of layer name -> bit width"),
+    "block_size": (False, _optional(_int(16)), "null or an integer >= 16"),
     "runtime": (False, _text, "a runtime name"),
     "artifact": (True, _text, "a relative path"),
     "sha256": (True, _sha, "64 lowercase hex digits"),

@@ -67,13 +67,17 @@ def _has_quantized_weights(metadata: dict) -> bool:
     "weight_storage": ..., "tool_version": ...}) says it runs float kernels on quantized weights:
     quantized weights, and activations float or quantized for TensorRT. An artifact laid out for ONNX
     Runtime's integer kernels (act_bits 8, act_layout "onnxruntime") is not: folding its weights would
-    stop the QLinearConv fusions it was made for. Absent or unreadable metadata (a foreign artifact): False."""
+    stop the QLinearConv fusions it was made for; nor is one with block-wise INT4 weights (block_size
+    and int4 storage), which ORT fuses into MatMulNBits. Absent or unreadable metadata (a foreign
+    artifact): False."""
     try:
-        spec = json.loads(metadata[QUANTIZATION_KEY])["spec"]
+        entry = json.loads(metadata[QUANTIZATION_KEY])
+        spec, storage = entry["spec"], str(entry.get("weight_storage", ""))
         bits, act_bits, layout = spec["bits"], spec.get("act_bits"), spec.get("act_layout", "tensorrt")
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    integer_kernels = act_bits is not None and layout == "onnxruntime"
+    integer_kernels = (act_bits is not None and layout == "onnxruntime") or (
+        spec.get("block_size") is not None and "int4" in storage.split("+"))
     return isinstance(bits, int) and not isinstance(bits, bool) and not integer_kernels
 
 
