@@ -16,7 +16,9 @@ graph optimisations on), and the table says
 - agreement with the emulation on the same random images: top-1 agreement, relative logit error
   (RMS of the difference over the RMS of the emulation's logits) and the verdict of the tests'
   tolerance policy (`tests/agreement.py`: elementwise float tolerance for W4, the activation
-  quantization's own effect for W8A8; `judge`);
+  quantization's own effect for W8A8; `judge`); beside them the emulation's sensitivity, its own
+  relative change when the input grows by INPUT_NUDGE, which tells a chaotic network (where float
+  rounding alone moves the logits beyond the policy) from an export that computes something else;
 - seconds for the row (calibration, emulation, export, ORT session and run).
 
 Each model runs in its own process with a time budget (--budget), so a failure or a stall costs one
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import queue
 import sys
 import tempfile
 import time
@@ -63,6 +64,10 @@ except ImportError:
     from tests import agreement
 
 NUM_CLASSES = 10
+# The emulation's own relative change when every input grows by this fraction: how far float rounding
+# alone can move a model's logits. The tolerance policy assumes it small; a chaotic random network
+# (logits thousands of times its float version's) moves a thousand times more than float rounding.
+INPUT_NUDGE = 1e-6
 SMALL_INPUT = 64  # convnets: what their stride allows, and fast
 # One representative per family: name -> input size. vit_b_16 fixes 224 (its position embedding),
 # maxvit_t needs sides divisible by its 7x7 windows at every stage, swin_t is sized as trained.
@@ -97,6 +102,7 @@ class Row:
     float_weights: list[str] | None = None
     top1_agreement: float | None = None
     rel_error: float | None = None
+    sensitivity: float | None = None
     verdict: str | None = None
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
@@ -163,7 +169,9 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         stage = "emulate"
         x = torch.from_numpy(images)
         with torch.no_grad():
-            emulation = quantize_model(model, spec, calibration)(x).numpy()
+            emulated = quantize_model(model, spec, calibration)
+            emulation = emulated(x).numpy()
+            row.sensitivity = relative_error(emulated(x * (1 + INPUT_NUDGE)).numpy(), emulation)
             plain = (quantize_model(model, QuantSpec(bits=spec.bits))(x).numpy() if spec.act_bits else None)
         stage = "export"
         path = export_onnx(model, folder / f"{row.model}_{row.scheme}.onnx", spec, options, calibration,
@@ -186,17 +194,25 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
 
 
 def build(name: str) -> torch.nn.Module:
-    """torchvision's `name` with random weights and NUM_CLASSES classes, BatchNorm settled, eval mode."""
+    """torchvision's `name` with random weights and NUM_CLASSES classes, BatchNorm settled, eval mode.
+    Dropout and stochastic depth get p = 0 (identities in eval anyway), so the settled statistics
+    are those of the eval-mode network; a Conv/Linear torchvision initialises to zero (ViT's head)
+    gets PyTorch's default initialisation instead, or every logit would be 0 whatever the input."""
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES, **BUILD_KWARGS.get(name, {}))
+    for module in model.modules():
+        if isinstance(module, (torch.nn.modules.dropout._DropoutNd, torchvision.ops.StochasticDepth)):
+            module.p = 0.0
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.detach().any():
+            module.reset_parameters()
     return imagenet_models.settle_batchnorm(model, ZOO[name], batch_size=4)
 
 
 def run_model(name: str, schemes: list[str], images: int, calibration_batches: int, batch_size: int,
-              threads: int, out_dir: str, rows: multiprocessing.Queue) -> None:
-    """Every scheme on one model, each Row put on `rows` as it is done (the worker process's body)."""
+              threads: int, out_dir: str, rows) -> None:
+    """Every scheme on one model, each Row sent on `rows` (a Connection) as it is done (the worker's body)."""
     torch.set_num_threads(threads)
     size = ZOO[name]
     generator = np.random.default_rng(0)
@@ -207,59 +223,64 @@ def run_model(name: str, schemes: list[str], images: int, calibration_batches: i
         model = build(name)
     except Exception as exc:
         for scheme in schemes:
-            rows.put(asdict(Row(name, scheme, size, exported=f"build: {first_line(exc)}")))
+            rows.send(asdict(Row(name, scheme, size, exported=f"build: {first_line(exc)}")))
         return
     for scheme in schemes:
         spec, options = SCHEMES[scheme]
-        rows.put(asdict(run_scheme(model, Row(name, scheme, size), spec, options, x, batches, Path(out_dir), threads)))
+        rows.send(asdict(run_scheme(model, Row(name, scheme, size), spec, options, x, batches, Path(out_dir), threads)))
 
 
 def run_in_process(name: str, schemes: list[str], budget: float, **kwargs) -> list[dict]:
     """`run_model` in a fresh process; the schemes it has not finished within `budget` seconds are rows
     that say so."""
     context = multiprocessing.get_context("spawn")
-    rows_queue = context.Queue()
-    worker = context.Process(target=run_model, args=(name, schemes), kwargs={**kwargs, "rows": rows_queue})
+    reader, writer = context.Pipe(duplex=False)
+    worker = context.Process(target=run_model, args=(name, schemes), kwargs={**kwargs, "rows": writer})
     start = time.perf_counter()
     worker.start()
+    writer.close()  # the worker holds the only write end: its exit ends the pipe
     rows = []
-    while len(rows) < len(schemes):
+    while len(rows) < len(schemes) and reader.poll(max(0.0, budget - (time.perf_counter() - start))):
         try:
-            rows.append(rows_queue.get(timeout=max(0.1, budget - (time.perf_counter() - start))))
-        except queue.Empty:
+            rows.append(reader.recv())
+        except EOFError:
             break
-        if not worker.is_alive() and rows_queue.empty() and len(rows) < len(schemes):
-            time.sleep(0.5)  # a row put just before exiting may still be in flight
-            if rows_queue.empty():
-                break
     if worker.is_alive():
         worker.terminate()
     worker.join()
-    rows_queue.close()
-    rows_queue.join_thread()
+    reader.close()
+    elapsed = time.perf_counter() - start
     done = {row["scheme"] for row in rows}
     for scheme in schemes:
         if scheme not in done:
-            reason = (f"timed out: not done within the {budget:.0f} s budget" if time.perf_counter() - start >= budget
+            reason = (f"timed out: not done within the {budget:.0f} s budget" if elapsed >= budget
                       else f"worker died (exit code {worker.exitcode})")
-            rows.append(asdict(Row(name, scheme, ZOO[name], exported=reason, seconds=time.perf_counter() - start)))
+            rows.append(asdict(Row(name, scheme, ZOO[name], exported=reason, seconds=elapsed)))
     return sorted(rows, key=lambda r: schemes.index(r["scheme"]))
 
 
 # ---- the table ------------------------------------------------------------------------------------
 
+MAX_CELL = 150  # characters of an error in the table; --json keeps it whole
+
+
 def _cell(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _text(value: str | None) -> str:
+    text = (value or "—").replace("|", "/")
+    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | input | scheme | exported | float weights left | top-1 agreement | rel. logit error "
-             "| tolerance policy | s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| tolerance policy | emulation sensitivity | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floats = None if r["float_weights"] is None else len(r["float_weights"])
-        lines.append(f"| {r['model']} | {r['input_size']} | {r['scheme']} | {r['exported'].replace('|', '/')} "
+        lines.append(f"| {r['model']} | {r['input_size']} | {r['scheme']} | {_text(r['exported'])} "
                      f"| {_cell(floats, 'd')} | {_cell(r['top1_agreement'], '.2f')} | {_cell(r['rel_error'], '.1e')} "
-                     f"| {(r['verdict'] or '—').replace('|', '/')} | {r['seconds']:.0f} |")
+                     f"| {_text(r['verdict'])} | {_cell(r['sensitivity'], '.0e')} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -310,7 +331,7 @@ def main(model_names, scheme_names, images, calibration_batches, batch_size, thr
     print(format_table(rows))
     if json_path:
         settings = {"images": images, "calibration_batches": calibration_batches, "batch_size": batch_size,
-                    "threads": threads, "budget": budget, "torch": torch.__version__,
+                    "threads": threads, "budget": budget, "input_nudge": INPUT_NUDGE, "torch": torch.__version__,
                     "schemes": {k: s.to_dict() for k, (s, _) in SCHEMES.items() if k in schemes}}
         Path(json_path).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
 

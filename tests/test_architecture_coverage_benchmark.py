@@ -108,7 +108,7 @@ def test_a_tiny_model_deploys_fully_quantized_and_agrees(scheme, tmp_path):
     spec, options = C.SCHEMES[scheme]
     row = C.run_scheme(Tiny().eval(), C.Row("tiny", scheme, 8), spec, options, x, batches, tmp_path)
     assert (row.exported, row.float_weights, row.verdict, row.errors) == ("yes", [], "pass", {})
-    assert row.top1_agreement == 1.0
+    assert row.top1_agreement == 1.0 and 0 <= row.sensitivity < 1e-4  # a tame model: float rounding moves it little
 
 
 def test_a_failing_stage_becomes_the_row_not_an_exception(tmp_path):
