@@ -1,0 +1,156 @@
+"""Block-wise INT4 Linear weights on ONNX Runtime at batch 1: MatMulNBits against FP32 and against the
+DequantizeLinear form, on a ViT-like model (issue 26, item 3).
+
+Model: a ViT-S/16-like classifier of our own (torchvision need not import): 224x224 input, 16x16
+patches (196 tokens and a class token), width 384, 6 heads, MLP 4x, `--depth` encoder blocks
+(nn.MultiheadAttention, which hero decomposes into in_proj/out_proj Linear layers), 1000 classes,
+random weights. Every Linear at 4 bits per block of `--block-size` inputs (`QuantSpec(bits=4,
+block_size=...)`); the patch embedding conv per channel.
+
+Artifacts and how ONNX Runtime (CPU, ORT_ENABLE_ALL, through `OnnxRuntimeRunner`) runs them:
+- fp32: the float graph;
+- dq int8 (folded): block-wise codes stored as INT8 read through DequantizeLinear-21; the runner
+  folds them into float weights when the session is built, so it runs the FP32 kernels;
+- dq int8 (runtime): the same file with the DequantizeLinear kept (weight_dequant "runtime"): the
+  literal form, dequantizing every weight on every run;
+- dq int4: codes stored as INT4; ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits;
+- matmul_nbits: the graph written with com.microsoft MatMulNBits (`ExportOptions(matmul_nbits=True)`).
+
+Timing: every artifact round-robin at batch 1 (shuffled order per round, median latency over the
+rounds) for each thread count; ratios to fp32 from the same run. Accuracy: each artifact's logits on
+`--images` random images against the emulation (`quantize_model`): max |difference| relative to the
+largest logit, and top-1 agreement. Session memory as `benchmarks/runtime_speed.py` measures it.
+
+    python benchmarks/matmul_nbits_speed.py                     # depth 4, block 32, 1 and 2 threads
+    python benchmarks/matmul_nbits_speed.py --depth 12 --threads 2
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.onnx import ExportOptions, export_onnx
+from exporters.quantize import QuantSpec, quantize_model
+
+try:
+    from benchmarks.runtime_speed import session_memory_mib, Method
+except ImportError:  # run as a script: its own folder is on sys.path
+    from runtime_speed import session_memory_mib, Method
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTSmall(nn.Module):
+    """ViT-S/16 in its layout (Dosovitskiy et al. 2021), `depth` blocks."""
+
+    def __init__(self, depth: int, dim: int = 384, heads: int = 6, image: int = 224, patch: int = 16, classes: int = 1000):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        tokens = (image // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+ARTIFACTS = {  # name: (export options, weight_dequant)
+    "fp32": (None, "auto"),
+    "dq int8 (folded)": (ExportOptions(), "auto"),
+    "dq int8 (runtime)": (ExportOptions(), "runtime"),
+    "dq int4": (ExportOptions(int4_storage=True), "auto"),
+    "matmul_nbits": (ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
+}
+
+
+def export_all(model: nn.Module, spec: QuantSpec, folder: Path) -> dict[str, Path]:
+    paths, written = {}, {}
+    for name, (options, _) in ARTIFACTS.items():
+        key = "fp32" if options is None else repr(options)
+        if key not in written:
+            written[key] = export_onnx(model, folder / f"{name.split()[0]}_{len(written)}.onnx",
+                                       QuantSpec() if options is None else spec, options or ExportOptions(),
+                                       input_shape=(3, 224, 224))
+        paths[name] = written[key]
+    return paths
+
+
+def time_round_robin(runners: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median ms per batch-1 call of each runner, over `rounds` shuffled rounds (a few calls each)."""
+    times = {name: [] for name in runners}
+    order = list(runners)
+    for runner in runners.values():
+        runner.predict(x)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(3):
+                runners[name].predict(x)
+            times[name].append((time.perf_counter() - start) / 3 * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@click.command()
+@click.option("--depth", default=4, show_default=True, help="encoder blocks (ViT-S has 12)")
+@click.option("--block-size", default=32, show_default=True)
+@click.option("--threads", default="1,2", show_default=True, help="intra-op thread counts, comma-separated")
+@click.option("--rounds", default=15, show_default=True)
+@click.option("--images", default=8, show_default=True, help="random images for the accuracy check")
+def main(depth, block_size, threads, rounds, images):
+    torch.manual_seed(0)
+    model = ViTSmall(depth).eval()
+    spec = QuantSpec(bits=4, block_size=block_size)
+    x = torch.randn(images, 3, 224, 224)
+    with torch.no_grad():
+        emulation = quantize_model(model, spec)(x).numpy()
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = export_all(model, spec, Path(scratch))
+        print(f"ViT-S/16-like, depth {depth}, 224x224, W4 blocks of {block_size}; batch 1\n")
+        print("| artifact | file MiB | rel. max diff to emulation | top-1 = emulation |")
+        print("|---|---|---|---|")
+        for name, path in paths.items():
+            runner = OnnxRuntimeRunner(path, weight_dequant=ARTIFACTS[name][1])
+            got = runner.predict(x.numpy(), batch_size=1)
+            scale = np.abs(emulation).max()
+            print(f"| {name} | {path.stat().st_size / 2**20:.1f} | {np.abs(got - emulation).max() / scale:.2g} | "
+                  f"{np.mean(got.argmax(1) == emulation.argmax(1)):.0%} |")
+        auto = [n for n in paths if ARTIFACTS[n][1] == "auto"]
+        memory = session_memory_mib(paths, [Method("ort", n) for n in auto], 1, (3, 224, 224))
+        print("\nsession memory, MiB (built / after the first run): " + ", ".join(
+            f"{n} {memory['ort ' + n]['weights']:.0f}/{memory['ort ' + n]['first_run']:.0f}" for n in auto))
+        for t in (int(v) for v in threads.split(",")):
+            runners = {name: OnnxRuntimeRunner(path, intra_op_threads=t, weight_dequant=ARTIFACTS[name][1])
+                       for name, path in paths.items()}
+            ms = time_round_robin(runners, x[:1].numpy(), rounds)
+            print(f"\n{t} thread(s), median ms at batch 1 (x fp32 speed): " + ", ".join(
+                f"{n} {v:.1f} ({ms['fp32'] / v:.2f}x)" for n, v in ms.items()))
+
+
+if __name__ == "__main__":
+    main()
