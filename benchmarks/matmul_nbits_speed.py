@@ -1,8 +1,8 @@
 """Block-wise INT4 Linear weights on ONNX Runtime at batch 1: MatMulNBits against FP32 and against the
 DequantizeLinear form, on a ViT-like model (issue 26, item 3).
 
-Model: a ViT-S/16-like classifier of our own (torchvision need not import): 224x224 input, 16x16
-patches (196 tokens and a class token), width 384, 6 heads, MLP 4x, `--depth` encoder blocks
+Model: a ViT-S/16-like classifier of our own (torchvision need not import): `--image` input (224:
+196 tokens and a class token), 16x16 patches, width `--dim` 384, `--heads` 6, MLP 4x, `--depth` encoder blocks
 (nn.MultiheadAttention, which hero decomposes into in_proj/out_proj Linear layers), 1000 classes,
 random weights. Every Linear at 4 bits per block of `--block-size` inputs (`QuantSpec(bits=4,
 block_size=...)`); the patch embedding conv per channel.
@@ -14,7 +14,11 @@ Artifacts and how ONNX Runtime (CPU, ORT_ENABLE_ALL, through `OnnxRuntimeRunner`
 - dq int8 (runtime): the same file with the DequantizeLinear kept (weight_dequant "runtime"): the
   literal form, dequantizing every weight on every run;
 - dq int4: codes stored as INT4; ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits;
-- matmul_nbits: the graph written with com.microsoft MatMulNBits (`ExportOptions(matmul_nbits=True)`).
+- matmul_nbits: the graph written with com.microsoft MatMulNBits (`ExportOptions(matmul_nbits=True)`),
+  accuracy_level 0: float32 activations, the emulation's arithmetic;
+- matmul_nbits level 4 (not the emulation): the same file with accuracy_level 4, where ONNX Runtime
+  quantizes each activation block to int8 on the fly and runs an int8 dot product. Shown for what
+  the kernel could give; hero does not emulate that activation rounding, so it is no variant.
 
 Timing: every artifact round-robin at batch 1 (shuffled order per round, median latency over the
 rounds) for each thread count; ratios to fp32 from the same run. Accuracy: each artifact's logits on
@@ -22,7 +26,7 @@ rounds) for each thread count; ratios to fp32 from the same run. Accuracy: each 
 largest logit, and top-1 agreement. Session memory as `benchmarks/runtime_speed.py` measures it.
 
     python benchmarks/matmul_nbits_speed.py                     # depth 4, block 32, 1 and 2 threads
-    python benchmarks/matmul_nbits_speed.py --depth 12 --threads 2
+    python benchmarks/matmul_nbits_speed.py --depth 12 --dim 768 --heads 12 --threads 1   # ViT-B/16
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -85,18 +90,31 @@ ARTIFACTS = {  # name: (export options, weight_dequant)
     "dq int8 (runtime)": (ExportOptions(), "runtime"),
     "dq int4": (ExportOptions(int4_storage=True), "auto"),
     "matmul_nbits": (ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
+    "matmul_nbits level 4 (not the emulation)": (ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
 }
 
 
-def export_all(model: nn.Module, spec: QuantSpec, folder: Path) -> dict[str, Path]:
+def _with_accuracy_level(path: Path, level: int, out: Path) -> Path:
+    proto = onnx.load(path)
+    for node in proto.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = level
+    onnx.save(proto, out)
+    return out
+
+
+def export_all(model: nn.Module, spec: QuantSpec, folder: Path, image: int) -> dict[str, Path]:
     paths, written = {}, {}
     for name, (options, _) in ARTIFACTS.items():
         key = "fp32" if options is None else repr(options)
         if key not in written:
             written[key] = export_onnx(model, folder / f"{name.split()[0]}_{len(written)}.onnx",
                                        QuantSpec() if options is None else spec, options or ExportOptions(),
-                                       input_shape=(3, 224, 224))
+                                       input_shape=(3, image, image))
         paths[name] = written[key]
+    paths["matmul_nbits level 4 (not the emulation)"] = _with_accuracy_level(paths["matmul_nbits"], 4,
+                                                                            folder / "matmul_nbits_level4.onnx")
     return paths
 
 
@@ -118,20 +136,24 @@ def time_round_robin(runners: dict, x: np.ndarray, rounds: int) -> dict[str, flo
 
 @click.command()
 @click.option("--depth", default=4, show_default=True, help="encoder blocks (ViT-S has 12)")
+@click.option("--dim", default=384, show_default=True, help="width (ViT-S 384, ViT-B 768)")
+@click.option("--heads", default=6, show_default=True)
+@click.option("--image", default=224, show_default=True, help="input size (16x16 patches)")
 @click.option("--block-size", default=32, show_default=True)
 @click.option("--threads", default="1,2", show_default=True, help="intra-op thread counts, comma-separated")
 @click.option("--rounds", default=15, show_default=True)
 @click.option("--images", default=8, show_default=True, help="random images for the accuracy check")
-def main(depth, block_size, threads, rounds, images):
+def main(depth, dim, heads, image, block_size, threads, rounds, images):
     torch.manual_seed(0)
-    model = ViTSmall(depth).eval()
+    model = ViTSmall(depth, dim, heads, image).eval()
     spec = QuantSpec(bits=4, block_size=block_size)
-    x = torch.randn(images, 3, 224, 224)
+    x = torch.randn(images, 3, image, image)
     with torch.no_grad():
         emulation = quantize_model(model, spec)(x).numpy()
     with tempfile.TemporaryDirectory() as scratch:
-        paths = export_all(model, spec, Path(scratch))
-        print(f"ViT-S/16-like, depth {depth}, 224x224, W4 blocks of {block_size}; batch 1\n")
+        paths = export_all(model, spec, Path(scratch), image)
+        print(f"ViT/16-like, width {dim}, {heads} heads, depth {depth}, {image}x{image} ({(image // 16) ** 2 + 1} "
+              f"tokens), W4 blocks of {block_size}; batch 1\n")
         print("| artifact | file MiB | rel. max diff to emulation | top-1 = emulation |")
         print("|---|---|---|---|")
         for name, path in paths.items():
@@ -141,7 +163,7 @@ def main(depth, block_size, threads, rounds, images):
             print(f"| {name} | {path.stat().st_size / 2**20:.1f} | {np.abs(got - emulation).max() / scale:.2g} | "
                   f"{np.mean(got.argmax(1) == emulation.argmax(1)):.0%} |")
         auto = [n for n in paths if ARTIFACTS[n][1] == "auto"]
-        memory = session_memory_mib(paths, [Method("ort", n) for n in auto], 1, (3, 224, 224))
+        memory = session_memory_mib(paths, [Method("ort", n) for n in auto], 1, (3, image, image))
         print("\nsession memory, MiB (built / after the first run): " + ", ".join(
             f"{n} {memory['ort ' + n]['weights']:.0f}/{memory['ort ' + n]['first_run']:.0f}" for n in auto))
         for t in (int(v) for v in threads.split(",")):
