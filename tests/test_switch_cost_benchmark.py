@@ -24,7 +24,7 @@ def test_switch_cost_smoke_run_prints_costs_memory_and_openvino_accuracy(tmp_pat
     assert [r["name"] for r in rows] == ["fp32", "w8", "w4", "w4a8", "w8a8"]
     assert ort["meta"]["role"] == "device" and ort["meta"]["cold_switch_latency"]["switches"] == 5
     assert ort["baseline"]["host_accuracy"] == 1.0  # the labels are FP32's own top-1 on the host
-    assert all(r["costs"]["prepare_ms"] > 0 for r in rows)
+    assert all(r["costs"]["ready_ms"] > 0 for r in rows)
     mib = result["resident_mib"]
     # Five sessions hold more than the two most recent, and those more than one FP32 session alone.
     assert mib["all prepared"] > mib["resident=2"] > mib["one fp32 session"] > 0
