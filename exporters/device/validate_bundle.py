@@ -36,7 +36,8 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
   - artifact_bytes: the size of its ONNX file;
   - ops: how the runtime ran it, `PrecisionSwitcher.executed_ops`: {"integer": weight layers on
     integer kernels, "float": on float kernels, "by_type": {kernel: count}, "how"} (ONNX Runtime:
-    the kernels its profiler saw run; OpenVINO: the compiled runtime graph's layer precisions), or
+    the kernels its profiler saw run; OpenVINO: the compiled runtime graph, a weight layer integer
+    when its activation input is), or
     {"unavailable": why} (TensorRT).
 
   These are device numbers; ``host_accuracy`` is the one host number in a row.
@@ -46,8 +47,8 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
 - meta.switch_latency: `measure_switch_latency` over every variant prepared ({"median_ms",
   "max_ms", "switches"}); meta.cold_switch_latency: the same with one resident session, so that
   every switch evicts a session and prepares another (null on TensorRT, which takes no `resident`).
-- meta.latency_batch; meta.inference_precision: the precision OpenVINO ran float layers in (null
-  for the other runtimes).
+- meta.latency_batch; meta.inference_precision: the INFERENCE_PRECISION_HINT OpenVINO compiled
+  with, "f32" or "bf16" (null: the OpenVINO device's default, or another runtime).
 - meta.refit_verdicts (TensorRT): {variant: record} of each refit proven against the variant's own
   engine (`exporters.device.trt_switch`); null for the other runtimes.
 - meta.unlisted_files: files in the bundle its manifest does not list (no sha256 covers them; the
