@@ -17,6 +17,7 @@ manifest.json::
      "inputs_key": str (what the bundle was built from; an unchanged rebuild is skipped),
      "test_data": {"path": "test.npz", "sha256": str, "samples": int},
      "host_report": "host_report.json",
+     "latency_batch": int (the batch latency is timed at, beside batch 1, on host and device),
      "variants": [{"name": str, "bits": int|null, "symmetric": bool, "per_channel": bool,
                    "act_bits": int|null, "runtime": str (validated with on the host),
                    "artifact": str (relative path), "sha256": str, "file_bytes": int,
@@ -126,7 +127,7 @@ def _copy_checked(entry: dict, folder: Path) -> str:
     return target.relative_to(folder).as_posix()
 
 
-def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int) -> dict:
+def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int, latency_batch: int) -> dict:
     from hero_train.checkpoint import class_names, recorded_model
 
     ckpt = loaded.ckpt
@@ -147,7 +148,7 @@ def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, sampl
         "input_shape": list(ckpt["input_shape"]), "normalization": ckpt["normalization"],
         "source_sha256": loaded.sha256, "inputs_key": key,
         "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
-        "host_report": HOST_REPORT, "variants": variants,
+        "host_report": HOST_REPORT, "latency_batch": latency_batch, "variants": variants,
     }
 
 
@@ -201,11 +202,10 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     built.chmod(0o755)  # mkdtemp makes it 0700: the bundle is meant for another user on the device
     try:
         np.savez_compressed(built / TEST_DATA, x=x.astype(np.float32), y=y.astype(np.int64))
-        manifest = _manifest(loaded, entries, built, key, len(x))
+        manifest = _manifest(loaded, entries, built, key, len(x), options.latency_batch)
         write_atomic(built / MANIFEST, json.dumps(manifest, indent=2))
         providers = list(options.providers) if options.providers else None
-        host = validate_bundle(built, "onnxruntime", providers, latency_batch=options.latency_batch,
-                               latency_repeats=options.latency_repeats)
+        host = validate_bundle(built, "onnxruntime", providers, latency_repeats=options.latency_repeats)
         host["meta"].update(bundle=str(out_dir), role="host")
         accuracy = {r["name"]: r["runtime_accuracy"] for r in [host["baseline"], *host["variants"]]}
         for v in manifest["variants"]:

@@ -84,7 +84,23 @@ def test_validator_on_openvino_writes_a_device_report(tiny, tmp_path):
     assert meta["runtime"] == "openvino" and meta["providers"] == ["CPU"] and meta["role"] == "device"
     assert meta["runtime_version"].startswith("20") and meta["cold_switch_latency"]["switches"] == 3
     assert [r["runtime"] for r in [report["baseline"], *report["variants"]]] == ["openvino"] * 3
-    assert all(r["costs"]["prepare_ms"] > 0 for r in [report["baseline"], *report["variants"]])
+    rows = [report["baseline"], *report["variants"]]
+    assert all(r["costs"]["ready_ms"] > 0 and r["costs"]["ready_by"] == "session" for r in rows)
+    assert meta["inference_precision"] == "f32"
+    # float layers on OpenVINO's float kernels: the tiny net's two Conv and its Gemm (FullyConnected)
+    assert [(r["costs"]["ops"]["integer"], r["costs"]["ops"]["float"]) for r in rows] == [(0, 3)] * 3
+
+
+@needs_openvino
+def test_bf16_inference_precision_is_used_only_when_asked(tiny, tmp_path):
+    report_path = tmp_path / "device_report.json"
+    done = _run(_VALIDATE, tiny["bundle"], "--runtime", "openvino", "--inference-precision", "bf16", "--out",
+                report_path, "--latency-repeats", "1", "--switch-repeats", "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report_path.read_text())["meta"]["inference_precision"] == "bf16"
+    done = _run(_VALIDATE, tiny["bundle"], "--inference-precision", "bf16", "--out", tmp_path / "ort.json")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "inference_precision applies to the openvino runtime, not onnxruntime" in done.stderr
 
 
 def test_openvino_missing_is_one_line_naming_the_extra(tiny, tmp_path):

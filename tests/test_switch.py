@@ -84,8 +84,9 @@ def test_every_prepared_session_records_what_it_cost(tiny):
     switcher.set_precision(4)
     assert switcher.loaded == [4] and set(switcher.costs) == {None, 4}
     for cost in switcher.costs.values():
-        assert cost["prepare_ms"] >= cost["first_run_ms"] > 0
+        assert cost["ready_ms"] >= cost["first_run_ms"] > 0 and cost["ready_by"] == "session"
         assert cost["resident_mib"] is None or isinstance(cost["resident_mib"], float)
+        assert cost["resident_built_mib"] is None or isinstance(cost["resident_built_mib"], float)
 
 
 @pytest.mark.parametrize("resident", [0, -1, True, 1.5, "2"])
@@ -193,7 +194,9 @@ def test_tensorrt_switch_refits_one_engine_and_proves_each_refit_once(tiny, imag
     assert {name: r["verdict"] for name, r in switcher.refit_verdicts.items()} == {"w4": "ok", "w8": "ok"}
     stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
     assert sorted((r["variant"], r["verdict"]) for r in stored) == [("w4", "ok"), ("w8", "ok")]
-    assert "refit_ms" in switcher.costs[4] and "prepare_ms" in switcher.costs[8]
+    assert switcher.costs[4]["ready_by"] == "refit" and switcher.costs[4]["shares_engine_with"] == "w8"
+    # w8 was last made ready by a refit too (back from w4); float has its own engine
+    assert switcher.costs[8]["ready_by"] == "refit" and switcher.costs[None]["ready_by"] == "engine"
 
     again = PrecisionSwitcher(bundle, runtime="tensorrt")
     again.set_precision(4)

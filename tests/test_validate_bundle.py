@@ -90,8 +90,20 @@ def test_device_report_numbers_follow_the_documented_definitions(tiny):
         assert v["latency_ms"] > 0 and v["runtime"] == "onnxruntime"
     for row in [baseline, *report["variants"]]:
         costs = row["costs"]
-        assert costs["prepare_ms"] >= costs["first_run_ms"] > 0 and costs["latency_ms"] == row["latency_ms"]
+        assert costs["ready_ms"] >= costs["first_run_ms"] > 0 and costs["ready_by"] == "session"
+        latency = costs["latency"]
+        assert (latency["batch_1"]["batch"], latency["batch"]["batch"]) == (1, 4)
+        assert latency["batch"]["median_ms"] == row["latency_ms"]
+        for stats in latency.values():
+            assert stats["p99_ms"] >= stats["median_ms"] > 0 and stats["repeats"] == 1
         assert isinstance(costs["resident_mib"], float) or report["meta"]["memory"]["unavailable"]
+        assert costs["artifact_bytes"] == (tiny["bundle"] / row["artifact"]).stat().st_size
+    # How ORT ran them: float kernels on float and weight-only artifacts (their weights folded), all
+    # three Conv and the Gemm of the tiny net; every kernel that ran is counted by op type.
+    for row in [baseline, *report["variants"]]:
+        ops = row["costs"]["ops"]
+        assert (ops["integer"], ops["float"]) == (0, 3), (row["name"], ops)
+        assert sum(ops["by_type"].values()) >= 3 and "profiler" in ops["how"]
     meta = report["meta"]
     assert meta["role"] == "device" and meta["refit_verdicts"] is None
     assert meta["cold_switch_latency"]["switches"] == 3 and meta["switch_latency"]["switches"] == 3
@@ -113,7 +125,8 @@ def test_tensorrt_device_report_records_each_refit_verdict(tiny, tmp_path, monke
     stored = json.loads((bundle / "engines" / "refit_verdicts.json").read_text())["verdicts"]
     assert {r["variant"]: r["verdict"] for r in stored} == {"w8": "ok", "w4": "mismatch"}
     w4 = next(v for v in report["variants"] if v["name"] == "w4")
-    assert "prepare_ms" in w4["costs"]  # it runs on its own engine
+    assert w4["costs"]["ready_by"] == "engine"  # it runs on its own engine
+    assert "unavailable" in w4["costs"]["ops"]
 
 
 def test_validator_without_onnxruntime_imports_and_asks_for_it_in_one_line(tiny, tmp_path):

@@ -1,15 +1,21 @@
 """Which precision to run: a pure choice over the numbers a device report measured.
 
-`choose(report, budget, ...)` (and `PrecisionSwitcher.select(report, budget)`, which fills in the
-bundle's variants, runtime and loaded sessions) returns the precision key of the variant with the
-highest top-1 accuracy on this device among those within every limit of `budget`; ties go to the
-lower latency, then to the earlier precision (float, then more bits). The limits, each optional:
+`choose(report, variants, runtime, max_latency_ms=, max_memory_mib=, min_accuracy=)` (what
+`PrecisionSwitcher.select` calls, then makes the choice active) returns a `Selection`: the variant
+with the highest top-1 accuracy on this device among those within every limit, ties to the lower
+latency, then to the earlier precision (float, then more bits), and the reason in one line. The
+limits, each optional (None: no limit), compare against these numbers of a report row:
 
-- max_latency_ms: the row's ``latency_ms`` (one predict on ``meta.latency_batch`` images);
-- max_resident_mib: ``costs.resident_mib``, the memory one prepared session of the variant holds;
-- max_drop_points: 100 x (the float variant's accuracy - the row's), both measured on the device;
-- max_switch_ms: what switching to it costs now: nothing for a prepared session, its
-  ``costs.prepare_ms`` for one `resident` evicted (a cold switch).
+- max_latency_ms: ``costs.latency.batch_1.median_ms``, the median time of one predict on one image.
+  Batch 1 because a budget that changes at run time is a per-frame budget: a device loop that
+  switches precision answers one input at a time. The manifest's batch (``costs.latency.batch``)
+  and the 99th percentiles are in the report for a caller who budgets otherwise.
+- max_memory_mib: ``costs.resident_mib``, the resident memory the variant's prepared session adds
+  (VmRSS growth over its creation and first run).
+- min_accuracy: ``runtime_accuracy``, top-1 on the bundle's test.npz on this device (a fraction).
+
+No variant within the limits: a one-line HeroError naming the closest variant, the one whose misses
+summed relative to their limits are smallest, and by how much it misses each limit.
 
 Where the numbers come from is checked, never assumed: the report must be a device report
 (``meta.role`` "device", written by `exporters.device.validate_bundle` on the device) of the same
@@ -29,26 +35,22 @@ import numbers
 from exporters.device.errors import HeroError
 
 ROLES = ("device", "host")
-# Accuracies are fractions of a test-set count, so 100 x (0.90 - 0.89) is 1.0000000000000009:
-# a drop equal to the limit up to float rounding fits it.
-DROP_ROUNDING = 1e-9
+# Accuracies are fractions of a test-set count (89/100 is 0.89 only up to rounding): an accuracy
+# equal to min_accuracy up to float rounding fits it.
+ACCURACY_ROUNDING = 1e-9
+LATENCY = ("costs", "latency", "batch_1", "median_ms")
+MEMORY = ("costs", "resident_mib")
+ACCURACY = ("runtime_accuracy",)
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
-    """The limits a chosen variant must meet (None: no limit); see the module docstring."""
+class Selection:
+    """What `choose` picked: `precision` (the key `set_precision` takes), the variant's `name`, and
+    `reason`, one line saying why (its numbers, the limits, the more accurate variants that missed)."""
 
-    max_latency_ms: float | None = None
-    max_resident_mib: float | None = None
-    max_drop_points: float | None = None
-    max_switch_ms: float | None = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not math.isfinite(value) or value < 0):
-                raise HeroError(f"Budget.{field.name} must be None or a finite number >= 0, got {value!r}")
+    precision: int | str | None
+    name: str
+    reason: str
 
 
 def _number(row: dict, path: tuple[str, ...], where: str) -> float:
@@ -61,11 +63,24 @@ def _number(row: dict, path: tuple[str, ...], where: str) -> float:
     return float(value)
 
 
-def _check_source(report, runtime: str, allow_host_numbers: bool) -> dict:
-    """The report's meta, after checking it is a report of `runtime` measured where it may be used."""
+def _limits(max_latency_ms, max_memory_mib, min_accuracy) -> dict:
+    """The limits given, checked: {name: value}."""
+    given = {"max_latency_ms": max_latency_ms, "max_memory_mib": max_memory_mib, "min_accuracy": min_accuracy}
+    for name, value in given.items():
+        top = 1.0 if name == "min_accuracy" else math.inf
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value) or not 0 <= value <= top):
+            what = "a fraction in [0, 1]" if name == "min_accuracy" else "a finite number >= 0"
+            raise HeroError(f"{name} must be None or {what}, got {value!r}")
+    return {name: float(value) for name, value in given.items() if value is not None}
+
+
+def _check_source(report, runtime: str, allow_host_numbers: bool) -> None:
+    """Refuse a report that is not of `runtime`, or measured where it may not be used."""
     if not isinstance(report, dict) or not isinstance(report.get("meta"), dict) \
             or not isinstance(report.get("baseline"), dict) or not isinstance(report.get("variants"), list):
-        raise HeroError("select needs a device report (the JSON object validate_bundle writes): load it with json.load")
+        raise HeroError("select needs a device report (the JSON object validate_bundle writes): pass its path "
+                        "or the object json.load gives")
     meta = report["meta"]
     role = meta.get("role")
     if role not in ROLES:
@@ -78,50 +93,56 @@ def _check_source(report, runtime: str, allow_host_numbers: bool) -> dict:
     if meta.get("runtime") != runtime:
         raise HeroError(f"the report measured runtime {meta.get('runtime')!r}, this switcher runs {runtime!r}: run "
                         f"validate_bundle --runtime {runtime} and select on that report")
-    return meta
 
 
-def choose(report: dict, budget: Budget, variants: dict, runtime: str, loaded=None, *,
-           allow_host_numbers: bool = False):
-    """The precision key to run (module docstring). `variants` maps each precision key of the bundle
-    to its artifact's sha256, in precision order; `loaded` the keys whose sessions are prepared (None:
-    all)."""
+def _misses(numbers_: dict, limits: dict) -> list[tuple[float, str]]:
+    """(relative miss, text) of each limit the numbers miss."""
+    out = []
+    if "max_latency_ms" in limits and numbers_["latency"] > limits["max_latency_ms"]:
+        limit = limits["max_latency_ms"]
+        out.append(((numbers_["latency"] - limit) / max(limit, 1e-9),
+                    f"latency {numbers_['latency']:.3g} ms > {limit:.3g} ms by {numbers_['latency'] - limit:.3g} ms"))
+    if "max_memory_mib" in limits and numbers_["memory"] > limits["max_memory_mib"]:
+        limit = limits["max_memory_mib"]
+        out.append(((numbers_["memory"] - limit) / max(limit, 1e-9),
+                    f"memory {numbers_['memory']:.3g} MiB > {limit:.3g} MiB by {numbers_['memory'] - limit:.3g} MiB"))
+    if "min_accuracy" in limits and numbers_["accuracy"] < limits["min_accuracy"] - ACCURACY_ROUNDING:
+        limit = limits["min_accuracy"]
+        out.append(((limit - numbers_["accuracy"]) / max(limit, 1e-9),
+                    f"accuracy {numbers_['accuracy']:.2%} < {limit:.2%} by "
+                    f"{100 * (limit - numbers_['accuracy']):.2f} points"))
+    return out
+
+
+def choose(report: dict, variants: dict, runtime: str, *, max_latency_ms=None, max_memory_mib=None,
+           min_accuracy=None, allow_host_numbers: bool = False) -> Selection:
+    """The `Selection` under the limits (module docstring). `variants` maps each precision key of the
+    bundle to its manifest entry (name, sha256), in precision order."""
+    limits = _limits(max_latency_ms, max_memory_mib, min_accuracy)
     _check_source(report, runtime, allow_host_numbers)
-    rows = {}
-    for row in [report["baseline"], *report["variants"]]:
-        sha = row.get("sha256") if isinstance(row, dict) else None
-        rows[sha] = row
-    missing = [key for key, sha in variants.items() if sha not in rows]
-    if missing or len(rows) != len(variants):
+    rows = {row.get("sha256"): row for row in [report["baseline"], *report["variants"]] if isinstance(row, dict)}
+    if any(v["sha256"] not in rows for v in variants.values()) or len(rows) != len(variants):
         raise HeroError("the report is of another bundle (its variants' sha256 differ from this bundle's): "
                         "validate this bundle on this device and select on that report")
-    float_accuracy = _number(report["baseline"], ("runtime_accuracy",), f"variant {report['baseline'].get('name')!r}")
-    candidates, refused = [], []
-    for order, (key, sha) in enumerate(variants.items()):
-        row = rows[sha]
-        where = f"variant {row.get('name')!r}"
-        accuracy = _number(row, ("runtime_accuracy",), where)
-        latency = _number(row, ("latency_ms",), where)
-        over = []
-        if budget.max_latency_ms is not None and latency > budget.max_latency_ms:
-            over.append(f"latency {latency:.3g} ms")
-        if budget.max_resident_mib is not None:
-            mib = _number(row, ("costs", "resident_mib"), where)
-            if mib > budget.max_resident_mib:
-                over.append(f"memory {mib:.3g} MiB")
-        drop = 100.0 * (float_accuracy - accuracy)
-        if budget.max_drop_points is not None and drop > budget.max_drop_points + DROP_ROUNDING:
-            over.append(f"drop {drop:.3g} points")
-        if budget.max_switch_ms is not None and loaded is not None and key not in loaded:
-            prepare = _number(row, ("costs", "prepare_ms"), where)
-            if prepare > budget.max_switch_ms:
-                over.append(f"cold switch {prepare:.3g} ms")
-        if over:
-            refused.append(f"{row.get('name')} ({', '.join(over)})")
-        else:
-            candidates.append((-accuracy, latency, order, key))
-    if not candidates:
-        limits = ", ".join(f"{f.name}={getattr(budget, f.name)}" for f in dataclasses.fields(budget)
-                           if getattr(budget, f.name) is not None)
-        raise HeroError(f"no variant fits {limits}: {'; '.join(refused)}; loosen the budget")
-    return min(candidates)[3]
+    measured = []
+    for order, (key, variant) in enumerate(variants.items()):
+        row, where = rows[variant["sha256"]], f"variant {variant['name']!r}"
+        numbers_ = {"accuracy": _number(row, ACCURACY, where), "latency": _number(row, LATENCY, where),
+                    "memory": _number(row, MEMORY, where) if "max_memory_mib" in limits else None}
+        measured.append((-numbers_["accuracy"], numbers_["latency"], order, key, variant["name"], numbers_,
+                         _misses(numbers_, limits)))
+    measured.sort(key=lambda m: m[:3])
+    shown = ", ".join(f"{name}={value:g}" for name, value in limits.items()) or "no limit"
+    fitting = [m for m in measured if not m[6]]
+    if not fitting:
+        closest = min(measured, key=lambda m: (sum(miss for miss, _ in m[6]), m[2]))
+        raise HeroError(f"no variant fits {shown}: the closest, {closest[4]}, misses by "
+                        f"{' and '.join(text for _, text in closest[6])}; loosen the budget or measure again")
+    best = fitting[0]
+    numbers_ = best[5]
+    memory = "" if numbers_["memory"] is None else f", memory {numbers_['memory']:.3g} MiB"
+    better = [f"{m[4]} ({', '.join(text for _, text in m[6])})" for m in measured[:measured.index(best)] if m[6]]
+    reason = (f"{best[4]}: the most accurate variant within {shown} (accuracy {numbers_['accuracy']:.2%}, latency "
+              f"{numbers_['latency']:.3g} ms at batch 1{memory})"
+              + (f"; more accurate but missing: {'; '.join(better)}" if better else ""))
+    return Selection(best[3], best[4], reason)

@@ -114,6 +114,7 @@ _TOP = {
     "inputs_key": (False, _sha, "64 lowercase hex digits"),
     "test_data": (True, lambda v: isinstance(v, dict), "an object"),
     "host_report": (False, _text, "a relative path"),
+    "latency_batch": (False, _int(1, 1 << 16), "an integer from 1 to 65536"),
     "variants": (True, lambda v: isinstance(v, list) and 0 < len(v) <= 64, "a list of 1 to 64 variants"),
 }
 

@@ -1,5 +1,6 @@
-"""Run an exported ONNX model with ONNX Runtime: batched prediction, accuracy and latency; and the
-one latency timer (`median_ms`) and top-1 measure (`top1`) of host and device alike.
+"""Run an exported ONNX model with ONNX Runtime: batched prediction, accuracy and latency; the one
+latency timer (`latency_stats`, `median_ms`) and top-1 measure (`top1`) of host and device alike; and
+which kernels a session ran (`OnnxRuntimeRunner.executed_ops`, `weight_op_counts`).
 
 Imports numpy and, when a runner is built, onnxruntime only, so it runs on a device without torch;
 the timer and `top1` also run where only TensorRT is installed.
@@ -8,8 +9,11 @@ the timer and `top1` also run where only TensorRT is installed.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +39,15 @@ WEIGHT_DEQUANT_MODES = ("auto", "folded", "runtime")
 _FOLDING_PROVIDERS = {"CPUExecutionProvider"}
 _UNUSABLE_PROVIDERS = ("AzureExecutionProvider",)  # remote inference, not a local device
 _ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# A Conv/Gemm/MatMul of a quantized artifact runs either as one of ONNX Runtime's integer kernels
+# or as a float kernel on dequantized or folded weights (the same sets as exporters/kernels.py, the
+# host's reading of the optimised graph; ORT contrib op names, ContribOperators.md).
+INTEGER_OPS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                         "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeMatMul"})
+FLOAT_WEIGHT_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
 
 
-def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall-clock milliseconds of `fn()` over `repeats` timed calls, after `warmup` untimed
-    ones (the first run allocates and picks kernels). Host and device latency_ms both come from here."""
+def _run_times(fn, repeats: int, warmup: int) -> list[float]:
     if repeats < 1 or warmup < 0:
         raise HeroError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     for _ in range(warmup):
@@ -49,7 +57,21 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of `fn()` over `repeats` timed calls, after `warmup` untimed
+    ones (the first run allocates and picks kernels). Host and device latency_ms both come from here."""
+    return statistics.median(_run_times(fn, repeats, warmup))
+
+
+def latency_stats(fn, repeats: int, warmup: int = 1) -> dict:
+    """{"median_ms", "p99_ms", "repeats"} of `fn()` timed as `median_ms` times it. p99_ms is the 99th
+    percentile by linear interpolation between order statistics (numpy.percentile's default), so
+    with fewer than 100 repeats it lies between the two slowest runs."""
+    times = _run_times(fn, repeats, warmup)
+    return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)), "repeats": repeats}
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -176,6 +198,7 @@ class OnnxRuntimeRunner:
         providers = checked_providers(providers)
         fold = weight_dequant == "folded" or (weight_dequant == "auto" and optimization == "default"
                                               and folds_weights(providers))
+        self._settings = (providers, optimization, intra_op_threads)
         self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if fold and weight_dequant == "auto" and not _has_quantized_weights(self.metadata):
@@ -193,12 +216,30 @@ class OnnxRuntimeRunner:
             raise HeroError(f"{self.path} takes {inputs[0].type} input; the runner feeds float images")
         self.providers = self.session.get_providers()
 
+    def executed_ops(self, x: np.ndarray) -> dict:
+        """`weight_op_counts` of the kernels one run of `x` executes, with "how" saying how they were
+        read: a second session with this one's options and ONNX Runtime's profiler on
+        (SessionOptions.enable_profiling), whose trace (Chrome trace JSON) has one "Node" event per
+        kernel run, naming its op ("args.op_name") after graph optimisation. JSON only: no onnx."""
+        providers, optimization, threads = self._settings
+        with tempfile.TemporaryDirectory() as scratch:
+            options = session_options(optimization, self.weight_dequant == "folded", threads)
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(scratch, "profile")
+            session = self._open(providers, optimization, threads, self.weight_dequant == "folded", options)
+            session.run(None, {self.input_name: np.asarray(x[:1]).astype(self.input_dtype, copy=False)})
+            with open(session.end_profiling()) as trace:
+                events = json.load(trace)
+        ops = Counter(e["args"]["op_name"] for e in events if e.get("cat") == "Node"
+                      and str(e.get("name", "")).endswith("_kernel_time") and "op_name" in e.get("args", {}))
+        return {**weight_op_counts(ops), "how": "ONNX Runtime profiler: the kernels one batch-1 run executed"}
+
     def _open(self, providers: list[str], optimization: str, intra_op_threads: int | None,
-              fold: bool):
+              fold: bool, options=None):
         ort = _ort()
         from onnxruntime.capi import onnxruntime_pybind11_state as errors
 
-        options = session_options(optimization, fold, intra_op_threads)
+        options = options or session_options(optimization, fold, intra_op_threads)
         try:
             return ort.InferenceSession(str(self.path), options, providers=providers)
         except (errors.Fail, errors.InvalidArgument, errors.InvalidGraph, errors.InvalidProtobuf, errors.NoSuchFile,
@@ -230,6 +271,15 @@ def evaluate_accuracy(runner: OnnxRuntimeRunner, images: np.ndarray, labels: np.
     """(top-1 accuracy, logits) of `runner` on labelled images."""
     logits = runner.predict(images, batch_size=batch_size)
     return top1(logits, labels), logits
+
+
+def weight_op_counts(ops: Counter) -> dict:
+    """{"integer": n, "float": n, "by_type": {op: count}} of the kernels an ONNX Runtime session ran:
+    how many Conv/Gemm/MatMul-kind kernels ran integer (`INTEGER_OPS`) and how many float
+    (`FLOAT_WEIGHT_OPS`), and every kernel by op type."""
+    return {"integer": sum(n for op, n in ops.items() if op in INTEGER_OPS),
+            "float": sum(n for op, n in ops.items() if op in FLOAT_WEIGHT_OPS),
+            "by_type": dict(sorted(ops.items()))}
 
 
 def time_batches(runner, x: np.ndarray, repeats: int) -> float:

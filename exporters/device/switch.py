@@ -33,8 +33,9 @@ What a switch costs, by runtime:
   REFIT has a known issue (`trt_contract.refit_known_issue`), every variant gets its own engine.
   Each refit is proven on its first use on a device (`exporters.device.trt_switch`).
 
-Which precision to run under a latency, memory or accuracy budget is `select`'s choice over a
-device report's measured numbers (`exporters.device.choice`).
+`select(max_latency_ms=, max_memory_mib=, min_accuracy=, device_report=)` switches to the most
+accurate variant within a budget, chosen from a device report's measured numbers
+(`exporters.device.choice` holds the rule).
 
 numpy and the runtime only (onnxruntime, openvino or TensorRT, imported when used): this runs on
 the device.
@@ -50,9 +51,10 @@ from pathlib import Path
 import numpy as np
 
 from exporters.device import memory
-from exporters.device.choice import Budget, choose
+from exporters.device.choice import Selection, choose
 from exporters.device.errors import HeroError, unknown_choice
-from exporters.device.manifest import read_manifest, verify_file
+from exporters.device.files import read_json
+from exporters.device.manifest import bundle_path, read_manifest, verify_file
 
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 SESSION_RUNTIMES = ("onnxruntime", "openvino")  # a prepared session per variant: `resident` applies
@@ -83,26 +85,30 @@ class PrecisionSwitcher:
     `resident` (onnxruntime and openvino): how many prepared sessions stay loaded. None (the
     default) prepares every variant up front, so every switch is a lookup; N keeps the N most
     recently used, the first N precisions prepared at start, and a switch to another one evicts the
-    least recently used session and prepares the new one (a cold switch: its `prepare_ms`). The
-    default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 210 ms
+    least recently used session and prepares the new one (a cold switch: its `ready_ms`). The
+    default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 133 ms
     (median) against 0.1 µs for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
-    w4) held 4.2x one FP32 session's memory and resident=2 1.6x (`benchmarks/switch_cost.py`,
+    w4) held 3.8x one FP32 session's memory and resident=2 1.4x (`benchmarks/switch_cost.py`,
     benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per
     refit group and takes no `resident`.
 
-    `costs[bits]` is what preparing each variant cost here, measured when it was last prepared:
-    {"prepare_ms" (session build and first batch-1 run), "first_run_ms", "resident_mib" (VmRSS
-    growth, `exporters.device.memory`; None where unreadable)}; on TensorRT a variant switched to by
-    refit records "refit_ms" (its last refit), beside its engine's costs where it owns the engine.
+    `costs[bits]` is what making each variant ready cost here, measured when it was last made ready:
+    {"ready_ms": the time to make it ready, "ready_by": how ("session": session build and first
+    batch-1 run; "engine": TensorRT engine build or load and first run; "refit": a TensorRT refit),
+    "first_run_ms", "resident_built_mib" and "resident_mib": VmRSS growth after the session was
+    built and after its first run (`exporters.device.memory`; None where unreadable)}.
 
     `providers`: ONNX Runtime's execution providers; for openvino, one OpenVINO device name in a
-    list (default ["CPU"]).
+    list (default ["CPU"]). `inference_precision` (openvino only): "f32" or "bf16", the precision
+    OpenVINO runs float layers in; None is f32 on the CPU (`exporters.device.openvino_runtime`).
     """
 
     def __init__(self, bundle_dir, runtime: str = "onnxruntime", providers=None, *, engine_dir=None,
-                 resident: int | None = None):
+                 resident: int | None = None, inference_precision: str | None = None):
         if runtime not in RUNTIMES:
             raise HeroError(unknown_choice("runtime", runtime, RUNTIMES))
+        if inference_precision is not None and runtime != "openvino":
+            raise HeroError(f"inference_precision applies to the openvino runtime, not {runtime}: leave it unset")
         if resident is not None and (isinstance(resident, bool) or not isinstance(resident, int) or resident < 1):
             raise HeroError(f"resident must be None (every variant prepared) or an integer >= 1, got {resident!r}")
         if resident is not None and runtime not in SESSION_RUNTIMES:
@@ -116,8 +122,9 @@ class PrecisionSwitcher:
         self.precisions = sorted(self._variants, key=precision_order)
         paths = {bits: verify_file(self.bundle_dir, v["artifact"], v["sha256"]) for bits, v in self._variants.items()}
         self.costs: dict = {}
+        self.inference_precision = None  # openvino: the INFERENCE_PRECISION_HINT set (None: the device's default)
         if runtime in SESSION_RUNTIMES:
-            opener = _session_opener(runtime, providers)
+            opener, self.inference_precision = _session_opener(runtime, providers, inference_precision)
             self._backend = _SessionBackend(paths, opener, self.manifest.get("input_shape"), resident, self.costs)
         else:
             from exporters.device.trt_switch import TensorRTBackend
@@ -147,14 +154,27 @@ class PrecisionSwitcher:
             raise HeroError(f"this bundle has no {what}: choose one of {shown}")
         return self._variants[bits]
 
-    def select(self, report: dict, budget: Budget, *, allow_host_numbers: bool = False) -> int | str | None:
-        """The precision to run under `budget`, chosen from the numbers of `report` (a device report
-        of this bundle and runtime, as `exporters.device.validate_bundle` writes it on this device):
-        the most accurate variant within every limit, ties to the faster. A pure choice, it does not
-        switch: pass the result to `set_precision`. A host report is refused unless
-        `allow_host_numbers` (rules in `exporters.device.choice`)."""
-        return choose(report, budget, {bits: self._variants[bits]["sha256"] for bits in self.precisions},
-                      self.runtime, set(self.loaded), allow_host_numbers=allow_host_numbers)
+    def select(self, max_latency_ms: float | None = None, max_memory_mib: float | None = None,
+               min_accuracy: float | None = None, device_report=None, *, allow_host_numbers: bool = False) -> Selection:
+        """Make active, and return with the reason, the most accurate variant whose measured numbers
+        fit every limit given: `max_latency_ms` against its median latency at batch 1 on this device
+        (one image per predict, as a per-frame budget is), `max_memory_mib` against the resident memory
+        its session adds, `min_accuracy` (a fraction) against its top-1 accuracy on test.npz; ties go
+        to the faster variant. The numbers are those of `device_report` (a path or the loaded JSON of
+        `python -m exporters.device.validate_bundle` run on this device with this runtime). None:
+        the bundle's host_report.json, whose latencies and memory are the host's, so it is refused
+        unless `allow_host_numbers=True`. No variant fits: a HeroError naming the closest and by how
+        much it misses. Rules: `exporters.device.choice`."""
+        if device_report is None:
+            device_report = bundle_path(self.bundle_dir, self.manifest.get("host_report") or "host_report.json")
+        if not isinstance(device_report, dict):
+            device_report = read_json(device_report, "device report", ": run `python -m exporters.device.validate_bundle "
+                                      "BUNDLE --out REPORT` on this device first", ": validate the bundle again")
+        chosen = choose(device_report, {bits: self._variants[bits] for bits in self.precisions}, self.runtime,
+                        max_latency_ms=max_latency_ms, max_memory_mib=max_memory_mib, min_accuracy=min_accuracy,
+                        allow_host_numbers=allow_host_numbers)
+        self.set_precision(chosen.precision)
+        return chosen
 
     def set_precision(self, bits: int | str | None) -> None:
         """Make the variant with `bits` (None: float; a mixed variant's name) the one `predict` runs."""
@@ -168,21 +188,29 @@ class PrecisionSwitcher:
         """float32 logits of the active variant for a batch of preprocessed images."""
         return self._backend.active.predict(x)
 
+    def executed_ops(self, x: np.ndarray) -> dict:
+        """How the runtime runs the active variant: {"integer", "float", "by_type", "how"} (weight
+        layers on integer against float kernels, after the runtime's optimisation), or
+        {"unavailable": why} where the runtime cannot tell (`x`: a sample batch to run)."""
+        return self._backend.executed_ops(x)
 
-def _session_opener(runtime: str, providers):
-    """path -> a prepared runner of `runtime`; the runtime is imported here, when it is chosen."""
+
+def _session_opener(runtime: str, providers, inference_precision: str | None):
+    """(path -> a prepared runner of `runtime`, the OpenVINO inference precision set or None); the
+    runtime is imported here, when it is chosen."""
     if runtime == "onnxruntime":
         from exporters.device.runtime import OnnxRuntimeRunner, checked_providers
 
         providers = checked_providers(providers)
-        return lambda path: OnnxRuntimeRunner(path, providers)
-    from exporters.device.openvino_runtime import DEFAULT_DEVICE, OpenVinoRunner, import_openvino
+        return (lambda path: OnnxRuntimeRunner(path, providers)), None
+    from exporters.device.openvino_runtime import DEFAULT_DEVICE, OpenVinoRunner, compile_config, import_openvino
 
     import_openvino()
     names = [providers] if isinstance(providers, str) else list(providers or [DEFAULT_DEVICE])
     if len(names) != 1:
         raise HeroError(f"openvino runs on one device: name one (CPU, GPU, NPU), got {', '.join(names)}")
-    return lambda path: OpenVinoRunner(path, names[0])
+    hint = compile_config(names[0], None, inference_precision).get("INFERENCE_PRECISION_HINT")  # checks it
+    return (lambda path: OpenVinoRunner(path, names[0], inference_precision=inference_precision)), hint
 
 
 class _SessionBackend:
@@ -206,19 +234,26 @@ class _SessionBackend:
 
     def _prepare(self, bits) -> None:
         """Build `bits`' session and run it once (ORT and OpenVINO allocate and pick kernels on the
-        first run, which belongs to the switch, not to the first predict); record prepare_ms (both),
-        first_run_ms and resident_mib (VmRSS growth, heap trimmed before and after; None off Linux)."""
+        first run, which belongs to the switch, not to the first predict); record its costs (the
+        switcher's `costs`: VmRSS growth with the heap trimmed at each reading; None off Linux)."""
         before = memory.reading()
         start = time.perf_counter()
         runner = self._open(self._paths[bits])
         built = time.perf_counter()
+        built_kib = memory.resident_delta_kib(before)
+        run_start = time.perf_counter()
         if self._warmup is not None:
             runner.predict(self._warmup)
         done = time.perf_counter()
         self.runners[bits] = runner
         grown = memory.resident_delta_kib(before)
-        self._costs[bits] = {"prepare_ms": (done - start) * 1000.0, "first_run_ms": (done - built) * 1000.0,
+        self._costs[bits] = {"ready_ms": (built - start + done - run_start) * 1000.0, "ready_by": "session",
+                             "first_run_ms": (done - run_start) * 1000.0,
+                             "resident_built_mib": None if built_kib is None else built_kib / 1024.0,
                              "resident_mib": None if grown is None else grown / 1024.0}
+
+    def executed_ops(self, x: np.ndarray) -> dict:
+        return self.active.executed_ops(x)
 
     def select(self, bits) -> None:
         if bits in self.runners:

@@ -22,8 +22,10 @@ Each verdict is recorded next to the engine cache, in `<engine_dir>/refit_verdic
 `VerdictRecord` fields, keyed by the TensorRT version, GPU and compute capability, the shared
 engine's ONNX sha256 and the variant's sha256), so a later switcher on this device trusts it without
 proving again, and in the device report (`meta.refit_verdicts`). Costs (`PrecisionSwitcher.costs`)
-are those of each engine prepared (its `resident_mib` is host memory: VmRSS does not see the GPU's)
-and, for a variant switched to by refit, "refit_ms". numpy and TensorRT only.
+are those of each engine prepared ("ready_by" "engine"; its `resident_mib` is host memory: VmRSS
+does not see the GPU's) and, for a variant switched to by refit, its last refit ("ready_by"
+"refit", "ready_ms" the refit's time, "resident_mib" that of the engine it shares). numpy and
+TensorRT only.
 """
 
 from __future__ import annotations
@@ -140,12 +142,22 @@ class TensorRTBackend:
         engine = _prepared_engine(self._trt, self._paths[bits], self._variants[bits], self._engine_dir, refit, own)
         runner = self._trt.TensorRTRunner(engine)
         built = time.perf_counter()
+        built_kib = memory.resident_delta_kib(before)
+        run_start = time.perf_counter()
         runner.predict(self._probe)
         done = time.perf_counter()
         grown = memory.resident_delta_kib(before)
-        self._costs[bits] = {"prepare_ms": (done - start) * 1000.0, "first_run_ms": (done - built) * 1000.0,
+        self._costs[bits] = {"ready_ms": (built - start + done - run_start) * 1000.0, "ready_by": "engine",
+                             "first_run_ms": (done - run_start) * 1000.0,
+                             "resident_built_mib": None if built_kib is None else built_kib / 1024.0,
                              "resident_mib": None if grown is None else grown / 1024.0}
         return runner
+
+    def executed_ops(self, x: np.ndarray) -> dict:
+        """TensorRT's layer precisions need its engine inspector with detailed profiling verbosity,
+        which these engines are not built with: not read."""
+        return {"unavailable": "TensorRT engines here are built without detailed profiling verbosity, "
+                               "so the engine inspector cannot say which layers run INT8"}
 
     def select(self, bits) -> None:
         if bits in self._own:
@@ -157,7 +169,10 @@ class TensorRTBackend:
             start = time.perf_counter()
             runner.refit_from_onnx(self._paths[bits])
             self._loaded[group] = bits
-            self._costs.setdefault(bits, {})["refit_ms"] = (time.perf_counter() - start) * 1000.0
+            base = self._costs.get(self._base[group], {})
+            self._costs[bits] = {"ready_ms": (time.perf_counter() - start) * 1000.0, "ready_by": "refit",
+                                 "resident_mib": base.get("resident_mib"),
+                                 "shares_engine_with": self._variants[self._base[group]]["name"]}
         if self._shared(bits) and self._variants[bits]["name"] not in self.verdicts:
             self._prove(bits, runner)
         self.active = self._own.get(bits, runner)
@@ -171,7 +186,6 @@ class TensorRTBackend:
         result, error = verdict(got, own.predict(self._probe))
         if result == "mismatch":  # from now on the variant runs on its own engine: that is its cost
             self._own[bits] = own
-            self._costs[bits] = {**switch_costs, **self._costs[bits]}
         else:  # the proof's engine is no part of what the switch costs
             self._costs[bits] = switch_costs
             if hasattr(own, "close"):

@@ -3,6 +3,7 @@
     python -m exporters.device.validate_bundle BUNDLE [--runtime onnxruntime|openvino|tensorrt]
                                                [--out device_report.json]
                                                [--providers CUDAExecutionProvider,CPUExecutionProvider]
+                                               [--inference-precision f32|bf16]   (openvino)
 
 Checks every file's sha256 against the manifest, runs every variant on the bundle's test.npz through
 one `PrecisionSwitcher`, and writes a device report in the schema of the host's report.json
@@ -15,23 +16,39 @@ one `PrecisionSwitcher`, and writes a device report in the schema of the host's 
 - torch_accuracy: the PyTorch emulation's accuracy as measured on the host (the device has no torch).
 - agreement: top-1 agreement with the float variant on this device (1.0 for the baseline).
 - drop, drop_points: baseline.accuracy minus runtime_accuracy, as a fraction and in points.
-- latency_ms: median time of one predict on ``latency_batch`` test images after a warm-up one
-  (`exporters.device.runtime.time_batches`, as on the host).
-- costs: what this variant costs on this device, measured here (`PrecisionSwitcher.costs`, the
-  runtime warmed up first by the cold-switch measurement): {"prepare_ms": session build and first
-  batch-1 run, what a cold switch to it costs; "first_run_ms"; "resident_mib": VmRSS growth from
-  preparing it, glibc heap trimmed before and after (`exporters.device.memory`; one in-process
-  reading: benchmarks/switch_cost.py gives the median of fresh processes), null off Linux with
-  meta.memory.unavailable saying why; "latency_ms" as above}; on TensorRT resident_mib is host
-  memory only (not the GPU's), and a variant switched to by refit has "refit_ms" (its last refit)
-  instead of its own engine's costs. These are device numbers; ``host_accuracy`` is the one host
-  number in a row.
+- latency_ms: median time of one predict on ``meta.latency_batch`` test images (the manifest's
+  ``latency_batch``, 64 for a bundle without one) after a warm-up one, as on the host.
+- costs: what this variant costs on this device, measured here; the runtime is warmed up first by
+  the cold-switch measurement, so each variant's costs are its own:
+
+  - latency: {"batch_1": {...}, "batch": {...}}, each {"batch", "median_ms", "p99_ms", "repeats"}
+    over ``--latency-repeats`` timed predicts of 1 and of ``meta.latency_batch`` images
+    (`exporters.device.runtime.latency_stats`);
+  - ready_ms, ready_by: the time to make the variant ready, and how: "session" (session build
+    and first batch-1 run: what a cold switch to it costs), "engine" (a TensorRT engine built or
+    loaded and run once), "refit" (a TensorRT refit of the engine it shares, "shares_engine_with");
+  - first_run_ms;
+  - resident_built_mib, resident_mib: VmRSS growth from before building its session to after
+    building it, and to after its first run, glibc heap trimmed at each reading
+    (`exporters.device.memory`; one in-process reading: benchmarks/switch_cost.py gives the median
+    of fresh processes), null off Linux with meta.memory.unavailable saying why; on TensorRT host
+    memory only (not the GPU's);
+  - artifact_bytes: the size of its ONNX file;
+  - ops: how the runtime ran it, `PrecisionSwitcher.executed_ops`: {"integer": weight layers on
+    integer kernels, "float": on float kernels, "by_type": {kernel: count}, "how"} (ONNX Runtime:
+    the kernels its profiler saw run; OpenVINO: the compiled runtime graph, a weight layer integer
+    when its activation input is), or
+    {"unavailable": why} (TensorRT).
+
+  These are device numbers; ``host_accuracy`` is the one host number in a row.
 - no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
 - meta.role: "device" (a bundle's host_report.json says "host": the same measurement on the host,
   which `PrecisionSwitcher.select` refuses unless told, `exporters.device.choice`).
 - meta.switch_latency: `measure_switch_latency` over every variant prepared ({"median_ms",
   "max_ms", "switches"}); meta.cold_switch_latency: the same with one resident session, so that
   every switch evicts a session and prepares another (null on TensorRT, which takes no `resident`).
+- meta.latency_batch; meta.inference_precision: the INFERENCE_PRECISION_HINT OpenVINO compiled
+  with, "f32" or "bf16" (null: the OpenVINO device's default, or another runtime).
 - meta.refit_verdicts (TensorRT): {variant: record} of each refit proven against the variant's own
   engine (`exporters.device.trt_switch`); null for the other runtimes.
 - meta.unlisted_files: files in the bundle its manifest does not list (no sha256 covers them; the
@@ -56,11 +73,12 @@ import numpy as np
 from exporters.device import memory
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
-from exporters.device.runtime import time_batches, top1
+from exporters.device.runtime import latency_stats, top1
 from exporters.device.manifest import read_manifest, unlisted_files, verify_file
 from exporters.device.switch import RUNTIMES, SESSION_RUNTIMES, PrecisionSwitcher, measure_switch_latency
 
 TEST_DATA = "test.npz"
+DEFAULT_LATENCY_BATCH = 64  # a bundle whose manifest names no latency_batch (built before it was recorded)
 
 
 def load_test_data(bundle_dir, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -95,20 +113,23 @@ def _runtime_version(runtime: str) -> str:
     return tensorrt.available()[1]
 
 
-def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *, latency_batch: int = 64,
-                    latency_repeats: int = 10, switch_repeats: int = 20) -> dict:
-    """The device report (schema in the module docstring) of every variant of the bundle."""
+def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *, latency_batch: int | None = None,
+                    latency_repeats: int = 10, switch_repeats: int = 20, inference_precision: str | None = None) -> dict:
+    """The device report (schema in the module docstring) of every variant of the bundle;
+    `latency_batch` None: the manifest's."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     x, y = load_test_data(bundle_dir, manifest)
     if None not in {v["bits"] for v in manifest["variants"]}:
         raise HeroError(f"bundle {bundle_dir} has no float variant (bits null) to serve as the baseline: rebuild it")
+    latency_batch = latency_batch or manifest.get("latency_batch", DEFAULT_LATENCY_BATCH)
+    options = {"inference_precision": inference_precision} if inference_precision is not None else {}
     cold = None
     if runtime in SESSION_RUNTIMES:  # also warms the runtime up, so `costs` below are per variant
-        cold_switcher = PrecisionSwitcher(bundle_dir, runtime, providers, resident=1)
+        cold_switcher = PrecisionSwitcher(bundle_dir, runtime, providers, resident=1, **options)
         cold = measure_switch_latency(cold_switcher, 1)
         del cold_switcher
-    switcher = PrecisionSwitcher(bundle_dir, runtime, providers)
+    switcher = PrecisionSwitcher(bundle_dir, runtime, providers, **options)
     rows, reasons, reference = [], [], None
     for bits in switcher.precisions:  # float first: it is the reference for agreement
         switcher.set_precision(bits)
@@ -118,6 +139,9 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             reference = logits
         if not np.all(np.isfinite(logits)):
             reasons.append(f"{variant['name']}: the runtime produced non-finite logits on this device")
+        latency = {"batch_1": {"batch": 1, **latency_stats(lambda: switcher.predict(x[:1]), latency_repeats)},
+                   "batch": {"batch": len(x[:latency_batch]),
+                             **latency_stats(lambda: switcher.predict(x[:latency_batch]), latency_repeats)}}
         rows.append({
             "name": variant["name"], "bits": variant["bits"], "symmetric": variant["symmetric"],
             "per_channel": variant["per_channel"], "act_bits": variant["act_bits"],
@@ -125,11 +149,13 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             "layer_bits": variant.get("layer_bits"), "runtime": runtime,
             "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
             "runtime_accuracy": top1(logits, y), "agreement": top1(logits, reference.argmax(1)),
-            "latency_ms": time_batches(switcher, x[:latency_batch], latency_repeats),
+            "latency_ms": latency["batch"]["median_ms"],
             "file_bytes": variant.get("file_bytes"), "artifact": variant["artifact"], "sha256": variant["sha256"],
+            "costs": {"latency": latency, "artifact_bytes": (bundle_dir / variant["artifact"]).stat().st_size,
+                      "ops": switcher.executed_ops(x[:1])},
         })
     for row, bits in zip(rows, switcher.precisions):
-        row["costs"] = {**switcher.costs.get(bits, {}), "latency_ms": row["latency_ms"]}
+        row["costs"].update(switcher.costs.get(bits, {}))
     baseline = dict(rows[0], accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
     variants = [dict(r, drop=baseline["accuracy"] - r["runtime_accuracy"],
                      drop_points=100.0 * (baseline["accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
@@ -138,8 +164,8 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
         "role": "device", "runtime_version": _runtime_version(runtime), "providers": list(switcher.providers),
         "switch_latency": measure_switch_latency(switcher, switch_repeats), "cold_switch_latency": cold,
-        "latency_batch": latency_batch,
-        "memory": {"measure": "VmRSS growth, glibc heap trimmed before and after (exporters.device.memory)",
+        "latency_batch": latency_batch, "inference_precision": switcher.inference_precision,
+        "memory": {"measure": "VmRSS growth, glibc heap trimmed at each reading (exporters.device.memory)",
                    "unavailable": memory.unavailable_reason()},
         "refit_verdicts": switcher.refit_verdicts if runtime == "tensorrt" else None,
         "unlisted_files": unlisted_files(bundle_dir, manifest),
@@ -156,8 +182,11 @@ def summary_lines(report: dict) -> list[str]:
     for r in [report["baseline"], *report["variants"]]:
         host = r.get("host_accuracy")
         host_text = "" if host is None else f" (host {100 * host:.2f}%)"
+        latency = r["costs"]["latency"]
         lines.append(f"{r['name']}: accuracy {100 * r['runtime_accuracy']:.2f}%{host_text}, agreement with float "
-                     f"{r['agreement']:.4f}, {r['latency_ms']:.2f} ms per batch")
+                     f"{r['agreement']:.4f}, {latency['batch_1']['median_ms']:.2f} ms at batch 1, "
+                     f"{latency['batch']['median_ms']:.2f} ms at batch {latency['batch']['batch']}, ready in "
+                     f"{r['costs']['ready_ms']:.0f} ms")
     switch = report["meta"]["switch_latency"]
     lines.append(f"precision switch: median {switch['median_ms']:.4f} ms, max {switch['max_ms']:.4f} ms "
                  f"over {switch['switches']} switches")
@@ -191,7 +220,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", default=None,
                         help="ONNX Runtime execution providers, comma-separated, in priority order; "
                              "with --runtime openvino, one OpenVINO device (default CPU)")
-    parser.add_argument("--latency-batch", type=_count, default=64)
+    parser.add_argument("--inference-precision", choices=("f32", "bf16"), default=None,
+                        help="openvino: the precision float layers run in (default f32 on the CPU)")
+    parser.add_argument("--latency-batch", type=_count, default=None,
+                        help="the batch timed beside batch 1 (default: the manifest's latency_batch)")
     parser.add_argument("--latency-repeats", type=_count, default=10)
     parser.add_argument("--switch-repeats", type=_count, default=20)
     return parser
@@ -205,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = validate_bundle(args.bundle, args.runtime, providers, latency_batch=args.latency_batch,
-                                 latency_repeats=args.latency_repeats, switch_repeats=args.switch_repeats)
+                                 latency_repeats=args.latency_repeats, switch_repeats=args.switch_repeats,
+                                 inference_precision=args.inference_precision)
         write_atomic(args.out, json.dumps(report, indent=2))
     except HeroError as exc:
         print(f"validate_bundle: error: {exc}", file=sys.stderr)
