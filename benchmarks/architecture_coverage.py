@@ -19,6 +19,9 @@ graph optimisations on), and the table says
   quantization's own effect for W8A8; `judge`); beside them the emulation's sensitivity, its own
   relative change when the input grows by INPUT_NUDGE, which tells a chaotic network (where float
   rounding alone moves the logits beyond the policy) from an export that computes something else;
+- literal graph: the same policy for the artifact run with ONNX Runtime's optimisations off (the
+  graph as written, no integer-kernel fusions): whether the export computes the emulation, apart
+  from how the optimised kernels round;
 - seconds for the row (calibration, emulation, export, ORT session and run).
 
 Each model runs in its own process with a time budget (--budget), so a failure or a stall costs one
@@ -46,7 +49,6 @@ import click
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from exporters.calibrate import calibrate_activations
 from exporters.device.runtime import OnnxRuntimeRunner
@@ -104,6 +106,7 @@ class Row:
     rel_error: float | None = None
     sensitivity: float | None = None
     verdict: str | None = None
+    literal_verdict: str | None = None
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -183,6 +186,10 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         row.top1_agreement = top1_agreement(got, emulation)
         row.rel_error = relative_error(got, emulation)
         row.verdict = judge(got, emulation, plain)
+        stage = "ort literal"
+        literal = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], optimization="disabled",
+                                    intra_op_threads=threads).predict(images)
+        row.literal_verdict = judge(literal, emulation, plain)
     except Exception as exc:  # a row records any failure; the table goes on
         row.errors[stage] = first_line(exc)
         if row.exported != "yes":
@@ -275,12 +282,14 @@ def _text(value: str | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | input | scheme | exported | float weights left | top-1 agreement | rel. logit error "
-             "| tolerance policy | emulation sensitivity | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tolerance policy | literal graph | emulation sensitivity | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floats = None if r["float_weights"] is None else len(r["float_weights"])
         lines.append(f"| {r['model']} | {r['input_size']} | {r['scheme']} | {_text(r['exported'])} "
                      f"| {_cell(floats, 'd')} | {_cell(r['top1_agreement'], '.2f')} | {_cell(r['rel_error'], '.1e')} "
-                     f"| {_text(r['verdict'])} | {_cell(r['sensitivity'], '.0e')} | {r['seconds']:.0f} |")
+                     f"| {_text(r['verdict'])} | {_text(r.get('literal_verdict'))} | {_cell(r['sensitivity'], '.0e')} "
+                     f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

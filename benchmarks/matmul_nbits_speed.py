@@ -16,14 +16,14 @@ Artifacts and how ONNX Runtime (CPU, ORT_ENABLE_ALL, through `OnnxRuntimeRunner`
 - dq int4: codes stored as INT4; ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits;
 - matmul_nbits: the graph written with com.microsoft MatMulNBits (`ExportOptions(matmul_nbits=True)`),
   accuracy_level 0: float32 activations, the emulation's arithmetic;
-- matmul_nbits level 4 (not the emulation): the same file with accuracy_level 4, where ONNX Runtime
-  quantizes each activation block to int8 on the fly and runs an int8 dot product. Shown for what
-  the kernel could give; hero does not emulate that activation rounding, so it is no variant.
+- matmul_nbits int8 compute (w4a8): `QuantSpec(bits=4, block_size=..., act_bits=8)`, written with
+  accuracy_level 4: ONNX Runtime quantizes each activation block to int8 on the fly and runs int8
+  dot products; the emulation quantizes the same blocks the same way (`exporters.grid.dynamic_block_qdq`).
 
 Timing: every artifact round-robin at batch 1 (shuffled order per round, median latency over the
 rounds) for each thread count; ratios to fp32 from the same run. Accuracy: each artifact's logits on
-`--images` random images against the emulation (`quantize_model`): max |difference| relative to the
-largest logit, and top-1 agreement. Session memory as `benchmarks/runtime_speed.py` measures it.
+`--images` random images against its own spec's emulation (`quantize_model`): max |difference|
+relative to the largest logit, and top-1 agreement. Session memory as `benchmarks/runtime_speed.py` measures it.
 
     python benchmarks/matmul_nbits_speed.py                     # depth 4, block 32, 1 and 2 threads
     python benchmarks/matmul_nbits_speed.py --depth 12 --dim 768 --heads 12 --threads 1   # ViT-B/16
@@ -31,6 +31,7 @@ largest logit, and top-1 agreement. Session memory as `benchmarks/runtime_speed.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import tempfile
@@ -39,7 +40,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -84,38 +84,29 @@ class ViTSmall(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-ARTIFACTS = {  # name: (export options, weight_dequant)
-    "fp32": (None, "auto"),
-    "dq int8 (folded)": (ExportOptions(), "auto"),
-    "dq int8 (runtime)": (ExportOptions(), "runtime"),
-    "dq int4": (ExportOptions(int4_storage=True), "auto"),
-    "matmul_nbits": (ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
-    "matmul_nbits level 4 (not the emulation)": (ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
+W4 = QuantSpec(bits=4, block_size=32)
+W4A8 = QuantSpec(bits=4, block_size=32, act_bits=8)
+ARTIFACTS = {  # name: (spec, export options, weight_dequant); the spec's block size is --block-size
+    "fp32": (QuantSpec(), ExportOptions(), "auto"),
+    "dq int8 (folded)": (W4, ExportOptions(), "auto"),
+    "dq int8 (runtime)": (W4, ExportOptions(), "runtime"),
+    "dq int4": (W4, ExportOptions(int4_storage=True), "auto"),
+    "matmul_nbits": (W4, ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
+    "matmul_nbits int8 compute (w4a8)": (W4A8, ExportOptions(matmul_nbits=True, int4_storage=True), "auto"),
 }
 
 
-def _with_accuracy_level(path: Path, level: int, out: Path) -> Path:
-    proto = onnx.load(path)
-    for node in proto.graph.node:
-        for attribute in node.attribute:
-            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                attribute.i = level
-    onnx.save(proto, out)
-    return out
-
-
-def export_all(model: nn.Module, spec: QuantSpec, folder: Path, image: int) -> dict[str, Path]:
-    paths, written = {}, {}
-    for name, (options, _) in ARTIFACTS.items():
-        key = "fp32" if options is None else repr(options)
+def export_all(model: nn.Module, block_size: int, folder: Path, image: int) -> dict[str, tuple[Path, QuantSpec]]:
+    """{artifact: (path, spec)}; artifacts that differ only in how they run share one file."""
+    out, written = {}, {}
+    for name, (spec, options, _) in ARTIFACTS.items():
+        spec = dataclasses.replace(spec, block_size=block_size) if spec.block_size else spec
+        key = (repr(spec), repr(options))
         if key not in written:
-            written[key] = export_onnx(model, folder / f"{name.split()[0]}_{len(written)}.onnx",
-                                       QuantSpec() if options is None else spec, options or ExportOptions(),
+            written[key] = export_onnx(model, folder / f"artifact_{len(written)}.onnx", spec, options,
                                        input_shape=(3, image, image))
-        paths[name] = written[key]
-    paths["matmul_nbits level 4 (not the emulation)"] = _with_accuracy_level(paths["matmul_nbits"], 4,
-                                                                            folder / "matmul_nbits_level4.onnx")
-    return paths
+        out[name] = (written[key], spec)
+    return out
 
 
 def time_round_robin(runners: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
@@ -146,28 +137,27 @@ def time_round_robin(runners: dict, x: np.ndarray, rounds: int) -> dict[str, flo
 def main(depth, dim, heads, image, block_size, threads, rounds, images):
     torch.manual_seed(0)
     model = ViTSmall(depth, dim, heads, image).eval()
-    spec = QuantSpec(bits=4, block_size=block_size)
     x = torch.randn(images, 3, image, image)
-    with torch.no_grad():
-        emulation = quantize_model(model, spec)(x).numpy()
     with tempfile.TemporaryDirectory() as scratch:
-        paths = export_all(model, spec, Path(scratch), image)
+        built = export_all(model, block_size, Path(scratch), image)
+        paths = {name: path for name, (path, _) in built.items()}
         print(f"ViT/16-like, width {dim}, {heads} heads, depth {depth}, {image}x{image} ({(image // 16) ** 2 + 1} "
               f"tokens), W4 blocks of {block_size}; batch 1\n")
-        print("| artifact | file MiB | rel. max diff to emulation | top-1 = emulation |")
+        print("| artifact | file MiB | rel. max diff to its emulation | top-1 = its emulation |")
         print("|---|---|---|---|")
-        for name, path in paths.items():
-            runner = OnnxRuntimeRunner(path, weight_dequant=ARTIFACTS[name][1])
-            got = runner.predict(x.numpy(), batch_size=1)
-            scale = np.abs(emulation).max()
-            print(f"| {name} | {path.stat().st_size / 2**20:.1f} | {np.abs(got - emulation).max() / scale:.2g} | "
+        for name, (path, spec) in built.items():
+            with torch.no_grad():
+                emulation = quantize_model(model, spec)(x).numpy()
+            got = OnnxRuntimeRunner(path, weight_dequant=ARTIFACTS[name][2]).predict(x.numpy(), batch_size=1)
+            print(f"| {name} | {path.stat().st_size / 2**20:.1f} | "
+                  f"{np.abs(got - emulation).max() / np.abs(emulation).max():.2g} | "
                   f"{np.mean(got.argmax(1) == emulation.argmax(1)):.0%} |")
-        auto = [n for n in paths if ARTIFACTS[n][1] == "auto"]
+        auto = [n for n in paths if ARTIFACTS[n][2] == "auto"]
         memory = session_memory_mib(paths, [Method("ort", n) for n in auto], 1, (3, image, image))
         print("\nsession memory, MiB (built / after the first run): " + ", ".join(
             f"{n} {memory['ort ' + n]['weights']:.0f}/{memory['ort ' + n]['first_run']:.0f}" for n in auto))
         for t in (int(v) for v in threads.split(",")):
-            runners = {name: OnnxRuntimeRunner(path, intra_op_threads=t, weight_dequant=ARTIFACTS[name][1])
+            runners = {name: OnnxRuntimeRunner(path, intra_op_threads=t, weight_dequant=ARTIFACTS[name][2])
                        for name, path in paths.items()}
             ms = time_round_robin(runners, x[:1].numpy(), rounds)
             print(f"\n{t} thread(s), median ms at batch 1 (x fp32 speed): " + ", ".join(

@@ -33,10 +33,8 @@ column says how ORT ran each artifact: integer weight ops / float weight ops (`e
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
 import json
-import multiprocessing
 import os
 import random
 import statistics
@@ -50,7 +48,6 @@ import click
 import numpy as np
 import torch
 
-from exporters.device import memory
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.kernels import kernel_summary
 from exporters.onnx import ExportOptions, export_onnx
@@ -58,9 +55,11 @@ from exporters.calibrate import calibrate_activations
 from exporters.quantize import QuantSpec
 
 try:
-    from benchmarks import imagenet_models
+    from benchmarks import imagenet_models, runtimes
 except ImportError:  # run as a script (python benchmarks/runtime_speed.py): its own folder is on sys.path
     import imagenet_models
+    import runtimes
+RUNTIMES, ort_runtime, openvino_runtime = runtimes.RUNTIMES, runtimes.ort_runtime, runtimes.openvino_runtime
 
 CPU = ["CPUExecutionProvider"]
 BATCH_SIZES = (1, 8)
@@ -165,46 +164,6 @@ def export_peer(fp32: Path, calibration: np.ndarray, out_dir: Path) -> Path:
 
 # ---- runtimes: path -> build(threads) -> predict(images) -> logits --------------------------------
 
-Predict = Callable[[np.ndarray], np.ndarray]
-
-
-def ort_runtime(path: Path) -> Callable[[int | None], Predict]:
-    def build(threads):
-        runner = OnnxRuntimeRunner(path, CPU, intra_op_threads=threads)
-        return lambda x: runner.predict(x, batch_size=len(x))
-    return build
-
-
-def openvino_config(threads: int | None) -> dict:
-    """compile_model's config: f32 inference precision and, when given, the thread count."""
-    return {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-
-
-def _openvino_request(core, path: Path, shape: tuple[int, ...], threads: int | None):
-    """One infer request on `path` compiled for the CPU with `shape` (batch included) as a static shape,
-    OpenVINO's CPU plugin being fastest on static shapes."""
-    model = core.read_model(str(path))
-    model.reshape(list(shape))
-    return core.compile_model(model, "CPU", openvino_config(threads)).create_infer_request()
-
-
-def openvino_runtime(path: Path) -> Callable[[int | None], Predict]:
-    """OpenVINO with one infer request per batch size, compiled on first use (`_openvino_request`)."""
-    def build(threads):
-        import openvino
-
-        core, requests = openvino.Core(), {}
-
-        def predict(x):
-            if len(x) not in requests:
-                requests[len(x)] = _openvino_request(core, path, x.shape, threads)
-            request = requests[len(x)]
-            request.infer({0: x})
-            return request.get_output_tensor(0).data.copy()
-        return predict
-    return build
-
-
 OPENVINO_WEIGHT_LAYERS = {"Convolution", "FullyConnected", "MatMul", "Deconvolution"}
 
 
@@ -214,7 +173,7 @@ def openvino_kernels(path: Path, input_shape: tuple[int, ...]) -> dict:
     (u8/i8: an integer kernel), the shape of `exporters.kernels.kernel_summary`."""
     import openvino
 
-    request = _openvino_request(openvino.Core(), path, (1, *input_shape), None)
+    request = runtimes.openvino_request(openvino.Core(), path, (1, *input_shape), None)
     precisions = [op.get_rt_info()["runtimePrecision"].astype(str)
                   for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
                   if op.get_rt_info()["layerType"].astype(str) in OPENVINO_WEIGHT_LAYERS]
@@ -222,8 +181,6 @@ def openvino_kernels(path: Path, input_shape: tuple[int, ...]) -> dict:
     return {"integer_ops": integer, "float_weight_ops": len(precisions) - integer, "unfused": []}
 
 
-RUNTIMES = {"ort": ort_runtime, "ov": openvino_runtime}
-RUNTIME_MODULES = {"ort": "onnxruntime", "ov": "openvino"}
 
 
 def openvino_missing() -> str | None:
@@ -287,49 +244,15 @@ def check_outputs(subject: Subject, paths: dict[str, Path], methods_: list[Metho
     return rows
 
 
-def _tiny_conv(path: Path) -> Path:
-    """A one-Conv ONNX model (input "input", 1x3x8x8): what `session_rss_kib` warms a runtime up on."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["logits"])], "warm-up",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-    return path
-
-
-def session_rss_kib(runtime: str, path: str, threads: int, input_shape: tuple[int, ...]) -> tuple[int, int]:
-    """VmRSS increases, in KiB, from before building `runtime`'s session on `path` to (a) the session
-    built: its weights as the runtime keeps them (initializers, prepacked copies), and (b) after its
-    first batch-1 run, which adds the activation buffers (ORT's arena). Meant for a fresh process
-    that has first built and run a session on a one-Conv model (`_tiny_conv`), so the runtime's
-    libraries, kernel registry and thread pools are in place (OpenVINO's CPU plugin too) and only
-    this model's session and its first run count."""
-    importlib.import_module(RUNTIME_MODULES[runtime])
-    with tempfile.TemporaryDirectory() as scratch:
-        warm = RUNTIMES[runtime](_tiny_conv(Path(scratch) / "tiny.onnx"))(threads)
-        warm(np.zeros((1, 3, 8, 8), np.float32))
-    before = memory.reading()  # exporters.device.memory: VmRSS after glibc malloc_trim
-    predict = RUNTIMES[runtime](Path(path))(threads)
-    built = memory.resident_delta_kib(before)
-    predict(np.zeros((1, *input_shape), np.float32))
-    return built, memory.resident_delta_kib(before)
-
-
 def session_memory_mib(paths: dict[str, Path], methods_: list[Method], threads: int,
                        input_shape: tuple[int, ...], repeats: int = MEMORY_REPEATS) -> dict[str, dict[str, float]]:
-    """{method: {"weights": ..., "first_run": ...}}: the medians of `repeats` `session_rss_kib`
-    readings, in MiB, each reading in its own freshly spawned process."""
-    context = multiprocessing.get_context("spawn")
+    """{method: {"weights": ..., "first_run": ...}}: the medians of `repeats` `runtimes.session_rss_kib`
+    readings, in MiB, each in a fresh process that imports no torch (`python benchmarks/runtimes.py`),
+    as on a device: with torch loaded an int8 session's reading grew by half."""
     out = {}
     for method in methods_:
-        readings = []
-        for _ in range(repeats):
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-                readings.append(pool.submit(session_rss_kib, method.runtime, str(paths[method.artifact]), threads,
-                                            input_shape).result())
+        readings = [runtimes.measure_in_fresh_process(method.runtime, paths[method.artifact], threads, input_shape)
+                    for _ in range(repeats)]
         out[method.name] = {key: statistics.median(r[i] for r in readings) / 1024
                             for i, key in enumerate(("weights", "first_run"))}
     return out

@@ -184,11 +184,11 @@ def device_report(bundle: Path, runtime: str, out: Path, latency_batch: int) -> 
 
 def _warm_up_onnxruntime(scratch: Path) -> None:
     """Build and run a one-Conv session, so ORT's libraries, kernel registry and thread pools are in
-    place before the reading (runtime_speed._tiny_conv)."""
+    place before the reading (runtimes._tiny_conv)."""
     try:
-        from benchmarks.runtime_speed import _tiny_conv
+        from benchmarks.runtimes import _tiny_conv
     except ImportError:
-        from runtime_speed import _tiny_conv
+        from runtimes import _tiny_conv
     from exporters.device.runtime import OnnxRuntimeRunner
 
     OnnxRuntimeRunner(_tiny_conv(scratch / "tiny.onnx"), ["CPUExecutionProvider"]).predict(

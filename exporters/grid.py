@@ -77,3 +77,20 @@ def blockwise_symmetric(w: torch.Tensor, bits: int, block_size: int) -> tuple[to
     qmin, qmax = qrange(bits, symmetric=True)
     q = torch.round(w.to(torch.float32) / expand_blocks(scale, block_size, columns)).clamp(qmin, qmax)
     return q.to(torch.int32), scale, zero_point
+
+
+def dynamic_block_qdq(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Activations as ONNX Runtime's MatMulNBits quantizes them at accuracy_level 4 (MLAS CompInt8,
+    QuantizeARow_CompInt8): each block of `block_size` along the last axis gets its own symmetric
+    int8 scale amax / 127 (Theorem 2 with the range measured on the tensor itself, every call),
+    codes round_half_even(x * (127 / amax)); returned dequantized, codes x scale, in float32. The
+    same float32 operations as the kernel, so the codes are the kernel's."""
+    columns = x.shape[-1]
+    blocks = -(-columns // block_size)
+    padded = torch.nn.functional.pad(x.to(torch.float32), (0, blocks * block_size - columns))
+    grouped = padded.reshape(*x.shape[:-1], blocks, block_size)
+    amax = grouped.abs().amax(dim=-1, keepdim=True)
+    _, qmax = qrange(8, symmetric=True)
+    inverse = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    q = torch.round(grouped * inverse)
+    return (q * (amax / qmax)).reshape(*x.shape[:-1], blocks * block_size)[..., :columns].to(x.dtype)

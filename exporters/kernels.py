@@ -20,9 +20,7 @@ import onnx
 
 from exporters.device import runtime as ort_runtime
 
-INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-               "MatMulNBits", "DynamicQuantizeMatMul"}
-FLOAT_WEIGHT_OPS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+INTEGER_OPS, FLOAT_WEIGHT_OPS = ort_runtime.INTEGER_OPS, ort_runtime.FLOAT_WEIGHT_OPS  # one definition, on the device
 
 
 def optimized_graph(proto: onnx.ModelProto, path, providers=None, threads: int | None = None) -> onnx.ModelProto:

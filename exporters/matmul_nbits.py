@@ -47,11 +47,13 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def rewrite(proto: onnx.ModelProto) -> int:
+def rewrite(proto: onnx.ModelProto, int8_nodes: set[str] = frozenset()) -> int:
     """Replace each MatMul/Gemm that reads a block-wise DequantizeLinear weight whose codes fit 4
     bits ([-8, 7]: a layer at 4 bits or fewer) by MatMulNBits (plus an Add for a Gemm's bias), in
-    place; the DequantizeLinear and its initializers go where nothing else reads them. Returns the
-    number of nodes rewritten."""
+    place; the DequantizeLinear and its initializers go where nothing else reads them. Nodes named
+    in `int8_nodes` get accuracy_level 4 (activations quantized to int8 per block, what
+    `QuantSpec.dynamic_blocks` emulates), the others 0 (float activations). Returns the number of
+    nodes rewritten."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     dequantizers = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and _attr(n, "block_size", 0)
@@ -79,7 +81,7 @@ def rewrite(proto: onnx.ModelProto) -> int:
         out = f"{node.output[0]}_nbits" if bias else node.output[0]
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{name}_nbits", f"{name}_nbits_scale"], [out],
                                       name=f"{node.name or name}_MatMulNBits", domain=DOMAIN, K=k, N=n, bits=BITS,
-                                      block_size=block_size, accuracy_level=0))
+                                      block_size=block_size, accuracy_level=4 if node.name in int8_nodes else 0))
         if bias:
             nodes.append(helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name or name}_bias"))
         rewritten += 1

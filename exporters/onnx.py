@@ -118,7 +118,11 @@ def export_onnx(model: nn.Module, path, spec: quantize.QuantSpec, options: Expor
     if layer_scales is not None:
         qdq_graph.quantize_activations(proto, uses, layer_scales)
     if options.matmul_nbits:
-        matmul_nbits.rewrite(proto)
+        int8_nodes = set()
+        if spec.dynamic_blocks:  # int8 compute where the emulation quantizes the input: module calls
+            called = quantize.called_layers(float_model, torch.zeros((2, *input_shape)))
+            int8_nodes = {use.node for use in uses if use.module in called}
+        matmul_nbits.rewrite(proto, int8_nodes)
     if options.fp16:
         to_float16(proto)
     _strip_exporter_notes(proto)
@@ -140,6 +144,9 @@ def _check_options(spec: quantize.QuantSpec, options: ExportOptions) -> None:
     if options.matmul_nbits and spec.block_size is None:
         raise HeroError("matmul_nbits writes block-wise weights: set block_size (e.g. 32) with bits <= 4, "
                         "or drop matmul_nbits")
+    if spec.dynamic_blocks and not options.matmul_nbits:
+        raise HeroError("block_size with act_bits=8 (int8 activations per block) runs only as MatMulNBits: "
+                        "set matmul_nbits (export.matmul_nbits: true), or act_bits null")
     if options.int4_storage and spec.grid == "nested":
         raise HeroError("grid nested stores every width as INT8 codes on the 8-bit scale: drop int4_storage")
     if QUANTIZATION_KEY in options.metadata:
@@ -283,7 +290,8 @@ def _quantization_entry(spec: quantize.QuantSpec, calibration, options: ExportOp
                                    for b in qdq_graph.widths(spec)}))
     return {"spec": spec.to_dict(), "act_scales": None if calibration is None else dict(calibration.scales),
             "act_zero_points": None if calibration is None or calibration.zero_points is None
-            else dict(calibration.zero_points), "weight_storage": storage, "tool_version": TOOL_VERSION}
+            else dict(calibration.zero_points), "weight_storage": storage, "matmul_nbits": options.matmul_nbits,
+            "tool_version": TOOL_VERSION}
 
 
 def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: str | None = None

@@ -30,8 +30,8 @@ from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import BN_MODES, GRIDS
-from exporters.grid import (asymmetric_qparams, blockwise_symmetric, dequantize, expand_blocks, qrange,
-                           quantize_with_qparams, symmetric_qparams)
+from exporters.grid import (asymmetric_qparams, blockwise_symmetric, dequantize, dynamic_block_qdq, expand_blocks,
+                           qrange, quantize_with_qparams, symmetric_qparams)
 from exporters.nested_grid import nested_grid_codes
 
 ACT_BITS = 8
@@ -74,7 +74,10 @@ class QuantSpec:
     - `block_size`: None, or the weights of every Linear quantized per block of `block_size` inputs
       within each output row (`exporters.grid.blockwise_symmetric`; a power of two >= 16, what
       ONNX Runtime's MatMulNBits takes), Conv weights staying per channel: the INT4 GEMM grid.
-      Weight-only, symmetric, canonical grid, BatchNorm folded first or kept.
+      Symmetric, canonical grid, BatchNorm folded first or kept. With act_bits 8 the inputs of
+      block-wise Linear layers at <= 4 bits are quantized as MatMulNBits does at accuracy level 4,
+      per block on every call (`exporters.grid.dynamic_block_qdq`; no calibration, `dynamic_blocks`);
+      other activations stay float, and act_layout does not apply.
     """
 
     bits: int | None = None
@@ -135,20 +138,35 @@ class QuantSpec:
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b & (b - 1):
             raise HeroError(f"block_size must be null or a power of two >= 16 (MatMulNBits' blocks), got {b!r}")
         object.__setattr__(self, "block_size", int(b))
+        object.__setattr__(self, "act_layout", ACT_LAYOUTS[0])  # dynamic block activations: no layout
         clashes = [what for what, bad in (("a float model (bits null)", self.bits is None),
-                                          ("act_bits 8 (integer kernels read per-channel weights)", self.act_bits),
                                           ("symmetric false", not self.symmetric), ("per_channel false", not self.per_channel),
                                           ("grid nested", self.grid == "nested"), ("bn quantize-first", self.bn == "quantize-first"))
                    if bad]
         if clashes:
-            raise HeroError(f"block_size (block-wise weight-only INT4 GEMM) does not combine with {clashes[0]}: "
+            raise HeroError(f"block_size (block-wise INT4 GEMM weights) does not combine with {clashes[0]}: "
                             "drop block_size or that option")
+        widths = [b for _, b in self.layer_bits] if self.layer_bits else [self.bits]
+        if self.act_bits is not None and min(widths) > 4:
+            raise HeroError(f"block_size with act_bits 8 quantizes the inputs of MatMulNBits layers, which are 4 bits "
+                            f"or fewer; got bits {min(widths)}: use bits <= 4, or act_bits null")
 
     @property
     def integer_activations(self) -> bool:
         """Whether activations are laid out for ONNX Runtime's integer kernels (act_bits 8, act_layout
         "onnxruntime"): what the emulation, the exporter and the run's storage choice branch on."""
-        return self.act_bits is not None and self.act_layout == "onnxruntime"
+        return self.act_bits is not None and self.act_layout == "onnxruntime" and self.block_size is None
+
+    @property
+    def dynamic_blocks(self) -> bool:
+        """Whether Linear inputs are quantized per block on every call (block_size with act_bits 8,
+        MatMulNBits' int8 compute) instead of with calibrated ranges."""
+        return self.act_bits is not None and self.block_size is not None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether activations take ranges from a Calibration (act_bits 8 without block_size)."""
+        return self.act_bits is not None and self.block_size is None
 
     def bits_for(self, layer: str) -> int | None:
         """The width of one layer: its layer_bits entry, else bits."""
@@ -206,10 +224,13 @@ class Calibration:
 
 
 def check_calibration(spec: QuantSpec, calibration: Calibration | None) -> None:
-    """act_bits 8 needs a Calibration and a Calibration needs act_bits 8."""
+    """act_bits 8 needs a Calibration and a Calibration needs act_bits 8 (with block_size, activations
+    are quantized per call and take none)."""
     if calibration is not None and not isinstance(calibration, Calibration):
         raise HeroError(f"calibration must be a Calibration from calibrate_activations, got {type(calibration).__name__}")
-    if (spec.act_bits is None) != (calibration is None):
+    if spec.dynamic_blocks and calibration is not None:
+        raise HeroError("block_size with act_bits=8 quantizes activations per call: pass no Calibration")
+    if not spec.dynamic_blocks and (spec.act_bits is None) != (calibration is None):
         raise HeroError("act_bits=8 needs a Calibration from calibrate_activations, and a Calibration needs act_bits=8")
     if calibration is not None and (calibration.zero_points is None) != (spec.act_layout == "tensorrt"):
         raise HeroError(f"this Calibration was made for another act_layout than {spec.act_layout!r}: "
@@ -307,6 +328,38 @@ class ActQuant(nn.Module):
         zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
         q = quantize_with_qparams(x, self.scale, zero_point, qmin, qmax)
         return dequantize(q, self.scale, zero_point).to(x.dtype)
+
+
+class DynamicBlockQuant(nn.Module):
+    """A Linear input quantized per block on every call, as MatMulNBits computes at accuracy level 4
+    (`exporters.grid.dynamic_block_qdq`)."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_block_qdq(x, self.block_size)
+
+
+def _quantize_blocks(layer: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: pass the layer's input through its `block_quant` child."""
+    return (layer.block_quant(args[0]), *args[1:])
+
+
+def called_layers(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """The quantized layers of `model` that one forward on `example` calls as modules (a weight only
+    passed to F.linear is not among them)."""
+    called: set[str] = set()
+    handles = [layer.register_forward_pre_hook(lambda _, args, name=name: called.add(name))
+               for name, layer in quantized_layers(model)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
 
 
 def _quantize_input(layer: nn.Module, args: tuple) -> tuple:
@@ -440,6 +493,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
         for name, layer in quantized_layers(quantized):
             if name in codes:
                 layer.weight.copy_(codes[name].dequantized().to(layer.weight.dtype))
+    if spec.dynamic_blocks:
+        for name, layer in quantized_layers(quantized):
+            if name in codes and codes[name].block_size is not None and codes[name].bits <= 4:
+                layer.block_quant = DynamicBlockQuant(codes[name].block_size)
+                layer.register_forward_pre_hook(_quantize_blocks)
+        return quantized
     if spec.integer_activations:
         quantized = act_layout.with_qdq(quantized, calibration)
         for name, (q, scale) in integer_biases(quantized, codes).items():

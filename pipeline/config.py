@@ -274,6 +274,12 @@ class DeployConfig(_Section):
         """The target decides where activations are quantized: quantize.act_layout defaults to runtime.name."""
         if self.quantize.act_layout is None:
             self.quantize.act_layout = self.runtime.name
+        if self.quantize.block_size is not None and self.quantize.act_bits and not self.export.matmul_nbits:
+            raise ValueError("quantize.block_size with act_bits 8 (int8 activations per block) runs only as "
+                             "MatMulNBits: set export.matmul_nbits: true, or act_bits: null")
+        if self.export.matmul_nbits and self.runtime.name != "onnxruntime":
+            raise ValueError(f"export.matmul_nbits writes ONNX Runtime's contrib operator, which {self.runtime.name} "
+                             "does not run: drop it (the DequantizeLinear form serves every runtime)")
         return self
 
     def train_config(self) -> TrainConfig | None:

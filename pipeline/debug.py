@@ -261,7 +261,7 @@ def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1
     metadata = {p.key: p.value for p in proto.metadata_props}
     spec, calibration = read_quantization(metadata, path, loaded.sha256)
     emulation = quantize_model(loaded.model, spec, calibration)
-    floating = quantize_model(loaded.model, dataclasses.replace(spec, bits=None, act_bits=None))
+    floating = quantize_model(loaded.model, dataclasses.replace(spec, bits=None, act_bits=None, block_size=None))
     taps, unmapped = layer_taps(proto, emulation)
     if not taps:
         raise HeroError(f"{path} has no Conv/Gemm/MatMul that computes a layer of {loaded.path}'s model: "

@@ -154,8 +154,8 @@ def eval_data(loaded: Loaded, split: str, limit: int | None, data_root: str | No
 
 def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: str | None) -> Calibration | None:
     """Per-layer int8 activation scales from the first `batches` training batches of 128
-    (None when spec.act_bits is None: nothing to calibrate)."""
-    if spec.act_bits is None:
+    (None when activations take no calibrated ranges: act_bits None, or block_size's per-call blocks)."""
+    if not spec.calibrated:
         return None
     x, _ = eval_data(loaded, "train", 128 * batches, data_root)
     return calibrate_activations(loaded.model, (torch.from_numpy(x[i : i + 128]) for i in range(0, len(x), 128)), spec)
@@ -180,7 +180,7 @@ def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection,
     for variant in variants:
         path = run_dir / "artifacts" / f"{variant.name}.onnx"
         spec = variant.spec
-        scales = calibration if spec.act_bits else None
+        scales = calibration if spec.calibrated else None
         options = export_options(export, spec, {"hero.source_sha256": loaded.sha256, "hero.variant": variant.name})
         key = input_key(checkpoint=loaded.sha256, spec=spec.to_dict(), int4=options.int4_storage, fp16=options.fp16,
                         opset=options.opset, nbits=options.matmul_nbits, act_scales=scales and scales.scales,
@@ -228,12 +228,12 @@ def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibrati
     difference within max(logit_atol * scale, ACT_NOISE_FACTOR * act_noise_rms) and the disagreement
     within max(1 - min_agreement, ACT_NOISE_FACTOR * act_flip_rate)."""
     spec = artifact.variant.spec
-    act = calibration if spec.act_bits else None
+    act = calibration if spec.calibrated else None
     emulation = quantize_model(loaded.model, spec, act)
     # A nested grid's price: the canonical grid's accuracy at the same widths, on the same images.
     canonical = (quantize_model(loaded.model, dataclasses.replace(spec, grid="canonical"), act)
                  if spec.grid == "nested" else None)
-    float_acts = quantize_model(loaded.model, dataclasses.replace(spec, act_bits=None)) if act else None
+    float_acts = quantize_model(loaded.model, dataclasses.replace(spec, act_bits=None)) if spec.act_bits else None
     runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, intra_op_threads=rt.threads)
     literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, optimization="disabled",
                                             intra_op_threads=rt.threads)

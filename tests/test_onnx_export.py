@@ -276,7 +276,7 @@ def test_metadata_is_one_quantization_entry_plus_caller_entries(model, tmp_path)
     assert metadata["hero.source_sha256"] == "ab" * 32 and metadata["note"] == "7"
     assert json.loads(metadata[QUANTIZATION_KEY]) == {"spec": spec.to_dict(), "act_scales": None,
                                                       "act_zero_points": None, "weight_storage": "uint8",
-                                                      "tool_version": TOOL_VERSION}
+                                                      "matmul_nbits": False, "tool_version": TOOL_VERSION}
     assert TOOL_VERSION
     assert read_quantization(metadata, "m.onnx") == (spec, None)
 

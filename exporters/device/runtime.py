@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.device.errors import HeroError, unknown_choice
+from exporters.device.onnx_metadata import read_metadata
 
 DEFAULT_BATCH_SIZE = 256
 QUANTIZATION_KEY = "hero.quantization"  # the exporter's one metadata entry (JSON, see _has_quantized_weights)
@@ -89,17 +90,17 @@ def _has_quantized_weights(metadata: dict) -> bool:
     "weight_storage": ..., "tool_version": ...}) says it runs float kernels on quantized weights:
     quantized weights, and activations float or quantized for TensorRT. An artifact laid out for ONNX
     Runtime's integer kernels (act_bits 8, act_layout "onnxruntime") is not: folding its weights would
-    stop the QLinearConv fusions it was made for; nor is one with block-wise INT4 weights (block_size
-    and int4 storage), which ORT fuses into MatMulNBits. Absent or unreadable metadata (a foreign
-    artifact): False."""
+    stop the QLinearConv fusions it was made for; nor is one with block-wise INT4 weights read through
+    DequantizeLinear (block_size, int4 storage, no MatMulNBits written), which ORT fuses into
+    MatMulNBits. Absent or unreadable metadata (a foreign artifact): False."""
     try:
         entry = json.loads(metadata[QUANTIZATION_KEY])
         spec, storage = entry["spec"], str(entry.get("weight_storage", ""))
         bits, act_bits, layout = spec["bits"], spec.get("act_bits"), spec.get("act_layout", "tensorrt")
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    integer_kernels = (act_bits is not None and layout == "onnxruntime") or (
-        spec.get("block_size") is not None and "int4" in storage.split("+"))
+    integer_kernels = (act_bits is not None and layout == "onnxruntime" and spec.get("block_size") is None) or (
+        spec.get("block_size") is not None and "int4" in storage.split("+") and not entry.get("matmul_nbits"))
     return isinstance(bits, int) and not isinstance(bits, bool) and not integer_kernels
 
 
@@ -196,14 +197,14 @@ class OnnxRuntimeRunner:
         if not self.path.is_file():
             raise HeroError(f"ONNX model {self.path} does not exist: export it first or fix the path")
         providers = checked_providers(providers)
+        # "auto" decides from the file's metadata, read without a session (exporters.device.onnx_metadata):
+        # one session is built, not a folded one and then another (whose leftovers stayed resident).
         fold = weight_dequant == "folded" or (weight_dequant == "auto" and optimization == "default"
-                                              and folds_weights(providers))
+                                              and folds_weights(providers)
+                                              and _has_quantized_weights(read_metadata(self.path) or {}))
         self._settings = (providers, optimization, intra_op_threads)
         self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        if fold and weight_dequant == "auto" and not _has_quantized_weights(self.metadata):
-            fold = False  # float or foreign: leave ORT's QDQ fusions as they are
-            self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.weight_dequant = "folded" if fold else "runtime"
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
