@@ -9,6 +9,7 @@ from the metadata first. Standard library only: this runs on the device.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 _METADATA_PROPS = 14
@@ -31,22 +32,11 @@ def _varint(read) -> int | None:
 
 
 def _entry(payload: bytes) -> tuple[str, str]:
-    fields, i = {}, 0
-    while i < len(payload):
-        tag, shift = 0, 0
-        while True:
-            tag |= (payload[i] & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if payload[i - 1] < 0x80:
-                break
-        length, shift = 0, 0
-        while True:
-            length |= (payload[i] & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if payload[i - 1] < 0x80:
-                break
-        fields[tag >> 3] = payload[i:i + length].decode("utf-8", "replace")
-        i += length
+    """(key, value) of one StringStringEntryProto."""
+    fields, read = {}, io.BytesIO(payload).read
+    while (tag := _varint(read)) is not None:
+        length = _varint(read)
+        fields[tag >> 3] = read(length or 0).decode("utf-8", "replace")
     return fields.get(1, ""), fields.get(2, "")
 
 

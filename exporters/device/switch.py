@@ -86,10 +86,11 @@ class PrecisionSwitcher:
     default) prepares every variant up front, so every switch is a lookup; N keeps the N most
     recently used, the first N precisions prepared at start, and a switch to another one evicts the
     least recently used session and prepares the new one (a cold switch: its `ready_ms`). The
-    default is all: on ResNet18 at 224x224 (2-core x86, ONNX Runtime) a cold switch cost 133 ms
-    (median) against 0.1 µs for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
-    w4) held 3.8x one FP32 session's memory and resident=2 1.4x (`benchmarks/switch_cost.py`,
-    benchmarks/README.md); set N where memory is tighter than latency. TensorRT keeps one engine per
+    default is all: on ResNet18 at 224x224 a cold switch costs a hundred milliseconds or more against
+    well under a microsecond for a prepared session, while all five variants (fp32, w8a8, w4a8, w8,
+    w4) hold about 4x one FP32 session's memory and resident=2 about 1.4x (measured by
+    `benchmarks/switch_cost.py`, numbers in benchmarks/README.md); set N where memory is tighter than
+    latency. TensorRT keeps one engine per
     refit group and takes no `resident`.
 
     `costs[bits]` is what making each variant ready cost here, measured when it was last made ready:
