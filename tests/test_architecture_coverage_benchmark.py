@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from benchmarks import architecture_coverage as C
-from exporters.onnx import ExportOptions, export_onnx
+from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "architecture_coverage.py"

@@ -1,7 +1,6 @@
 """exporters/device/onnx_metadata.py: metadata_props read from the file's wire format alone."""
 
 import onnx
-import torch
 from onnx import helper
 from torch import nn
 

@@ -1,7 +1,6 @@
 """PrecisionSwitcher: checks the bundle, switches between prepared sessions or refits, measures the switch."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,6 @@ import onnxruntime
 import pytest
 from bundle_helpers import CPU, FakeTensorRT, built_bundle, copy_bundle, use_fake_tensorrt
 
-import exporters.device
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.device.runtime import OnnxRuntimeRunner
