@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _FoldedIntoLinear, _Tracer
 from exporters.device.errors import HeroError
-from exporters.grid import dequantize, quantize_with_qparams
+from exporters.grid import dequantize, dynamic_block_qdq, quantize_with_qparams
 
 U8 = (0, 255)
 S8 = (-127, 127)  # the symmetric restricted range (exporters.grid.qrange(8, symmetric=True))
@@ -366,3 +366,23 @@ def insert_residual(gm: torch.fx.GraphModule, points: Mapping[str, tuple[str, in
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# ---- a layer's input quantized by a child module (the tensorrt layout, MatMulNBits' int8 compute) ----
+
+class DynamicBlockQuant(nn.Module):
+    """A Linear input quantized per block on every call, as MatMulNBits computes at accuracy level 4
+    (`exporters.grid.dynamic_block_qdq`)."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_block_qdq(x, self.block_size)
+
+
+def quantize_input(layer: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: pass the layer's input through its `act_quant` child (a `SymmetricQDQ` or a
+    `DynamicBlockQuant`), so the layer keeps its name and a copy keeps the hook's effect."""
+    return (layer.act_quant(args[0]), *args[1:])

@@ -7,10 +7,14 @@ even (torch.round, like ONNX QuantizeLinear).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from exporters.bn_fold import _along
 from exporters.device.bits import check_bits
+from exporters.device.errors import HeroError
+from exporters.nested_grid import nested_grid_codes
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -94,3 +98,86 @@ def dynamic_block_qdq(x: torch.Tensor, block_size: int) -> torch.Tensor:
     inverse = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
     q = torch.round(grouped * inverse)
     return (q * (amax / qmax)).reshape(*x.shape[:-1], blocks * block_size)[..., :columns].to(x.dtype)
+
+
+def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
+                    axis: int = 0, grid: str = "canonical",
+                    block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `w` (cast to float32) to `bits`: returns int32 q on the grid of `qrange`, float32
+    scale and int32 zero point, each of shape (w.shape[axis],) per channel or () per tensor.
+    Ranges come from the tensor itself (symmetric: max |w|; asymmetric: [min(w, 0), max(w, 0)]),
+    per slice along `axis` when per_channel. grid "nested": the n-bit grid as INT8 codes on the
+    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only). `block_size`: a 2-D
+    weight per block of its columns (`exporters.grid.blockwise_symmetric`; scales (rows, blocks))."""
+    if not torch.isfinite(w).all():
+        raise HeroError("cannot quantize a tensor with NaN or infinite values: check the checkpoint")
+    qmin, qmax = qrange(bits, symmetric)
+    w = w.detach().to(torch.float32)
+    if block_size is not None:
+        return blockwise_symmetric(w, bits, block_size)
+    if grid == "nested":
+        if not symmetric:
+            raise HeroError("grid nested is symmetric only")
+        codes, s8 = nested_grid_codes(w.cpu().numpy(), bits, axis if per_channel else None)
+        scale = torch.from_numpy(s8).to(w.device)
+        return torch.from_numpy(codes).to(torch.int32).to(w.device), scale, torch.zeros_like(scale, dtype=torch.int32)
+    flat = w.movedim(axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
+    if symmetric:
+        scale, zero_point = symmetric_qparams(flat.abs().amax(dim=1), bits)
+    else:
+        lo, hi = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
+        scale, zero_point = asymmetric_qparams(lo, hi, bits)
+    if not per_channel:
+        scale, zero_point = scale[0], zero_point[0]
+    return quantize_with_qparams(w, scale, zero_point, qmin, qmax, axis), scale, zero_point
+
+
+def fake_quantize(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
+                  axis: int = 0) -> torch.Tensor:
+    """dequantize(quantize_tensor(w, ...)), returned in w's dtype (computed in float32)."""
+    q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=axis)
+    return dequantize(q, scale, zero_point, axis).to(w.dtype)
+
+
+@dataclass(frozen=True)
+class WeightCodes:
+    """One layer's quantized weight as the graph stores it: int32 codes `q` (the layer's weight
+    shape), float32 `scale` and int32 `zero_point` of shape (out channels,) or () per tensor, and
+    the layer's `bits` (which sets the storage type). Dequantized: (q - zero_point) * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    block_size: int | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        if self.block_size is not None:  # scale (rows, blocks) over the columns of a 2-D weight
+            columns = self.q.shape[1]
+            shifted = self.q - expand_blocks(self.zero_point, self.block_size, columns)
+            return shifted.to(torch.float32) * expand_blocks(self.scale, self.block_size, columns)
+        return dequantize(self.q, self.scale, self.zero_point, axis=0)
+
+
+def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize first, then fold BatchNorm (issue 16): k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
+    folded weight keeps the trained weight's integer codes under per-output-channel scales
+    s'_c = |k_c|·s_c (k = gamma / sqrt(var + eps), `exporters.bn_fold.bn_factor`). Scales stay
+    strictly positive: a negative k_c negates that channel's codes (the symmetric grid is closed
+    under negation); where k_c = 0 (or s'_c underflows) the channel is the constant 0: zero codes
+    under the positive scale s_c. Returns (codes, float32 per-channel scale)."""
+    s = (scale.double().expand(k.shape) if scale.dim() == 0 else scale.double()) * k.abs()
+    s32 = s.to(torch.float32)
+    dead = ~(s32 > 0)
+    s32 = torch.where(dead, scale.to(torch.float32).expand(k.shape), s32)
+    sign = torch.where(dead, torch.zeros_like(k), torch.sign(k)).to(torch.int32)
+    return q * _along(sign, q.dim(), 0), s32
+
+
+def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias as an integer kernel adds it: int32 codes on the scale input_scale * weight_scale (per
+    output channel) with zero point 0, the accumulator's own grid (ONNX QLinearConv, input B).
+    Returns (int32 codes, float32 scale); dequantized: codes * scale."""
+    scale = (torch.tensor(input_scale, dtype=torch.float32) * weight_scale.to(torch.float32)).expand(bias.shape)
+    q = torch.round(bias.detach().to(torch.float32) / scale).clamp(-(2**31) + 1, 2**31 - 1)
+    return q.to(torch.int32), scale.contiguous()

@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from exporters import act_layout, attention
-from exporters.bn_fold import QUANTIZED_LAYER_TYPES, _along, bn_factors, fold_bn
+from exporters.bn_fold import QUANTIZED_LAYER_TYPES, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.manifest import BN_MODES, GRIDS
-from exporters.grid import (asymmetric_qparams, blockwise_symmetric, dequantize, dynamic_block_qdq, expand_blocks,
-                           qrange, quantize_with_qparams, symmetric_qparams)
-from exporters.nested_grid import nested_grid_codes
+# Theorem 2's quantizer lives in exporters.grid; its names are importable from here too, beside the spec.
+from exporters.grid import (WeightCodes, asymmetric_qparams, dequantize, fake_quantize,  # noqa: F401
+                            fold_into_scales, qrange, quantize_bias, quantize_tensor, quantize_with_qparams,
+                            symmetric_qparams)
 
 ACT_BITS = 8
 # A W{n}A8 runtime re-rounds the same activations at slightly different points (another summation
@@ -244,45 +245,6 @@ def _check_act_method(method, percentile) -> None:
         raise HeroError(f"act_percentile must be a number in (0, 100], got {percentile!r}")
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                    axis: int = 0, grid: str = "canonical",
-                    block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize `w` (cast to float32) to `bits`: returns int32 q on the grid of `qrange`, float32
-    scale and int32 zero point, each of shape (w.shape[axis],) per channel or () per tensor.
-    Ranges come from the tensor itself (symmetric: max |w|; asymmetric: [min(w, 0), max(w, 0)]),
-    per slice along `axis` when per_channel. grid "nested": the n-bit grid as INT8 codes on the
-    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only). `block_size`: a 2-D
-    weight per block of its columns (`exporters.grid.blockwise_symmetric`; scales (rows, blocks))."""
-    if not torch.isfinite(w).all():
-        raise HeroError("cannot quantize a tensor with NaN or infinite values: check the checkpoint")
-    qmin, qmax = qrange(bits, symmetric)
-    w = w.detach().to(torch.float32)
-    if block_size is not None:
-        return blockwise_symmetric(w, bits, block_size)
-    if grid == "nested":
-        if not symmetric:
-            raise HeroError("grid nested is symmetric only")
-        codes, s8 = nested_grid_codes(w.cpu().numpy(), bits, axis if per_channel else None)
-        scale = torch.from_numpy(s8).to(w.device)
-        return torch.from_numpy(codes).to(torch.int32).to(w.device), scale, torch.zeros_like(scale, dtype=torch.int32)
-    flat = w.movedim(axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
-    if symmetric:
-        scale, zero_point = symmetric_qparams(flat.abs().amax(dim=1), bits)
-    else:
-        lo, hi = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
-        scale, zero_point = asymmetric_qparams(lo, hi, bits)
-    if not per_channel:
-        scale, zero_point = scale[0], zero_point[0]
-    return quantize_with_qparams(w, scale, zero_point, qmin, qmax, axis), scale, zero_point
-
-
-def fake_quantize(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                  axis: int = 0) -> torch.Tensor:
-    """dequantize(quantize_tensor(w, ...)), returned in w's dtype (computed in float32)."""
-    q, scale, zero_point = quantize_tensor(w, bits, symmetric=symmetric, per_channel=per_channel, axis=axis)
-    return dequantize(q, scale, zero_point, axis).to(w.dtype)
-
-
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (qualified name, module) of every Conv1d/2d/3d and Linear, in registration order, and of
     every nn.MultiheadAttention's input projection, "<mha>.in_proj": a Linear sharing its
@@ -316,37 +278,6 @@ def float_copy(model: nn.Module, spec: QuantSpec) -> nn.Module:
     return attention.decompose_attention(fold_bn(model) if spec.bn != "keep" else copy.deepcopy(model).eval())
 
 
-class ActQuant(nn.Module):
-    """Per-tensor symmetric int8 fake quantization of an activation with a fixed `scale`."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = qrange(ACT_BITS, symmetric=True)
-        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
-        q = quantize_with_qparams(x, self.scale, zero_point, qmin, qmax)
-        return dequantize(q, self.scale, zero_point).to(x.dtype)
-
-
-class DynamicBlockQuant(nn.Module):
-    """A Linear input quantized per block on every call, as MatMulNBits computes at accuracy level 4
-    (`exporters.grid.dynamic_block_qdq`)."""
-
-    def __init__(self, block_size: int):
-        super().__init__()
-        self.block_size = block_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_block_qdq(x, self.block_size)
-
-
-def _quantize_blocks(layer: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: pass the layer's input through its `block_quant` child."""
-    return (layer.block_quant(args[0]), *args[1:])
-
-
 def called_layers(model: nn.Module, example: torch.Tensor) -> set[str]:
     """The quantized layers of `model` that one forward on `example` calls as modules (a weight only
     passed to F.linear is not among them)."""
@@ -360,16 +291,6 @@ def called_layers(model: nn.Module, example: torch.Tensor) -> set[str]:
         for handle in handles:
             handle.remove()
     return called
-
-
-def _quantize_input(layer: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: pass the layer's input through its `act_quant` child."""
-    return (layer.act_quant(args[0]), *args[1:])
-
-
-def activation_scales(model: nn.Module) -> dict[str, float]:
-    """{layer name: input scale} of the layers `quantize_model` gave an ActQuant."""
-    return {name: float(m.act_quant.scale) for name, m in quantized_layers(model) if hasattr(m, "act_quant")}
 
 
 def checked_act_scales(model: nn.Module, calibration: Calibration, residual: Iterable[str] = ()) -> dict[str, float]:
@@ -392,50 +313,6 @@ def with_residual_qdq(folded: nn.Module, calibration: Calibration) -> tuple[nn.M
     scales = checked_act_scales(module, calibration, points)
     act_layout.insert_residual(module, points, {p: act_layout.SymmetricQDQ(calibration.scales[p]) for p in points})
     return module, scales
-
-
-@dataclass(frozen=True)
-class WeightCodes:
-    """One layer's quantized weight as the graph stores it: int32 codes `q` (the layer's weight
-    shape), float32 `scale` and int32 `zero_point` of shape (out channels,) or () per tensor, and
-    the layer's `bits` (which sets the storage type). Dequantized: (q - zero_point) * scale."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    bits: int
-    block_size: int | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        if self.block_size is not None:  # scale (rows, blocks) over the columns of a 2-D weight
-            columns = self.q.shape[1]
-            shifted = self.q - expand_blocks(self.zero_point, self.block_size, columns)
-            return shifted.to(torch.float32) * expand_blocks(self.scale, self.block_size, columns)
-        return dequantize(self.q, self.scale, self.zero_point, axis=0)
-
-
-def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize first, then fold BatchNorm (issue 16): k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
-    folded weight keeps the trained weight's integer codes under per-output-channel scales
-    s'_c = |k_c|·s_c (k = gamma / sqrt(var + eps), `exporters.bn_fold.bn_factor`). Scales stay
-    strictly positive: a negative k_c negates that channel's codes (the symmetric grid is closed
-    under negation); where k_c = 0 (or s'_c underflows) the channel is the constant 0: zero codes
-    under the positive scale s_c. Returns (codes, float32 per-channel scale)."""
-    s = (scale.double().expand(k.shape) if scale.dim() == 0 else scale.double()) * k.abs()
-    s32 = s.to(torch.float32)
-    dead = ~(s32 > 0)
-    s32 = torch.where(dead, scale.to(torch.float32).expand(k.shape), s32)
-    sign = torch.where(dead, torch.zeros_like(k), torch.sign(k)).to(torch.int32)
-    return q * _along(sign, q.dim(), 0), s32
-
-
-def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bias as an integer kernel adds it: int32 codes on the scale input_scale * weight_scale (per
-    output channel) with zero point 0, the accumulator's own grid (ONNX QLinearConv, input B).
-    Returns (int32 codes, float32 scale); dequantized: codes * scale."""
-    scale = (torch.tensor(input_scale, dtype=torch.float32) * weight_scale.to(torch.float32)).expand(bias.shape)
-    q = torch.round(bias.detach().to(torch.float32) / scale).clamp(-(2**31) + 1, 2**31 - 1)
-    return q.to(torch.int32), scale.contiguous()
 
 
 def weight_codes(model: nn.Module, spec: QuantSpec) -> dict[str, WeightCodes]:
@@ -480,7 +357,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
     """An eval-mode copy of `model` (never modified) computing what the exported graph computes:
     BatchNorm folded unless spec.bn is "keep", every Conv/Linear weight replaced by its dequantized
     `weight_codes`; biases stay float. With spec.act_bits 8 (which needs `calibration`) each
-    Conv/Linear also fake-quantizes its input to int8 through an ActQuant child `<layer>.act_quant`
+    Conv/Linear also fake-quantizes its input to int8 through a `SymmetricQDQ` child `<layer>.act_quant`
     run by a forward pre-hook, so layer names do not change, and the residual input of every Add
     TensorRT fuses into a convolution passes a `SymmetricQDQ` (`with_residual_qdq`: the copy is then
     a torch.fx GraphModule); the copy's `act_scales` attribute is then the calibration's scales."""
@@ -496,8 +373,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
     if spec.dynamic_blocks:
         for name, layer in quantized_layers(quantized):
             if name in codes and codes[name].block_size is not None and codes[name].bits <= 4:
-                layer.block_quant = DynamicBlockQuant(codes[name].block_size)
-                layer.register_forward_pre_hook(_quantize_blocks)
+                layer.act_quant = act_layout.DynamicBlockQuant(codes[name].block_size)
+                layer.register_forward_pre_hook(act_layout.quantize_input)
         return quantized
     if spec.integer_activations:
         quantized = act_layout.with_qdq(quantized, calibration)
@@ -509,8 +386,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: Calibration |
         return quantized
     quantized, scales = with_residual_qdq(quantized, calibration)
     for name, layer in quantized_layers(quantized):
-        layer.act_quant = ActQuant(scales[name]).to(layer.weight.device)
-        layer.register_forward_pre_hook(_quantize_input)
+        layer.act_quant = act_layout.SymmetricQDQ(scales[name])
+        layer.register_forward_pre_hook(act_layout.quantize_input)
     quantized.act_scales = dict(calibration.scales)
     return quantized.eval()
 
