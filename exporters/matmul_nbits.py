@@ -56,16 +56,17 @@ def rewrite(proto: onnx.ModelProto, int8_nodes: set[str] = frozenset()) -> int:
     nodes rewritten."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    dequantizers = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and _attr(n, "block_size", 0)
-                    and n.input[0] in initializers and _fits(numpy_helper.to_array(initializers[n.input[0]]))}
+    blocked = {n.output[0]: (n, numpy_helper.to_array(initializers[n.input[0]]).astype(np.int8)) for n in graph.node
+               if n.op_type == "DequantizeLinear" and _attr(n, "block_size", 0) and n.input[0] in initializers}
+    dequantizers = {name: (dq, codes) for name, (dq, codes) in blocked.items() if _fits(codes)}
     nodes, rewritten = [], 0
     for node in graph.node:
-        dq = dequantizers.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+        dq, codes = dequantizers.get(node.input[1], (None, None)) if node.op_type in ("MatMul", "Gemm") \
+            and len(node.input) > 1 else (None, None)
         if dq is None or (node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
                                                       or _attr(node, "beta", 1.0) != 1.0)):
             nodes.append(node)
             continue
-        codes = numpy_helper.to_array(initializers[dq.input[0]]).astype(np.int8)
         scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32)
         if _attr(dq, "axis", 1) == 0:  # stored (K, N), blocked along K: MatMul's B, Gemm with transB=0
             codes, scale = codes.T, scale.T

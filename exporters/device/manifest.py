@@ -201,3 +201,19 @@ def unlisted_files(bundle_dir, manifest: dict) -> list[str]:
         if path.is_file() and rel not in listed and rel.split("/")[0] not in DEVICE_FILES:
             found.append(rel)
     return found
+
+
+# ---- how a variant is named to a switcher ------------------------------------------------------
+
+def precision_keys(variants: list[dict]) -> dict:
+    """{how each variant is named to `set_precision`: variant}. A variant is named by its bits (None =
+    float), except a mixed-precision variant (per-layer widths) and an activation-quantized variant
+    whose bits a weight-only variant of the bundle also has (w8a8 beside w8): those by their name."""
+    widths = [v["bits"] for v in variants if not v.get("layer_bits")]
+    return {(v["name"] if v.get("layer_bits") or (v.get("act_bits") and widths.count(v["bits"]) > 1) else v["bits"]): v
+            for v in variants}
+
+
+def precision_order(key: int | str | None) -> tuple:
+    """Sort key: float (None) first, then from the most bits to the fewest, then mixed variants by name."""
+    return (key is not None, isinstance(key, str), -(key or 0) if not isinstance(key, str) else 0, str(key))

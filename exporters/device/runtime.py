@@ -200,8 +200,7 @@ class OnnxRuntimeRunner:
         # "auto" decides from the file's metadata, read without a session (exporters.device.onnx_metadata):
         # one session is built, not a folded one and then another (whose leftovers stayed resident).
         fold = weight_dequant == "folded" or (weight_dequant == "auto" and optimization == "default"
-                                              and folds_weights(providers)
-                                              and _has_quantized_weights(read_metadata(self.path) or {}))
+                                              and auto_folds(read_metadata(self.path) or {}, providers))
         self._settings = (providers, optimization, intra_op_threads)
         self.session = self._open(providers, optimization, intra_op_threads, fold)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -54,24 +54,10 @@ from exporters.device import memory
 from exporters.device.choice import Selection, choose
 from exporters.device.errors import HeroError, unknown_choice
 from exporters.device.files import read_json
-from exporters.device.manifest import bundle_path, read_manifest, verify_file
+from exporters.device.manifest import bundle_path, precision_keys, precision_order, read_manifest, verify_file
 
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 SESSION_RUNTIMES = ("onnxruntime", "openvino")  # a prepared session per variant: `resident` applies
-
-
-def precision_keys(variants: list[dict]) -> dict:
-    """{how each variant is named to `set_precision`: variant}. A variant is named by its bits (None =
-    float), except a mixed-precision variant (per-layer widths) and an activation-quantized variant
-    whose bits a weight-only variant of the bundle also has (w8a8 beside w8): those by their name."""
-    widths = [v["bits"] for v in variants if not v.get("layer_bits")]
-    return {(v["name"] if v.get("layer_bits") or (v.get("act_bits") and widths.count(v["bits"]) > 1) else v["bits"]): v
-            for v in variants}
-
-
-def precision_order(key: int | str | None) -> tuple:
-    """Sort key: float (None) first, then from the most bits to the fewest, then mixed variants by name."""
-    return (key is not None, isinstance(key, str), -(key or 0) if not isinstance(key, str) else 0, str(key))
 
 
 class PrecisionSwitcher:

@@ -40,6 +40,7 @@ import numpy as np
 from exporters.device import memory
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
+from exporters.device.manifest import precision_order
 
 VERDICTS = "refit_verdicts.json"
 REFIT_RTOL = 1e-2
@@ -103,7 +104,6 @@ class TensorRTBackend:
         self._probe = probe_input(input_shape)
         self._runners, self._loaded, self._base, self._own = {}, {}, {}, {}
         self.verdicts: dict[str, dict] = {}
-        from exporters.device.switch import precision_order
 
         for bits in sorted(paths, key=precision_order):
             group = self._group[bits]
