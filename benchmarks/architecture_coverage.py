@@ -16,12 +16,22 @@ graph optimisations on), and the table says
 - agreement with the emulation on the same random images: top-1 agreement, relative logit error
   (RMS of the difference over the RMS of the emulation's logits) and the verdict of the tests'
   tolerance policy (`tests/agreement.py`: elementwise float tolerance for W4, the activation
-  quantization's own effect for W8A8; `judge`); beside them the emulation's sensitivity, its own
-  relative change when the input grows by INPUT_NUDGE, which tells a chaotic network (where float
-  rounding alone moves the logits beyond the policy) from an export that computes something else;
+  quantization's own effect for W8A8; `judge`);
 - literal graph: the same policy for the artifact run with ONNX Runtime's optimisations off (the
   graph as written, no integer-kernel fusions): whether the export computes the emulation, apart
   from how the optimised kernels round;
+- float32 reach: the policy assumes float rounding moves the logits little, which a chaotic
+  network (random weights amplify every rounding difference; `settle_batchnorm` tames most, not
+  all) does not honour. So the emulation also runs in float64 (`exact`: the same codes and scales,
+  rounding points computed exactly), and the row reports the scheme's own effect on the logits
+  (`effect`: against float activations for A8, against the float model for W4), how far PyTorch's
+  own float32 emulation lies from `exact` (`float32_error`) and how far ONNX Runtime's output does
+  (`runtime_error`, optimised and literal graph), all relative as above. `agrees` is "policy"
+  where the policy passes, "float32 reach" where it does not but both runtime graphs lie within
+  FLOAT32_REACH times PyTorch's own float32 error of `exact` (the runtime is as exact an
+  implementation of the emulation as PyTorch is), else "no". A float32 reach row discriminates a
+  wrong export only while FLOAT32_REACH * float32_error stays below ACT_FLIP_FRACTION * effect
+  (`discriminates`);
 - seconds for the row (calibration, emulation, export, ORT session and run).
 
 Each model runs in its own process with a time budget (--budget), so a failure or a stall costs one
@@ -66,10 +76,11 @@ except ImportError:
     from tests import agreement
 
 NUM_CLASSES = 10
-# The emulation's own relative change when every input grows by this fraction: how far float rounding
-# alone can move a model's logits. The tolerance policy assumes it small; a chaotic random network
-# (logits thousands of times its float version's) moves a thousand times more than float rounding.
-INPUT_NUDGE = 1e-6
+# Two float32 implementations of one function, each at distance e from the exact result with
+# independent rounding, lie about sqrt(2) e apart; 2 leaves room for a runtime somewhat less exact
+# than PyTorch (e.g. its fused LayerNorm/Softmax kernels) while a wrong export, which moves the
+# logits by the scheme's whole effect, still lands beyond it wherever `discriminates` holds.
+FLOAT32_REACH = 2.0
 SMALL_INPUT = 64  # convnets: what their stride allows, and fast
 # One representative per family: name -> input size. vit_b_16 fixes 224 (its position embedding),
 # maxvit_t needs sides divisible by its 7x7 windows at every stage, swin_t is sized as trained.
@@ -104,9 +115,14 @@ class Row:
     float_weights: list[str] | None = None
     top1_agreement: float | None = None
     rel_error: float | None = None
-    sensitivity: float | None = None
     verdict: str | None = None
     literal_verdict: str | None = None
+    effect: float | None = None
+    float32_error: float | None = None
+    runtime_error: float | None = None
+    literal_error: float | None = None
+    agrees: str | None = None
+    discriminates: bool | None = None
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -146,6 +162,19 @@ def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(np.mean((got - reference) ** 2)) / max(np.sqrt(np.mean(reference ** 2)), 1e-30))
 
 
+def float32_reach(row: Row, emulation: np.ndarray, exact: np.ndarray, unquantized: np.ndarray,
+                  got: np.ndarray, literal: np.ndarray) -> None:
+    """Fill the row's float32 reach columns (module docstring) from the float32 emulation, its
+    float64 run `exact`, the model without the scheme's quantization, and both runtime graphs."""
+    row.effect = relative_error(unquantized, emulation)
+    row.float32_error = relative_error(emulation, exact)
+    row.runtime_error, row.literal_error = relative_error(got, exact), relative_error(literal, exact)
+    row.discriminates = FLOAT32_REACH * row.float32_error < agreement.ACT_FLIP_FRACTION * row.effect
+    reach = max(row.runtime_error, row.literal_error) <= FLOAT32_REACH * row.float32_error
+    row.agrees = ("policy" if row.verdict == row.literal_verdict == "pass" else
+                  "float32 reach" if reach else "no")
+
+
 def judge(got: np.ndarray, emulation: np.ndarray, without_act_quant: np.ndarray | None = None) -> str:
     """"pass", or "fail: <why>", by the tests' tolerance policy (`tests/agreement.py`): with
     `without_act_quant` (A8: the same weights, float activations) `assert_matches_act_quantized`,
@@ -174,8 +203,9 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         with torch.no_grad():
             emulated = quantize_model(model, spec, calibration)
             emulation = emulated(x).numpy()
-            row.sensitivity = relative_error(emulated(x * (1 + INPUT_NUDGE)).numpy(), emulation)
             plain = (quantize_model(model, QuantSpec(bits=spec.bits))(x).numpy() if spec.act_bits else None)
+            unquantized = plain if spec.act_bits else quantize_model(model, QuantSpec())(x).numpy()
+            exact = emulated.double()(x.double()).numpy()
         stage = "export"
         path = export_onnx(model, folder / f"{row.model}_{row.scheme}.onnx", spec, options, calibration,
                            input_shape=tuple(images.shape[1:]))
@@ -190,6 +220,7 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         literal = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], optimization="disabled",
                                     intra_op_threads=threads).predict(images)
         row.literal_verdict = judge(literal, emulation, plain)
+        float32_reach(row, emulation, exact, unquantized, got, literal)
     except Exception as exc:  # a row records any failure; the table goes on
         row.errors[stage] = first_line(exc)
         if row.exported != "yes":
@@ -282,15 +313,22 @@ def _text(value: str | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | input | scheme | exported | float weights left | top-1 agreement | rel. logit error "
-             "| tolerance policy | literal graph | emulation sensitivity | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tolerance policy | literal graph | effect | float32 error (torch / ORT / literal) | agrees | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floats = None if r["float_weights"] is None else len(r["float_weights"])
         lines.append(f"| {r['model']} | {r['input_size']} | {r['scheme']} | {_text(r['exported'])} "
                      f"| {_cell(floats, 'd')} | {_cell(r['top1_agreement'], '.2f')} | {_cell(r['rel_error'], '.1e')} "
-                     f"| {_text(r['verdict'])} | {_text(r.get('literal_verdict'))} | {_cell(r['sensitivity'], '.0e')} "
-                     f"| {r['seconds']:.0f} |")
+                     f"| {_text(r['verdict'])} | {_text(r.get('literal_verdict'))} | {_cell(r['effect'], '.1e')} "
+                     f"| {_cell(r['float32_error'], '.0e')} / {_cell(r['runtime_error'], '.0e')} / "
+                     f"{_cell(r['literal_error'], '.0e')} | {_agrees(r)} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _agrees(r: dict) -> str:
+    if r["agrees"] == "float32 reach" and not r["discriminates"]:
+        return "float32 reach (not discriminating)"
+    return r["agrees"] or "—"
 
 
 def torchvision_missing() -> str | None:
@@ -340,7 +378,7 @@ def main(model_names, scheme_names, images, calibration_batches, batch_size, thr
     print(format_table(rows))
     if json_path:
         settings = {"images": images, "calibration_batches": calibration_batches, "batch_size": batch_size,
-                    "threads": threads, "budget": budget, "input_nudge": INPUT_NUDGE, "torch": torch.__version__,
+                    "threads": threads, "budget": budget, "float32_reach": FLOAT32_REACH, "torch": torch.__version__,
                     "schemes": {k: s.to_dict() for k, (s, _) in SCHEMES.items() if k in schemes}}
         Path(json_path).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
 

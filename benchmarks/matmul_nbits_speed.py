@@ -69,9 +69,10 @@ class Block(nn.Module):
 class ViTSmall(nn.Module):
     """ViT-S/16 in its layout (Dosovitskiy et al. 2021), `depth` blocks."""
 
-    def __init__(self, depth: int, dim: int = 384, heads: int = 6, image: int = 224, patch: int = 16, classes: int = 1000):
+    def __init__(self, depth: int, dim: int = 384, heads: int = 6, image: int = 224, patch: int = 16, classes: int = 1000,
+                 channels: int = 3):
         super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.patch = nn.Conv2d(channels, dim, patch, stride=patch)
         tokens = (image // patch) ** 2 + 1
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)

@@ -4,6 +4,7 @@ tolerance policy, one row end to end on a tiny model, and its one-line exit when
 
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,26 @@ def test_a_tiny_model_deploys_fully_quantized_and_agrees(scheme, tmp_path):
     spec, options = C.SCHEMES[scheme]
     row = C.run_scheme(Tiny().eval(), C.Row("tiny", scheme, 8), spec, options, x, batches, tmp_path)
     assert (row.exported, row.float_weights, row.verdict, row.errors) == ("yes", [], "pass", {})
-    assert row.top1_agreement == 1.0 and 0 <= row.sensitivity < 1e-4  # a tame model: float rounding moves it little
+    assert row.top1_agreement == 1.0 and row.agrees == "policy"
+    assert 0 <= row.float32_error < 1e-5 and row.discriminates  # a tame model: float rounding moves it little
+
+
+def test_float32_reach_compares_the_runtime_with_pytorchs_own_float32_error():
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((64, 10)) * 5
+    noise = lambda scale: exact + scale * rng.standard_normal(exact.shape)  # noqa: E731
+    emulation, unquantized = noise(0.01), noise(1.0)
+    row = C.Row("m", "W4", 8, verdict="fail: x", literal_verdict="fail: x")
+    C.float32_reach(row, emulation, exact, unquantized, noise(0.015), noise(0.01))
+    assert (row.agrees, row.discriminates) == ("float32 reach", True)
+    C.float32_reach(row, emulation, exact, unquantized, noise(0.01), noise(0.05))  # the literal graph is off
+    assert row.agrees == "no"
+    C.float32_reach(row, emulation, exact, noise(0.02), noise(0.01), noise(0.01))  # an effect float32 error hides
+    assert (row.agrees, row.discriminates) == ("float32 reach", False)
+    assert C._agrees(asdict(row)) == "float32 reach (not discriminating)"
+    row.verdict = row.literal_verdict = "pass"
+    C.float32_reach(row, emulation, exact, unquantized, noise(0.05), noise(0.05))
+    assert row.agrees == "policy"
 
 
 def test_a_failing_stage_becomes_the_row_not_an_exception(tmp_path):
