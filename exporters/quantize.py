@@ -60,7 +60,7 @@ class QuantSpec:
       into the DequantizeLinear scales (per output channel) and a float bias, so the integer codes
       are those of the trained weights (symmetric only); "keep" leaves BatchNorm a float op.
     - `grid`: "canonical" (step amax / (2^(b-1) - 1)) or "nested" (every width stored as INT8 codes
-      on the 8-bit scale, `exporters.nested_grid`: one set of Q/DQ scales for every precision, so a
+      on the 8-bit scale, `exporters.device.nested_grid`: one set of Q/DQ scales for every precision, so a
       TensorRT engine switches precision by refitting weights only; symmetric, bits <= 8).
     - `layer_bits`: mixed precision, a width per quantized layer (name -> bits), else None.
     - `act_bits`: None (float activations) or 8, ranges from `exporters.calibrate` on training

@@ -11,7 +11,7 @@ from torch import nn
 
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
-from exporters.nested_grid import nested_grid_codes
+from exporters.device.nested_grid import nested_grid_codes
 from exporters.onnx import ExportOptions, export_onnx, read_quantization, weight_initializers
 from exporters.quantize import QuantSpec, quantize_model, quantize_tensor, weight_codes
 from exporters.trt_lint import lint_explicit_quantization

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from exporters.device.errors import HeroError
-from exporters.nested_grid import (
+from exporters.device.nested_grid import (
     canonical_quantize,
     nested_clip_fraction,
     nested_grid_codes,
