@@ -151,7 +151,7 @@ class WeightCodes:
 
 
 def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize first, then fold BatchNorm (issue 16): k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
+    """Quantize first, then fold BatchNorm: k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
     folded weight keeps the trained weight's integer codes under per-output-channel scales
     s'_c = |k_c|·s_c (k = gamma / sqrt(var + eps), `exporters.bn_fold.bn_factor`). Scales stay
     strictly positive: a negative k_c negates that channel's codes (the symmetric grid is closed
