@@ -1,5 +1,4 @@
-"""Which real architectures deploy: torchvision's classification zoo through our W4 and W8A8 export
-(issue 26, item 4).
+"""Which real architectures deploy: torchvision's classification zoo through our W4 and W8A8 export.
 
 One model per family (ZOO), random weights (`weights=None`, 10 classes; BatchNorm statistics
 settled on random images in train mode, then eval: `imagenet_models.settle_batchnorm`), at a small

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hero_train import distributed
+from hero_train.allocator import keep_freed_memory
 from hero_train.models import build_model
 from hero_train.config import TrainConfig
 from hero_train.train import make_optimizer, take_step
@@ -98,6 +99,8 @@ def _worker(rank: int, world: int, port: int, options: dict, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(options["threads"])
+    if options["device"] == "cpu":
+        keep_freed_memory()  # as `hero train` runs each CPU rank
     with distributed.process_group(options["device"]) as replica:
         meter = AllReduceMeter(replica.device)
         dist.all_reduce = meter  # the optimizers look it up on the module at every call

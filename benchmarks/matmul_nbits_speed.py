@@ -1,5 +1,5 @@
 """Block-wise INT4 Linear weights on ONNX Runtime at batch 1: MatMulNBits against FP32 and against the
-DequantizeLinear form, on a ViT-like model (issue 26, item 3).
+DequantizeLinear form, on a ViT-like model.
 
 Model: a ViT-S/16-like classifier of our own (torchvision need not import): `--image` input (224:
 196 tokens and a class token), 16x16 patches, width `--dim` 384, `--heads` 6, MLP 4x, `--depth` encoder blocks

@@ -21,8 +21,8 @@ Also reported: Spearman's ρ across layers between Ω and the measured loss incr
 
 Results are cached per checkpoint label in the JSON (with the checkpoint's sha256 and the
 settings): a rerun skips the finished ones, so checkpoints can be added one command at a time.
-A label measured on an earlier machine, whose checkpoint is not on this one (each session starts
-on a new machine; the paper driver keeps results, not checkpoints), is shown with ``--cached LABEL``.
+A label measured on another machine, whose checkpoint is not on this one (the paper driver keeps
+results, not checkpoints), is shown with ``--cached LABEL``.
 
     python benchmarks/mixed_precision.py --checkpoint sgd-s0=PATH --checkpoint hero-s0=PATH
 """

@@ -1,6 +1,6 @@
 """Accuracy cost of nested grids (refit-only precision switching) against the canonical quantizer.
 
-TensorRT may not refit Q/DQ scales, so `exporters.nested_grid` puts every precision on the 8-bit
+TensorRT may not refit Q/DQ scales, so `exporters.device.nested_grid` puts every precision on the 8-bit
 scale s8 = amax/127 with the n-bit step 2^(8-n)·s8: switching precision then changes only INT8
 weight values. The canonical n-bit quantizer uses the step amax/(2^(n-1)-1) instead. This script
 measures what that costs on a trained checkpoint: test accuracy of the BN-folded model with its
@@ -15,7 +15,7 @@ import click
 import numpy as np
 import torch
 
-from exporters.nested_grid import nested_grid_codes, scale8
+from exporters.device.nested_grid import nested_grid_codes, scale8
 from exporters.quantize import QuantSpec, fold_bn, quantize_model, quantized_layers
 from pipeline import stages
 

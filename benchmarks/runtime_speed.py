@@ -1,5 +1,5 @@
 """Inference throughput and memory of our quantized ONNX artifacts against ONNX Runtime FP32, ONNX
-Runtime's own static quantization and OpenVINO, on the CPU at hand (issue 24).
+Runtime's own static quantization and OpenVINO, on the CPU at hand.
 
 Models: ResNet18 and MobileNetV2 in their ImageNet layout (3x224x224, 1000 classes, random weights
 with settled BatchNorm statistics, random images: `benchmarks/imagenet_models.py`), one after the

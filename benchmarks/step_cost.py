@@ -27,7 +27,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from hero_train.allocator import OPT_OUT, keep_freed_memory
+from hero_train.allocator import keep_freed_memory
 from hero_train.models import build_model
 from hero_train.optim import HERO, FirstOrder, GradL1
 
@@ -228,7 +228,7 @@ def _print_table(summary: dict[str, dict], checks: list[dict], header: str) -> N
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="which median the time targets are checked on (cpu: this process's CPU time)")
 @click.option("--default-malloc", is_flag=True,
-              help="time with glibc's default malloc settings instead of those the optimizers set on CPU")
+              help="time with glibc's default malloc settings instead of those `hero train` sets on CPU")
 @click.option("--json", "json_out", default=None, help="also write the results to this JSON file")
 @click.option("--probe-memory", default=None, hidden=True, help="internal: print one method's peak bytes")
 def main(rounds, warmup, device, batch_size, threads, clock, default_malloc, json_out, probe_memory):
@@ -238,16 +238,15 @@ def main(rounds, warmup, device, batch_size, threads, clock, default_malloc, jso
     if probe_memory:
         click.echo(memory_probe(probe_memory, device, batch_size))
         return
-    if default_malloc:
-        os.environ[OPT_OUT] = "0"  # before any optimizer is built, and for the memory subprocesses
-    times = time_round_robin(device, batch_size, warmup, rounds)  # the optimizers set malloc, as in a user's loop
-    kept = device == "cpu" and not default_malloc and keep_freed_memory()  # True iff it is in force
+    # As `hero train` and a training loop of your own do on CPU; True iff it is in force.
+    kept = device == "cpu" and not default_malloc and keep_freed_memory()
+    times = time_round_robin(device, batch_size, warmup, rounds)
     memory = {m: _memory_in_subprocess(m, device, batch_size, threads) for m in METHODS}
     summary = summarise(times, memory)
     checks = check_targets(summary, clock)
     header = (f"ResNet20, batch {batch_size}, {device}, {torch.get_num_threads()} threads, "
               f"{rounds} rounds after {warmup} warm-up, torch {torch.__version__}, "
-              f"malloc {'keeps freed blocks (set by the optimizers, as in hero train)' if kept else 'default'}")
+              f"malloc {'keeps freed blocks (keep_freed_memory, as in hero train)' if kept else 'default'}")
     _print_table(summary, checks, header)
     if json_out:
         with open(json_out, "w") as f:

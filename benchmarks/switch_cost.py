@@ -1,4 +1,4 @@
-"""What precision switching costs on the device at hand, for ResNet18 at 224x224 (issue 25).
+"""What precision switching costs on the device at hand, for ResNet18 at 224x224.
 
 One precision-switch bundle of five variants exported from one model: fp32 (BatchNorm folded), w8a8
 and w4a8 (`QuantSpec(bits, act_bits=8)`, the default "onnxruntime" activation layout: QLinearConv

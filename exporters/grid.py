@@ -2,7 +2,8 @@
 grid, its scale and zero point, and the ONNX QuantizeLinear / DequantizeLinear maps between them.
 Everything that quantizes (`exporters.quantize` for weights, `exporters.act_layout` and
 `exporters.calibrate` for activations) takes its arithmetic from here. float32, rounding half to
-even (torch.round, like ONNX QuantizeLinear).
+even (torch.round, like ONNX QuantizeLinear). The integer grid (`qrange`) and the nested grid
+(`exporters.device.nested_grid`, numpy) are torch-free, in `exporters.device`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from exporters.bn_fold import _along
-from exporters.device.bits import check_bits
+from exporters.device.bits import qrange
 from exporters.device.errors import HeroError
-from exporters.nested_grid import nested_grid_codes
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer grid of the quantizer: symmetric uses TensorRT's restricted range
-    [-(2^(b-1)-1), 2^(b-1)-1] (NVIDIA, "Integer Quantization for Deep Learning Inference", 2020,
-    Sec. 3.1), asymmetric the full unsigned range [0, 2^b - 1]."""
-    bits = check_bits(bits)
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+from exporters.device.nested_grid import nested_grid_codes
 
 
 def symmetric_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +98,7 @@ def quantize_tensor(w: torch.Tensor, bits: int, *, symmetric: bool = True, per_c
     scale and int32 zero point, each of shape (w.shape[axis],) per channel or () per tensor.
     Ranges come from the tensor itself (symmetric: max |w|; asymmetric: [min(w, 0), max(w, 0)]),
     per slice along `axis` when per_channel. grid "nested": the n-bit grid as INT8 codes on the
-    8-bit scale (`exporters.nested_grid.nested_grid_codes`, symmetric only). `block_size`: a 2-D
+    8-bit scale (`exporters.device.nested_grid.nested_grid_codes`, symmetric only). `block_size`: a 2-D
     weight per block of its columns (`exporters.grid.blockwise_symmetric`; scales (rows, blocks))."""
     if not torch.isfinite(w).all():
         raise HeroError("cannot quantize a tensor with NaN or infinite values: check the checkpoint")
@@ -160,7 +151,7 @@ class WeightCodes:
 
 
 def fold_into_scales(q: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize first, then fold BatchNorm (issue 16): k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
+    """Quantize first, then fold BatchNorm: k_c·(s_c·q_c) = (|k_c|·s_c)·(sign(k_c)·q_c), so the
     folded weight keeps the trained weight's integer codes under per-output-channel scales
     s'_c = |k_c|·s_c (k = gamma / sqrt(var + eps), `exporters.bn_fold.bn_factor`). Scales stay
     strictly positive: a negative k_c negates that channel's codes (the symmetric grid is closed

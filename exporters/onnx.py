@@ -307,7 +307,7 @@ def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: st
     try:
         entry = json.loads(metadata[QUANTIZATION_KEY])
         spec = quantize.QuantSpec.from_dict(entry["spec"])
-        scales, zero_points = entry["act_scales"], entry.get("act_zero_points")
+        scales, zero_points = entry["act_scales"], entry["act_zero_points"]
         for name, value in (("act_scales", scales), ("act_zero_points", zero_points)):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} is a {type(value).__name__}, not a mapping")

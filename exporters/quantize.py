@@ -43,9 +43,6 @@ ACT_BITS = 8
 # rounding itself changes one of f. The validator and hero debug bound A8 variants by it.
 ACT_NOISE_FACTOR = 2.0
 _ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
-# Fields added after artifacts were first written: their value when an older artifact omits them.
-# act_layout: artifacts written before it quantized activations TensorRT's way.
-_ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt", "block_size": None}
 ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 
 
@@ -60,7 +57,7 @@ class QuantSpec:
       into the DequantizeLinear scales (per output channel) and a float bias, so the integer codes
       are those of the trained weights (symmetric only); "keep" leaves BatchNorm a float op.
     - `grid`: "canonical" (step amax / (2^(b-1) - 1)) or "nested" (every width stored as INT8 codes
-      on the 8-bit scale, `exporters.nested_grid`: one set of Q/DQ scales for every precision, so a
+      on the 8-bit scale, `exporters.device.nested_grid`: one set of Q/DQ scales for every precision, so a
       TensorRT engine switches precision by refitting weights only; symmetric, bits <= 8).
     - `layer_bits`: mixed precision, a width per quantized layer (name -> bits), else None.
     - `act_bits`: None (float activations) or 8, ranges from `exporters.calibrate` on training
@@ -185,15 +182,8 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, fields: dict) -> QuantSpec:
-        """The spec `to_dict` wrote (an older artifact's `fold_bn` read as bn fold-first/keep, and
-        fields added since at their defaults); unknown or missing fields are a HeroError."""
+        """The spec `to_dict` wrote; unknown or missing fields are a HeroError."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if isinstance(fields, dict) and "fold_bn" in fields and "bn" not in fields:
-            folded = fields["fold_bn"]
-            fields = {k: v for k, v in fields.items() if k != "fold_bn"}
-            fields["bn"] = "keep" if folded is False else "fold-first"
-        if isinstance(fields, dict):
-            fields = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in fields}, **fields}
         if not isinstance(fields, dict) or set(fields) != names:
             got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
             raise HeroError(f"a quantization spec has the fields {sorted(names)}, got {got}")

@@ -9,10 +9,11 @@ tcmalloc; glibc's own knobs (mallopt(3)) do the same job without a preload: rais
 threshold to its ceiling and the trim threshold out of reach. Measured here (2-core VM, torch
 2.13): ResNet20 SGD steps at batch 128 on 3x32x32, one process per setting, 289-318 ms against
 342-371 ms; a 5,120-image Fashion-MNIST SGD epoch 18.9-19.0 s against 19.9-21.8 s; exact HERO's
-double backward gains most (255,000 faults per step before). `hero train` sets it, and so does
-building a HERO, FirstOrder or GradL1 optimizer over CPU parameters, so a training loop of your
-own gets the same step cost; `benchmarks/step_cost.py` measures that library path. The price: the
-process keeps its peak heap until it exits. HERO_KEEP_FREED_MEMORY=0 turns it off.
+double backward gains most (255,000 faults per step before). It changes the whole process, so
+it is never a side effect: `hero train` calls it for CPU training, and a training loop of your own
+calls `keep_freed_memory()` once before its first step to get the same step cost (as
+`benchmarks/step_cost.py` does). The price: the process keeps its peak heap until it exits.
+HERO_KEEP_FREED_MEMORY=0 turns it off.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ groups, so momentum, weight decay and LR schedulers work through it (as davda54/
 computes a *direction* per parameter, writes it into ``p.grad`` with the weights exactly as they
 were, and lets the base optimizer step::
 
+    from hero_train.allocator import keep_freed_memory
+    keep_freed_memory()  # CPU: glibc keeps freed activation blocks, as `hero train` does
     opt = HERO(model.parameters(), torch.optim.SGD, h=0.5, gamma=0.1, model=model,
                lr=0.1, momentum=0.9, weight_decay=1e-4)
     for x, y in loader:
@@ -32,7 +34,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from exporters.device.errors import HeroError, unknown_choice
-from hero_train.allocator import keep_freed_memory
 from hero_train.config import HVP_MODES, VARIANTS
 from hero_train.second_order import SecondOrderKernels
 
@@ -193,8 +194,6 @@ class _Wrapper(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
         self.hvp = hvp
-        if any(p.device.type == "cpu" for p in self._params()):
-            keep_freed_memory()  # the step cost `hero train` has, in a user's own loop too (allocator.py)
 
     def _params(self) -> Tensors:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -203,17 +202,20 @@ class _Wrapper(torch.optim.Optimizer):
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
-    def _used(self, closure: Callable[[], Tensor]) -> tuple[Tensor, Tensors, Tensors, bool]:
-        """Unperturbed pass at W: the loss, the parameters that get a gradient, and g."""
-        with torch.enable_grad():
+    def _used(self, closure: Callable[[], Tensor], create_graph: bool = False) -> tuple[Tensor, Tensors, Tensors]:
+        """Unperturbed pass at W: the loss, the parameters that get a gradient, and g.
+
+        With `create_graph` g keeps its graph for an exact H(W)·v, and the pass runs through the
+        second-order kernels. Parameters without a gradient get ``p.grad = None``.
+        """
+        with torch.enable_grad(), SecondOrderKernels(self.model if create_graph else None):
             loss = closure()
             params = self._params()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         for p, g in zip(params, grads):
             if g is None:
                 p.grad = None
-        return loss, [p for p, _ in used], [g for _, g in used], bool(used)
+        return loss, [p for p, g in zip(params, grads) if g is not None], [g for g in grads if g is not None]
 
     def _hvp(self, closure, params: Tensors, at_grads: Tensors, graph_grads: Tensors | None,
              v: Tensors) -> Tensors:
@@ -276,8 +278,8 @@ class HERO(_Wrapper):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        loss, params, grads, any_used = self._used(closure)
-        if not any_used:
+        loss, params, grads = self._used(closure)
+        if not params:
             return loss.detach()
         grads = _all_average(grads)
         weights = [p.detach().clone() for p in params]
@@ -321,16 +323,7 @@ class GradL1(_Wrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         lam = self.param_groups[0]["lam"]
-        exact = self.hvp == "exact" and lam > 0
-        with torch.enable_grad(), SecondOrderKernels(self.model if exact else None):
-            loss = closure()
-            params = self._params()
-            raw = torch.autograd.grad(loss, params, create_graph=exact, allow_unused=True)
-        for p, g in zip(params, raw):
-            if g is None:
-                p.grad = None
-        params = [p for p, g in zip(params, raw) if g is not None]
-        graph_grads = [g for g in raw if g is not None]
+        loss, params, graph_grads = self._used(closure, create_graph=self.hvp == "exact" and lam > 0)
         if not params:
             return loss.detach()
         grads = _all_average([g.detach() for g in graph_grads])

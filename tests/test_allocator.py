@@ -16,8 +16,10 @@ import resource, sys, torch
 from hero_train.allocator import keep_freed_memory
 if sys.argv[1] == "kept":
     print(keep_freed_memory())
-elif sys.argv[1] == "library":  # a user's own loop: building the optimizer is all it does
+elif sys.argv[1] in ("library", "optimizer"):  # a user's own loop, with and without asking
     from hero_train.optim import HERO
+    if sys.argv[1] == "library":
+        keep_freed_memory()
     HERO(torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
     print(True)
 else:
@@ -56,8 +58,15 @@ def test_the_users_malloc_settings_win():
 
 
 @glibc
-def test_building_a_hero_optimizer_on_cpu_keeps_freed_blocks_too():
+def test_a_loop_of_your_own_keeps_freed_blocks_when_it_asks():
     _, library = faults("library")
     _, default = faults("default")
     _, opted_out = faults("library", HERO_KEEP_FREED_MEMORY="0")
     assert library < default / 3 and opted_out > default / 2, (library, default, opted_out)
+
+
+@glibc
+def test_building_an_optimizer_leaves_the_process_malloc_settings_alone():
+    _, optimizer = faults("optimizer")
+    _, default = faults("default")
+    assert optimizer > default / 2, (optimizer, default)

@@ -11,7 +11,7 @@ from torch import nn
 
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
-from exporters.nested_grid import nested_grid_codes
+from exporters.device.nested_grid import nested_grid_codes
 from exporters.onnx import ExportOptions, export_onnx, read_quantization, weight_initializers
 from exporters.quantize import QuantSpec, quantize_model, quantize_tensor, weight_codes
 from exporters.trt_lint import lint_explicit_quantization
@@ -141,10 +141,3 @@ def test_nested_int4_storage_is_refused(tmp_path):
     with pytest.raises(HeroError, match="INT8 codes"):
         export_onnx(_model(), tmp_path / "m.onnx", QuantSpec(bits=4, grid="nested"), ExportOptions(int4_storage=True),
                     input_shape=INPUT_SHAPE)
-
-
-def test_an_artifact_written_before_bn_and_grid_reads_back():
-    old = {"bits": 4, "symmetric": True, "per_channel": True, "fold_bn": False, "act_bits": None,
-           "act_method": "max", "act_percentile": 99.99}
-    assert QuantSpec.from_dict(old) == QuantSpec(bits=4, bn="keep")
-    assert QuantSpec.from_dict({**old, "fold_bn": True}).bn == "fold-first"

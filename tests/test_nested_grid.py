@@ -1,13 +1,16 @@
 import numpy as np
 import pytest
 
+from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError
-from exporters.nested_grid import (
+from exporters.device.nested_grid import (
     canonical_quantize,
     nested_clip_fraction,
     nested_grid_codes,
     nested_grid_error,
     scale8,
+    symmetric_codes,
+    symmetric_scale,
 )
 
 # amax = 1, so s8 = 1/127 and the 4-bit nested step is 16/127.
@@ -152,3 +155,25 @@ def test_nested_grid_costs_accuracy_on_gaussian_weights_at_four_bits():
 def test_bits_outside_two_to_eight_are_rejected(bits):
     with pytest.raises(HeroError, match="between 2 and 8"):
         nested_grid_codes(HAND_WEIGHTS, bits)
+
+
+def test_sixteen_bits_is_a_bit_width_but_not_a_nested_one():
+    assert check_bits(16) == 16
+    with pytest.raises(HeroError, match="nested-grid bit width 16: use one between 2 and 8"):
+        nested_grid_codes(HAND_WEIGHTS, 16)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_numpy_quantizer_is_the_torch_quantizer_of_exporters_grid(bits):
+    # The same Theorem 2 map in float64 (here) and float32 (exporters.grid): the codes may differ
+    # only where w / scale lies within float32 rounding of a half, by one step.
+    import torch
+
+    from exporters.grid import quantize_tensor
+
+    w = np.random.default_rng(bits).normal(size=(8, 3, 3, 3)).astype(np.float32)
+    q, scale, _ = quantize_tensor(torch.from_numpy(w), bits, per_channel=True)
+    np.testing.assert_allclose(symmetric_scale(np.abs(w).reshape(8, -1).max(1), bits), scale, rtol=2.0**-23)
+    codes = symmetric_codes(w.astype(np.float64), scale.numpy().astype(np.float64)[:, None, None, None], bits)
+    differ = codes != q.numpy()
+    assert np.abs(codes - q.numpy()).max() <= 1 and differ.mean() < 1e-3

@@ -308,8 +308,8 @@ def test_read_quantization_refuses_missing_entry():
 
 
 def _entry(**changes) -> str:
-    entry = {"spec": QuantSpec(bits=4).to_dict(), "act_scales": None, "weight_storage": "int8",
-             "tool_version": TOOL_VERSION}
+    entry = {"spec": QuantSpec(bits=4).to_dict(), "act_scales": None, "act_zero_points": None,
+             "weight_storage": "int8", "matmul_nbits": False, "tool_version": TOOL_VERSION}
     return json.dumps({**entry, **changes})
 
 

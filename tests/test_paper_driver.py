@@ -115,7 +115,6 @@ def test_every_ptq_cell_runs_the_three_schemes_and_clean_cells_hold_out_a_valida
 
 
 def test_hz_is_recorded_on_the_figure2_cells_only():
-    assert P.hz_supported()  # TrainConfig.record_hz exists
     cells = P.build_plan(P.SMALL)
     assert all(c.config.record_hz == P.SMALL.record_hz for c in by_tag(cells, "fig2"))
     assert all(c.config.record_hz is None for c in cells if "fig2" not in c.tables)
@@ -152,7 +151,7 @@ def test_full_scale_is_the_papers_protocol():
 # --------------------------------------------------------------------------- cost estimate
 
 
-def test_this_issues_cells_fit_the_budget_at_the_measured_step_cost():
+def test_priority_one_to_four_cells_fit_the_budget_at_the_measured_step_cost():
     cells = [c for c in P.build_plan(P.SMALL) if c.priority <= 4]
     seconds = [P.estimate_cell_seconds(c, fixed_costs(cells)) for c in cells]
     resnet = [s for c, s in zip(cells, seconds) if c.config.model == "resnet20"]
@@ -238,7 +237,6 @@ def test_budget_rescales_estimates_by_the_time_cells_really_took(tmp_path, monke
     assert ran == ["tiny/c0", "tiny/c1"]  # at face value a third 300 s cell would have fitted
 
 
-@pytest.mark.skipif(not D.bn_supported(), reason="the deploy config has no quantize.bn yet (issue 16)")
 @pytest.mark.parametrize("scheme", list(P.PTQ_SCHEMES))
 def test_deploy_config_covers_every_bit_width_of_figure1_under_each_scheme(scheme):
     cell = P.build_plan(P.SMALL)[0]
@@ -262,7 +260,6 @@ def test_a_new_scheme_reruns_only_its_ptq(tiny_fmnist, tmp_path, monkeypatch):
         (run_dir / "report.json").write_text(json.dumps({"meta": {"checkpoint_sha256": sha256_file(checkpoint)}}))
 
     monkeypatch.setattr(pipeline.run, "run_pipeline", fake_pipeline)
-    monkeypatch.setattr(D, "bn_supported", lambda: True)
     monkeypatch.setattr(D, "deploy_config", lambda cell, scheme: scheme)
     cell = dataclasses.replace(tiny_cell(tiny_fmnist), ptq=True, ptq_schemes=("per-channel",))
     assert D.run_cell(cell, tmp_path).done(cell) and ran == ["per-channel"]
@@ -271,15 +268,6 @@ def test_a_new_scheme_reruns_only_its_ptq(tiny_fmnist, tmp_path, monkeypatch):
     monkeypatch.setattr(D, "train", lambda *a, **k: pytest.fail("a trained cell was trained again"))
     assert D.run_cell(wider, tmp_path).done(wider)
     assert ran == ["per-channel", "per-tensor-quantize-first"]
-
-
-def test_ptq_waits_for_the_bn_option_without_losing_the_training(tiny_fmnist, tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "bn_supported", lambda: False)
-    cell = dataclasses.replace(tiny_cell(tiny_fmnist), ptq=True)
-    logged = []
-    status = D.run_cell(cell, tmp_path, log=logged.append)
-    assert status.epochs_done == 1 and status.schemes_done == () and not status.done(cell)
-    assert "PTQ waits for the deploy config's quantize.bn" in logged[0]
 
 
 def test_validation_evaluates_the_held_out_training_images_only(tiny_fmnist, tmp_path, monkeypatch):
@@ -431,7 +419,6 @@ def test_a_kept_cell_is_done_on_a_fresh_machine_and_a_kept_cell_missing_a_scheme
         (run_dir / "report.json").write_text(json.dumps({"meta": {"checkpoint_sha256": sha256_file(checkpoint)}}))
 
     monkeypatch.setattr(pipeline.run, "run_pipeline", fake_pipeline)
-    monkeypatch.setattr(D, "bn_supported", lambda: True)
     monkeypatch.setattr(D, "deploy_config", lambda cell, scheme: scheme)
     cell = dataclasses.replace(tiny_cell(tiny_fmnist), ptq=True, ptq_schemes=("per-channel",), validation=(64, 96))
     here, kept = tmp_path / "this-machine", tmp_path / "archive"

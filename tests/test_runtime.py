@@ -18,9 +18,11 @@ from exporters.device.runtime import OnnxRuntimeRunner, evaluate_accuracy, media
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = ["CPUExecutionProvider"]
 FLOAT_QUANTIZATION = json.dumps({
-    "spec": {"bits": None, "symmetric": True, "per_channel": True, "fold_bn": True, "act_bits": None,
-             "act_method": "max", "act_percentile": 99.99},
-    "act_scales": None, "weight_storage": "float32", "tool_version": "test"})
+    "spec": {"bits": None, "symmetric": True, "per_channel": True, "bn": "fold-first", "grid": "canonical",
+             "layer_bits": None, "act_bits": None, "act_method": "max", "act_percentile": 99.99,
+             "act_layout": "onnxruntime", "block_size": None},
+    "act_scales": None, "act_zero_points": None, "weight_storage": "float32", "matmul_nbits": False,
+    "tool_version": "test"})
 
 _PREDICT_WITHOUT_TORCH = """
 import sys

@@ -17,13 +17,24 @@ CPU = ["CPUExecutionProvider"]
 
 def _quantization(bits) -> str:
     """A hero.quantization metadata value, as exporters.onnx writes it."""
-    return json.dumps({"spec": {"bits": bits, "symmetric": True, "per_channel": True, "fold_bn": True,
-                                "act_bits": None, "act_method": "max", "act_percentile": 99.99},
-                       "act_scales": None, "weight_storage": "float32" if bits is None else "int8",
+    return json.dumps({"spec": {"bits": bits, "symmetric": True, "per_channel": True, "bn": "fold-first",
+                                "grid": "canonical", "layer_bits": None, "act_bits": None, "act_method": "max",
+                                "act_percentile": 99.99, "act_layout": "onnxruntime", "block_size": None},
+                       "act_scales": None, "act_zero_points": None,
+                       "weight_storage": "float32" if bits is None else "int8", "matmul_nbits": False,
                        "tool_version": "test"})
 
 
 QUANTIZED, FLOAT = _quantization(8), _quantization(None)
+
+
+@pytest.mark.parametrize("bits", [8, None])
+def test_the_metadata_here_is_what_the_exporter_writes(bits):
+    from exporters.onnx import ExportOptions, _quantization_entry
+    from exporters.quantize import QuantSpec
+
+    written = _quantization_entry(QuantSpec(bits=bits), None, ExportOptions())
+    assert json.loads(_quantization(bits)) == {**written, "tool_version": "test"}
 
 
 def _weight_only_model(path, q: np.ndarray, scale: np.ndarray, quantization: str | None = QUANTIZED):

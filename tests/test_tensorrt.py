@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
 
 from exporters.device.errors import HeroError  # noqa: E402
 from exporters.device.trt_contract import REBUILD_HINT, tensorrt_major  # noqa: E402
-from exporters.nested_grid import nested_grid_codes  # noqa: E402
+from exporters.device.nested_grid import nested_grid_codes  # noqa: E402
 from exporters.device.tensorrt import (  # noqa: E402
     EngineConfig,
     TensorRTRunner,

@@ -216,7 +216,7 @@ def test_modules_import_without_tensorrt_cuda_onnx_or_torch():
         "for name in ('tensorrt', 'cuda', 'onnx', 'torch'):\n"
         "    sys.modules[name] = None\n"
         "import exporters.device.tensorrt, exporters.device.trt_api, exporters.device.trt_contract\n"
-        "import exporters.nested_grid\n"
+        "import exporters.device.nested_grid\n"
         "print(exporters.device.tensorrt.available()[0])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -126,8 +126,7 @@ def setup_lines(plan: dict) -> list[str]:
     subset = "all" if s["limit_train"] is None else f"the first {s['limit_train']}"
     ptq_test = "all" if s["ptq_limit_test"] is None else f"the first {s['ptq_limit_test']}"
     h = ", ".join(f"{s['h'][d]} ({d})" for d in dict.fromkeys(d for d, _ in s["pairs"]))
-    hz = ("||Hz|| recorded every epoch on the seed-0 clean cells" if plan.get("hz_supported")
-          else "||Hz|| NOT recorded (TrainConfig had no record_hz field when the plan was written)")
+    hz = "||Hz|| recorded every epoch on the seed-0 clean cells"
     side = ", ".join(f"{d} / {m}" for d, m in s.get("side_pairs", []))
     v = s.get("validation")
     return [

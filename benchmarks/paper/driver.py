@@ -196,13 +196,6 @@ def cell_status(cell: P.Cell, out_root: Path, kept_root: Path | None = None) -> 
     return CellStatus(epochs, schemes, _belongs(folder / VALIDATION_FILE, sha))
 
 
-def bn_supported() -> bool:
-    """Whether the deploy config has the `quantize.bn` key the PTQ schemes are written in (issue 16)."""
-    from pipeline.config import QuantizeSection
-
-    return "bn" in QuantizeSection.model_fields
-
-
 def deploy_config(cell: P.Cell, scheme: str):
     """The deploy config of a cell's PTQ evaluation under one scheme: every bit width of Figure 1."""
     from pipeline.config import DeployConfig
@@ -266,10 +259,6 @@ def run_cell(cell: P.Cell, out_root: Path, log=print) -> CellStatus:
     if cell.validation is not None and not status.validated:
         validate_cell(cell, out_root)
     left = [s for s in cell.ptq_schemes if s not in status.schemes_done] if cell.ptq else []
-    if left and not bn_supported():
-        log(f"{cell.name}: PTQ waits for the deploy config's quantize.bn (issue 16); rerun the driver once it "
-            f"exists: only the PTQ runs")
-        left = []
     ptq_seconds = timing.get("ptq_wall_seconds", {})
     for scheme in left:
         began = time.perf_counter()
@@ -446,12 +435,9 @@ def main(scale_name, only, matches, out, archive, budget_minutes, device, gamma,
         if not cells:
             raise HeroError(f"--match {' '.join(matches)}: no cell of the plan has that in its name")
     out_root, kept_root = out / scale.name, archive / scale.name
-    if not P.hz_supported():
-        click.echo("note: TrainConfig has no record_hz field yet, so no cell records ||Hz||: "
-                   "Figure 2 will show the generalization gap only")
     click.echo(f"scale {scale.name}: {len(cells)} cells; measuring the step cost ...")
     if scale.device == "cpu":
-        keep_freed_memory()  # as hero_train.train.train sets it: measure what the cells will run
+        keep_freed_memory()  # as hero_train.train.train calls it: measure what the cells will run
     costs = measure_costs(cells)
     click.echo("\n".join(cost_lines(costs)))
     click.echo("\n".join(plan_lines(cells, out_root, costs, budget_minutes * 60, kept_root)))

@@ -81,7 +81,7 @@ def figure2(plan: dict, cells: list[dict], results_dir: Path) -> list[Path]:
             ax_hz.set(xlabel="epoch", ylabel="||H z|| (h = 1)", title="(a) ||Hz|| on training batches", yscale="log")
             ax_hz.legend(fontsize=8)
         else:
-            ax_hz.text(0.5, 0.5, "||Hz|| not recorded\n(TrainConfig.record_hz missing\nwhen these cells ran)",
+            ax_hz.text(0.5, 0.5, "||Hz|| not recorded\n(no Figure 2 cell\nhas finished an epoch)",
                        ha="center", va="center", transform=ax_hz.transAxes)
             ax_hz.set_axis_off()
         ax_gap.axhline(0.0, color="grey", linewidth=0.8)

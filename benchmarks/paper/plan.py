@@ -35,7 +35,8 @@ TABLES = ("table1", "table2", "table3", "fig1", "fig2", "fig3", "variants", "gam
 PTQ_BITS = (8, 7, 6, 5, 4, 3, 2)
 PAPER_GAMMA_GRID = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 # Symmetric weight schemes of every PTQ table, by name: the deploy config's quantize keys. Per
-# channel the BatchNorm fold order does not change the codes; per tensor it does (issue 16).
+# channel the BatchNorm fold order does not change the codes; per tensor it does
+# (`exporters.quantize.QuantSpec`, bn).
 PTQ_SCHEMES = {
     "per-channel": {"per_channel": True, "bn": "fold-first"},
     "per-tensor fold-first": {"per_channel": False, "bn": "fold-first"},
@@ -173,11 +174,6 @@ class Cell:
                 "config": self.config.to_dict()}
 
 
-def hz_supported() -> bool:
-    """Whether TrainConfig can record ||Hz|| per epoch (its ``record_hz`` field)."""
-    return "record_hz" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def method_label(config: dict) -> str:
     """The method's name as the tables print it."""
     return {"sgd": "SGD", "gradl1": "Gradient-L1", "first-order": "First-order only",
@@ -212,7 +208,7 @@ def _config(scale: Scale, dataset: str, model: str, optimizer: str, seed: int, *
         hero_warmup_epochs=scale.hero_warmup_epochs, lam=scale.lam, label_noise=label_noise, seed=seed,
         device=scale.device, bf16=scale.bf16, limit_train=scale.limit_train, data_root=scale.data_root,
     )
-    if record_hz and hz_supported():
+    if record_hz:
         fields["record_hz"] = scale.record_hz
     return TrainConfig(**fields)
 
@@ -272,7 +268,7 @@ def build_plan(scale: Scale) -> list[Cell]:
 
 def plan_document(scale: Scale, cells: list[Cell]) -> dict:
     """The plan as plain data (the driver's plan.json, which aggregate.py reads)."""
-    return {"scale": dataclasses.asdict(scale), "hz_supported": hz_supported(), "cells": [c.to_dict() for c in cells]}
+    return {"scale": dataclasses.asdict(scale), "cells": [c.to_dict() for c in cells]}
 
 
 def select(plan: list[Cell], only: tuple[str, ...] | None) -> list[Cell]:

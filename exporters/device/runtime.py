@@ -86,21 +86,21 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _has_quantized_weights(metadata: dict) -> bool:
     """Whether the artifact's `hero.quantization` metadata (JSON, written by exporters.onnx:
-    {"spec": {"bits": int|null, "act_bits": 8|null, "act_layout": ..., ...}, "act_scales": ...,
-    "weight_storage": ..., "tool_version": ...}) says it runs float kernels on quantized weights:
-    quantized weights, and activations float or quantized for TensorRT. An artifact laid out for ONNX
+    {"spec": {"bits": int|null, "act_bits": 8|null, "act_layout": ..., "block_size": ..., ...},
+    "act_scales": ..., "weight_storage": ..., "matmul_nbits": ..., "tool_version": ...}) says it runs
+    float kernels on quantized weights: quantized weights, and activations float or quantized for TensorRT. An artifact laid out for ONNX
     Runtime's integer kernels (act_bits 8, act_layout "onnxruntime") is not: folding its weights would
     stop the QLinearConv fusions it was made for; nor is one with block-wise INT4 weights read through
     DequantizeLinear (block_size, int4 storage, no MatMulNBits written), which ORT fuses into
     MatMulNBits. Absent or unreadable metadata (a foreign artifact): False."""
     try:
         entry = json.loads(metadata[QUANTIZATION_KEY])
-        spec, storage = entry["spec"], str(entry.get("weight_storage", ""))
-        bits, act_bits, layout = spec["bits"], spec.get("act_bits"), spec.get("act_layout", "tensorrt")
+        spec, storage, matmul_nbits = entry["spec"], str(entry["weight_storage"]), entry["matmul_nbits"]
+        bits, act_bits, layout, block_size = spec["bits"], spec["act_bits"], spec["act_layout"], spec["block_size"]
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    integer_kernels = (act_bits is not None and layout == "onnxruntime" and spec.get("block_size") is None) or (
-        spec.get("block_size") is not None and "int4" in storage.split("+") and not entry.get("matmul_nbits"))
+    integer_kernels = (act_bits is not None and layout == "onnxruntime" and block_size is None) or (
+        block_size is not None and "int4" in storage.split("+") and not matmul_nbits)
     return isinstance(bits, int) and not isinstance(bits, bool) and not integer_kernels
 
 

@@ -13,7 +13,7 @@ positive; per-channel scales only for constant weights, activations per-tensor; 
 same weight count and type and a refittable engine may have a single optimization profile;
 kREFIT_IDENTICAL with kSTRIP_PLAN gives weight-stripped engines. Whether Q/DQ scales can be refit
 is not documented: switching by refit changes only weight values (nested grids,
-`exporters.nested_grid`), and a variant whose scales differ is refused. `exporters.trt_lint`
+`exporters.device.nested_grid`), and a variant whose scales differ is refused. `exporters.trt_lint`
 checks the Q/DQ rules before a build.
 
 Choices:

@@ -13,21 +13,39 @@ paper Theorem 2) uses step amax / (2^(n-1) - 1) instead. The nested step is fine
 (2^(n-1) - 1) * 2^(8-n) / 127 of amax (4 bits: 112/127 = 0.882 amax), so the largest
 weights are clipped. `nested_grid_error` measures the trade on real weights.
 
-numpy only: this module runs on the deploy device.
+numpy and the standard library only, like everything in `exporters.device`: the host quantizer
+(`exporters.grid.quantize_tensor`, grid "nested") takes its codes from here, and TensorRT's switch
+by refit (`exporters.device.tensorrt`) rests on the one scale they share. Bit widths are checked
+and the integer grid is taken from `exporters.device.bits`; `symmetric_scale` and
+`symmetric_codes` are Theorem 2's symmetric quantizer in numpy (float64), the counterpart of
+`exporters.grid.symmetric_qparams` and `quantize_with_qparams`.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.device.errors import HeroError
+from exporters.device.bits import SUPPORTED_BITS, check_bits, qrange
 
-INT8_MAX = 127
+NESTED_BITS = tuple(b for b in SUPPORTED_BITS if b <= 8)  # INT8 codes: at most the 8-bit grid
 
 
-def _check_bits(bits: int) -> None:
-    if not 2 <= int(bits) <= 8:
-        raise HeroError(f"nested-grid bits must be between 2 and 8, got {bits}")
+def _nested_bits(bits) -> int:
+    return check_bits(bits, NESTED_BITS, "nested-grid bit width")
+
+
+def symmetric_scale(amax: np.ndarray, bits: int) -> np.ndarray:
+    """HERO paper Theorem 2, symmetric: scale = amax / (2^(bits-1) - 1) in float64; 1 where amax is 0
+    (its codes are 0 whatever the scale, and ONNX and TensorRT need a positive scale)."""
+    _, qmax = qrange(bits, symmetric=True)
+    return np.where(amax > 0, amax / qmax, 1.0)
+
+
+def symmetric_codes(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """clamp(round(w / scale), -(2^(bits-1) - 1), 2^(bits-1) - 1) in float64, rounding half to even:
+    ONNX QuantizeLinear with zero point 0 (onnx.ai/onnx/operators/onnx__QuantizeLinear.html)."""
+    qmin, qmax = qrange(bits, symmetric=True)
+    return np.clip(np.rint(w / scale), qmin, qmax)
 
 
 def _amax(w: np.ndarray, axis: int | None) -> np.ndarray:
@@ -53,19 +71,18 @@ def scale8(w: np.ndarray, axis: int | None = 0) -> np.ndarray:
     An all-zero channel gets scale 1.0: its codes are 0 whatever the scale, and TensorRT
     requires strictly positive scales (IQuantizeLayer docs).
     """
-    amax = _amax(np.asarray(w, dtype=np.float64), axis)
-    return np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    return symmetric_scale(_amax(np.asarray(w, dtype=np.float64), axis), 8).astype(np.float32)
 
 
 def nested_step_multiplier(bits: int) -> int:
     """m = 2^(8 - bits): the n-bit step in units of the 8-bit step s8."""
-    _check_bits(bits)
-    return 2 ** (8 - int(bits))
+    return 2 ** (8 - _nested_bits(bits))
 
 
 def nested_clip_fraction(bits: int) -> float:
     """Largest nested n-bit magnitude as a fraction of amax: (2^(n-1) - 1) * 2^(8-n) / 127."""
-    return (2 ** (int(bits) - 1) - 1) * nested_step_multiplier(bits) / INT8_MAX
+    m = nested_step_multiplier(bits)
+    return qrange(bits, symmetric=True)[1] * m / qrange(8, symmetric=True)[1]
 
 
 def nested_grid_codes(w: np.ndarray, bits: int, axis: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -77,23 +94,17 @@ def nested_grid_codes(w: np.ndarray, bits: int, axis: int | None = 0) -> tuple[n
     """
     w = np.asarray(w, dtype=np.float64)
     m = nested_step_multiplier(bits)
-    qmax = 2 ** (int(bits) - 1) - 1
     s8 = scale8(w, axis)
-    q = np.clip(np.rint(w / (m * _broadcast(s8.astype(np.float64), w.ndim, axis))), -qmax, qmax)
+    q = symmetric_codes(w, m * _broadcast(s8.astype(np.float64), w.ndim, axis), bits)
     return (q * m).astype(np.int8), s8
 
 
 def canonical_quantize(w: np.ndarray, bits: int, axis: int | None = 0) -> np.ndarray:
-    """Reference canonical symmetric quantizer, dequantized: q * s with s = amax / (2^(n-1) - 1).
-
-    Linear uniform quantizer of the HERO paper (Theorem 2), symmetric, narrow range.
-    """
-    _check_bits(bits)
+    """Reference canonical symmetric quantizer, dequantized: q * s with s = amax / (2^(n-1) - 1)
+    (`symmetric_scale`, `symmetric_codes`), at the nested grid's widths."""
     w = np.asarray(w, dtype=np.float64)
-    qmax = 2 ** (int(bits) - 1) - 1
-    amax = _amax(w, axis)
-    s = _broadcast(np.where(amax > 0, amax / qmax, 1.0), w.ndim, axis)
-    return np.clip(np.rint(w / s), -qmax, qmax) * s
+    s = _broadcast(symmetric_scale(_amax(w, axis), _nested_bits(bits)), w.ndim, axis)
+    return symmetric_codes(w, s, bits) * s
 
 
 @dataclass(frozen=True)
