@@ -175,13 +175,14 @@ def measure(path: Path, settings: Mapping, data_root: str | None, folder: Path) 
     from exporters.device.runtime import OnnxRuntimeRunner, top1
     from exporters.onnx import ExportOptions, export_onnx
     from exporters.quantize import QuantSpec, average_bits, packed_weight_bytes
+    from hero_train.checkpoint import DataRef, load_deployable
     from pipeline import stages
     from pipeline.mixed import cost_table, layer_sizes
     from pipeline.sensitivity import layer_sensitivity
 
     start = time.perf_counter()
-    loaded = stages.load_stage(path)
-    xt, yt = stages.eval_data(loaded, "train", 128 * settings["hessian_batches"], data_root)
+    loaded = load_deployable(path, data=DataRef(root=data_root))
+    xt, yt = stages.load_split(loaded, "train", 128 * settings["hessian_batches"])
     batches = [(torch.from_numpy(xt[i:i + 128]), torch.from_numpy(yt[i:i + 128]).long())
                for i in range(0, len(xt), 128)]
     accuracy_data = (torch.from_numpy(xt), torch.from_numpy(yt).long())
@@ -192,7 +193,7 @@ def measure(path: Path, settings: Mapping, data_root: str | None, folder: Path) 
     sensitivity_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    x, y = stages.eval_data(loaded, "test", settings["limit_test"], data_root)
+    x, y = stages.load_split(loaded, "test", settings["limit_test"])
     rows = []
     for v in plan_variants(costs, sizes, settings["seed"]):
         bits = v["bits"]
@@ -200,7 +201,7 @@ def measure(path: Path, settings: Mapping, data_root: str | None, folder: Path) 
         widths = list(bits.values()) if isinstance(bits, dict) else [bits]
         int4 = bits is not None and min(widths) <= 4
         onnx_path = export_onnx(loaded.model, folder / "variant.onnx", spec, ExportOptions(int4_storage=int4),
-                                input_shape=tuple(loaded.ckpt["input_shape"]))
+                                input_shape=loaded.input.shape)
         runner = OnnxRuntimeRunner(onnx_path, ["CPUExecutionProvider"], intra_op_threads=1)
         accuracy = top1(runner.predict(x), y)
         rows.append({**v, "accuracy": accuracy, "average_bits": average_bits(loaded.model, spec),

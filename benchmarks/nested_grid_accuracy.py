@@ -17,6 +17,7 @@ import torch
 
 from exporters.device.nested_grid import nested_grid_codes, scale8
 from exporters.quantize import QuantSpec, fold_bn, quantize_model, quantized_layers
+from hero_train.checkpoint import load_deployable
 from pipeline import stages
 
 
@@ -38,8 +39,8 @@ def nested_model(folded: torch.nn.Module, bits: int) -> torch.nn.Module:
 @click.option("--checkpoint", required=True)
 @click.option("--limit-test", type=int, default=5000, show_default=True)
 def main(checkpoint, limit_test):
-    loaded = stages.load_stage(checkpoint)
-    x, y = stages.eval_data(loaded, "test", limit_test)
+    loaded = load_deployable(checkpoint)
+    x, y = stages.load_split(loaded, "test", limit_test)
     folded = fold_bn(loaded.model)
     assert all(scale8(l.weight.detach().numpy()).min() > 0 for _, l in quantized_layers(folded))
 

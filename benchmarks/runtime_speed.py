@@ -113,13 +113,14 @@ def imagenet_subject(name: str, image_size: int, images: int, calibration_images
 
 def checkpoint_subject(checkpoint: str, images: int, calibration_images: int, data_root: str | None) -> Subject:
     """A hero checkpoint's model, its first `images` test images and first training images."""
-    from pipeline.stages import eval_data, load_stage
+    from hero_train.checkpoint import DataRef, load_deployable
+    from pipeline.stages import load_split
 
-    loaded = load_stage(Path(checkpoint))
-    test_x, test_y = eval_data(loaded, "test", images, data_root)
-    calibration_x = eval_data(loaded, "train", calibration_images, data_root)[0]
-    return Subject(f"{loaded.ckpt['model']['name']} on {loaded.ckpt['dataset']} ({checkpoint})", loaded.model,
-                   tuple(loaded.ckpt["input_shape"]), test_x, test_y, calibration_x)
+    loaded = load_deployable(checkpoint, data=DataRef(root=data_root))
+    test_x, test_y = load_split(loaded, "test", images)
+    calibration_x = load_split(loaded, "train", calibration_images)[0]
+    return Subject(f"{loaded.model_ref.label} on {loaded.data.dataset} ({checkpoint})", loaded.model,
+                   loaded.input.shape, test_x, test_y, calibration_x)
 
 
 def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:

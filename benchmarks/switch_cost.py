@@ -134,7 +134,8 @@ def top1_margin(logits: np.ndarray) -> np.ndarray:
 def build_bundle(folder: Path, image_size: int, test_images: int, calibration_images: int,
                  latency_batch: int, pool: int = 1) -> Path:
     """Export VARIANTS of one ResNet18 and write them as a bundle in folder/bundle."""
-    from hero_train.checkpoint import Loaded
+    from hero_train.checkpoint import DataRef, Deployable, InputSpec
+    from hero_train.models import ModelRef
     from pipeline import stages
     from pipeline.bundle import BundleOptions, write_bundle
 
@@ -143,12 +144,13 @@ def build_bundle(folder: Path, image_size: int, test_images: int, calibration_im
     test = rng.integers(0, 256, (test_images * pool, image_size, image_size, 3), dtype=np.uint8)
     calibration = rng.integers(0, 256, (calibration_images, image_size, image_size, 3), dtype=np.uint8)
     data = _write_npz(folder / "data.npz", test, np.zeros(len(test), np.int64), calibration)
-    ckpt = {"model": {"name": None, "factory": "benchmarks.imagenet_models:ResNet18", "kwargs": {},
-                      "num_classes": imagenet_models.NUM_CLASSES, "in_channels": 3},
-            "input_shape": [3, image_size, image_size], "dataset": str(data), "normalization": NORMALIZATION}
-    loaded = Loaded(folder / "resnet18.pt", ckpt, model, "0" * 64)
-    x_test, _ = stages.eval_data(loaded, "test", None)
-    x_train, _ = stages.eval_data(loaded, "train", calibration_images)
+    shape = (3, image_size, image_size)
+    loaded = Deployable(model, ModelRef(factory="benchmarks.imagenet_models:ResNet18"),
+                        InputSpec(shape, tuple(NORMALIZATION["mean"]), tuple(NORMALIZATION["std"]),
+                                  tuple(str(i) for i in range(imagenet_models.NUM_CLASSES))),
+                        DataRef(str(data), None, 3, image_size), folder / "resnet18.pt", "0" * 64)
+    x_test, _ = stages.load_split(loaded, "test", None)
+    x_train, _ = stages.load_split(loaded, "train", calibration_images)
     batches = [torch.from_numpy(x_train[i:i + 8]) for i in range(0, len(x_train), 8)]
     ranges = {name: calibrate_activations(model, batches, spec) if spec.act_bits else None
               for name, (spec, _) in VARIANTS.items()}
@@ -161,7 +163,7 @@ def build_bundle(folder: Path, image_size: int, test_images: int, calibration_im
     paths, rows = {}, []
     for name, (spec, options) in VARIANTS.items():
         paths[name] = export_onnx(model, folder / "artifacts" / f"{name}.onnx", spec, options, ranges[name],
-                                  input_shape=(3, image_size, image_size))
+                                  input_shape=shape)
         rows.append({"name": name, **{k: spec.to_dict()[k] for k in _IDENTITY}, "runtime": "onnxruntime",
                      "torch_accuracy": None, "runtime_accuracy": None, "sha256": sha256_file(paths[name]),
                      "artifact": f"artifacts/{name}.onnx"})

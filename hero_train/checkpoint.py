@@ -10,6 +10,9 @@ Schema (a plain dict, so ``torch.load(..., weights_only=True)`` can read it and 
 - ``config``: the training config as plain values; ``epoch``: epochs completed
 - ``state_dict``: model weights and buffers; ``optimizer``, ``scheduler``: their state dicts
 - ``metrics``: the last epoch's metrics line
+
+The deploy stages never see this dict: `load_deployable` reads a checkpoint (or a plain
+state_dict) into a `Deployable`, the one context they all take.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 from exporters.device.errors import HeroError
-from exporters.device.files import write_atomic
+from exporters.device.files import sha256_file, write_atomic
+from hero_train import data as hdata
 from hero_train.models import ModelRef, create_model
 
 FORMAT = "hero-deploy-checkpoint"
@@ -102,6 +106,17 @@ def recorded_model(ckpt: dict) -> ModelRef:
     return ModelRef(name=spec.get("name"), factory=spec.get("factory"), kwargs=dict(spec.get("kwargs") or {}))
 
 
+def recorded_config(ckpt: dict) -> dict:
+    """The training config a checkpoint records, as plain values ({} when not trained by ``hero train``)."""
+    return dict(ckpt.get("config") or {})
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a nan or inf, or None."""
+    return next((name for name, t in tensors.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def check_named_model(recorded: ModelRef, named: ModelRef | None, path) -> ModelRef:
     """The model to build from a checkpoint, refusing a mismatch with what the user named. Code
     runs only from a factory the user names: a checkpoint that records a factory needs --model
@@ -124,22 +139,60 @@ def _is_state_dict(obj) -> bool:
                                                        for k, v in obj.items())
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes and answers: one sample's `shape` [C, H, W], the per-channel
+    normalisation (x / 255 - `mean`) / `std` it was trained with, and its `classes` in label order."""
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Where a model's data is: `dataset` (a built-in name, an image folder or an .npz; None: the
+    one the checkpoint records), `root` (the folder of a built-in dataset's files; None:
+    $HERO_DATA, the system and cache folders), and the `channels` and `image_size` your own images
+    are decoded to (None for a built-in dataset; see hero_train.data.load_dataset)."""
+
+    dataset: str | None = None
+    root: str | None = None
+    channels: int | None = None
+    image_size: int | None = None
+
+
 @dataclass
-class Loaded:
-    """A checkpoint read once: the dict, its model and its sha256 (what the deploy stages share)."""
+class Deployable:
+    """A trained model as every deploy stage takes it, built by `load_deployable` only: the network
+    (eval mode) and the ModelRef that builds it, its input, its data (dataset resolved: the one
+    given, else the one recorded), the checkpoint file it came from and that file's sha256, and
+    the optimizer it was trained with (None when not trained by ``hero train``)."""
 
-    path: Path
-    ckpt: dict
     model: torch.nn.Module
+    model_ref: ModelRef
+    input: InputSpec
+    data: DataRef
+    path: Path
     sha256: str
+    optimizer: str | None = None
 
 
-def load_for_deploy(path: str | os.PathLike, named: ModelRef | None, describe=None) -> dict:
-    """A checkpoint to deploy: a full one (checked against the model the user named), or a plain
-    ``state_dict`` file (``torch.save(model.state_dict(), path)``), which needs the user to name the
-    model and `describe()` to return {"input_shape", "normalization", "classes"}; returned as the
-    checkpoint dict `model_from_checkpoint` takes."""
-    path = Path(path)
+def _described_by(data: DataRef) -> InputSpec | None:
+    """A plain state_dict's input read off `data`'s training split: its shape, class names and
+    normalisation (measured, for your own images); None without a dataset."""
+    if data.dataset is None:
+        return None
+    train = hdata.load_dataset(data.dataset, "train", root=data.root, channels=data.channels,
+                               image_size=data.image_size)
+    return InputSpec(tuple(train.images.shape[1:]), tuple(train.mean), tuple(train.std), tuple(train.classes))
+
+
+def _deploy_checkpoint(path: Path, named: ModelRef | None, data: DataRef, described: InputSpec | None) -> dict:
+    """A full checkpoint (checked against the model the user named), or a plain state_dict file
+    rewritten as one: it needs the user to name the model and say its input (`described`, else
+    `data`'s dataset)."""
     obj = _read(path, "checkpoint")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         ckpt = _checked_format(obj, path)
@@ -150,16 +203,46 @@ def load_for_deploy(path: str | os.PathLike, named: ModelRef | None, describe=No
     if named is None:
         raise HeroError(f"{path} is a plain state_dict: name its network with --model (config: model: {{name: ...}} "
                         "or model: {factory: package.module:function, kwargs: {...}})")
-    info = describe() if describe is not None else None
+    info = described or _described_by(data)
     if info is None:
         raise HeroError(f"{path} is a plain state_dict: say what its input is with a data section (the dataset) "
                         "or model.input_shape, model.normalization and model.classes")
-    shape = [int(d) for d in info["input_shape"]]
+    shape = [int(d) for d in info.shape]
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "model": {**named.to_dict(), "num_classes": len(info["classes"]), "in_channels": shape[0]},
-            "input_shape": shape, "dataset": info.get("dataset"), "classes": list(info["classes"]),
-            "normalization": {"mean": list(info["normalization"]["mean"]), "std": list(info["normalization"]["std"])},
+            "model": {**named.to_dict(), "num_classes": len(info.classes), "in_channels": shape[0]},
+            "input_shape": shape, "dataset": data.dataset, "classes": list(info.classes),
+            "normalization": {"mean": list(info.mean), "std": list(info.std)},
             "config": {}, "epoch": None, "state_dict": obj}
+
+
+def load_deployable(path: str | os.PathLike, named: ModelRef | None = None, data: DataRef = DataRef(),
+                    described: InputSpec | None = None) -> Deployable:
+    """The deploy context of a checkpoint written by ``hero train`` or `save_for_deploy`, or of a
+    plain ``state_dict`` file (``torch.save(model.state_dict(), path)``), which needs the model
+    `named` and its input `described` or read off ``data.dataset``. ``data.dataset`` replaces the
+    one the checkpoint records (a folder that moved, a checkpoint from save_for_deploy), but not by
+    another built-in one. A model with a non-finite weight or buffer is refused, naming the first."""
+    path = Path(path)
+    ckpt = _deploy_checkpoint(path, named, data, described)
+    trained_on = ckpt.get("dataset")
+    if data.dataset in hdata.DATASETS and trained_on in hdata.DATASETS and data.dataset != trained_on:
+        raise HeroError(f"the dataset asked for is {data.dataset!r} but {path} was trained on {trained_on!r}: "
+                        "pass the dataset it was trained on (a moved folder or .npz may be given anew)")
+    model = model_from_checkpoint(ckpt, path)
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:  # nothing sensible can be quantized, exported or measured from it
+        raise HeroError(f"{path}: tensor {bad} holds nan or inf values (the training diverged): "
+                        "deploy an earlier checkpoint or retrain with a lower --lr")
+    shape = tuple(ckpt["input_shape"])
+    norm = ckpt["normalization"]
+    dataset = data.dataset if data.dataset is not None else trained_on
+    custom = dataset is not None and hdata.is_custom(dataset)
+    return Deployable(
+        model=model, model_ref=recorded_model(ckpt),
+        input=InputSpec(shape, tuple(float(m) for m in norm["mean"]), tuple(float(s) for s in norm["std"]),
+                        tuple(class_names(ckpt))),
+        data=DataRef(dataset, data.root, shape[0] if custom else None, shape[-1] if custom else None),
+        path=path, sha256=sha256_file(path), optimizer=recorded_config(ckpt).get("optimizer"))
 
 
 def class_names(ckpt: dict) -> list[str]:

@@ -29,7 +29,7 @@ from hero_train import data as hdata
 from hero_train import distributed
 from hero_train import images as images_lib
 from hero_train.allocator import keep_freed_memory
-from hero_train.checkpoint import load_checkpoint, save_checkpoint
+from hero_train.checkpoint import first_nonfinite, load_checkpoint, recorded_config, save_checkpoint
 from hero_train.hessian import record_hz_norm
 from hero_train.models import create_model
 from hero_train.config import TrainConfig
@@ -154,12 +154,6 @@ def train_one_epoch(model, optimizer, train_data, config: TrainConfig, epoch: in
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a nan or inf, or None."""
-    return next((name for name, t in tensors.items()
-                 if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-
-
 def diverged(epoch: int, step: int | None, what: str, config: TrainConfig) -> HeroError:
     where = f"epoch {epoch + 1}" + (f", step {step}" if step is not None else "")
     return HeroError(f"training diverged at {where}: {what}; lower --lr (now {config.lr:g}) or try another "
@@ -200,7 +194,7 @@ def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     ckpt = load_checkpoint(path)
-    old = ckpt["config"]
+    old = recorded_config(ckpt)
     inert = {"epochs"} | unused_options(config.optimizer)
     differ = [k for k, v in config.to_dict().items() if k not in inert and old.get(k) != v]
     if differ:

@@ -28,21 +28,53 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.quantize import quantized_layers
 from hero_train import hessian
-from hero_train.checkpoint import recorded_model
+from hero_train.checkpoint import Deployable
 from pipeline import sensitivity, stages
 
 ANALYSIS = "analysis.json"
 REPORT = "analysis.md"
 CONTOUR = "loss_contour.png"
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What ``hero analyze`` measures, on `device`, over the first `batches` training batches of
+    `batch_size`: Theorem 3's bounds for a loss increase c = `loss_increase` against each weight
+    width of `bits` (on the `symmetric`, `per_channel` grid), the top Hessian eigenvalue by `iters`
+    power iterations, the trace by `samples` Hutchinson probes (seeded by `seed`), and with
+    `contour` = (steps, span) the loss contour."""
+
+    batches: int
+    batch_size: int
+    loss_increase: float
+    bits: tuple[int, ...]
+    symmetric: bool
+    per_channel: bool
+    iters: int
+    samples: int
+    seed: int
+    contour: tuple[int, float] | None
+    device: str
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The per-layer analysis (pipeline.sensitivity): each layer's top eigenvalue too
+    (`top_eigen`, by the analysis' iters), one Hutchinson probe over all layers per sample
+    (`joint_probes`), accuracy on the first `limit_test` test samples (None: the analysis batches)."""
+
+    top_eigen: bool
+    joint_probes: bool
+    limit_test: int | None
 
 
 def quantization_perturbation(model: torch.nn.Module, bits: int, symmetric: bool = True,
@@ -86,20 +118,17 @@ def safety_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def training_batches(loaded: stages.Loaded, n_batches: int, batch_size: int, data_root: str | None,
+def training_batches(loaded: Deployable, n_batches: int, batch_size: int,
                      device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first n_batches · batch_size training samples, normalised as in training."""
-    if n_batches < 1 or batch_size < 1:
-        raise HeroError(f"--batches and --batch-size must be >= 1 (got {n_batches}, {batch_size})")
-    x, y = stages.eval_data(loaded, "train", n_batches * batch_size, data_root)
+    x, y = stages.load_split(loaded, "train", n_batches * batch_size)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     return [(x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)) for s in range(0, len(y), batch_size)]
 
 
-def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple[int, ...], symmetric: bool,
-            per_channel: bool, iters: int, samples: int, seed: int, contour: tuple[int, float] | None) -> dict:
+def analyze(loaded: Deployable, batches, options: AnalysisOptions) -> dict:
     """Every diagnostic on `batches`; returns the analysis.json dict (contour file left to the caller)."""
-    model, loss_fn = loaded.model, hessian.cross_entropy_loss
+    model, loss_fn, o = loaded.model, hessian.cross_entropy_loss, options
     params = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     with torch.no_grad():
@@ -107,34 +136,33 @@ def analyze(loaded: stages.Loaded, batches, *, loss_increase: float, bits: tuple
     grad = hessian.gradient(model, loss_fn, batches)
     grad_norm = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grad])))
     grad_l1 = float(sum(g.double().abs().sum() for g in grad))
-    eigenvalue, _ = hessian.top_eigenvalue(model, loss_fn, batches, iters=iters, seed=seed)
+    eigenvalue, _ = hessian.top_eigenvalue(model, loss_fn, batches, iters=o.iters, seed=o.seed)
     # Power iteration finds the eigenvalue largest in magnitude; |it| bounds λ_max from above,
     # so the bounds stay valid (if loose) should it come out negative.
     lambda_max = abs(eigenvalue)
     n_params = sum(p.numel() for p in params)
     n_nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    bounds = hessian.theorem3_bounds(grad_l2=grad_norm, grad_l1=grad_l1, lambda_max=lambda_max, c=loss_increase,
+    bounds = hessian.theorem3_bounds(grad_l2=grad_norm, grad_l1=grad_l1, lambda_max=lambda_max, c=o.loss_increase,
                                      n_params=n_params, n_nonzero=n_nonzero)
-    config = loaded.ckpt.get("config", {})
     result = {
-        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": recorded_model(loaded.ckpt).label,
-        "dataset": loaded.ckpt["dataset"], "optimizer": config.get("optimizer"),
+        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "model": loaded.model_ref.label,
+        "dataset": loaded.data.dataset, "optimizer": loaded.optimizer,
         "data": {"split": "train", "batches": len(batches), "batch_size": len(batches[0][1]),
                  "samples": sum(len(b[1]) for b in batches), "bn_mode": "eval"},
         "loss": loss, "grad_norm": grad_norm, "n_params": n_params,
         "top_eigenvalue": eigenvalue,
-        "hessian_trace": hessian.hutchinson_trace(model, loss_fn, batches, samples=samples, seed=seed),
+        "hessian_trace": hessian.hutchinson_trace(model, loss_fn, batches, samples=o.samples, seed=o.seed),
         "hz_norm": hessian.hz_norm(model, loss_fn, batches, h=1.0),
-        "theorem3": {"loss_increase": loss_increase, "lambda_max": lambda_max, "grad_l1": grad_l1,
+        "theorem3": {"loss_increase": o.loss_increase, "lambda_max": lambda_max, "grad_l1": grad_l1,
                      "n_nonzero": n_nonzero, **bounds},
-        "quantization": {"symmetric": symmetric, "per_channel": per_channel,
-                         "rows": quantization_safety(model, bounds, bits, symmetric, per_channel)},
+        "quantization": {"symmetric": o.symmetric, "per_channel": o.per_channel,
+                         "rows": quantization_safety(model, bounds, o.bits, o.symmetric, o.per_channel)},
         "contour": None,
         "layers": None,
     }
-    if contour is not None:
-        steps, span = contour
-        grid = hessian.loss_contour(model, loss_fn, batches, steps=steps, span=span, seed=seed)
+    if o.contour is not None:
+        steps, span = o.contour
+        grid = hessian.loss_contour(model, loss_fn, batches, steps=steps, span=span, seed=o.seed)
         result["contour"] = {"file": CONTOUR, "steps": steps, "span": span, "alphas": grid.alphas.tolist(),
                              "betas": grid.betas.tolist(), "losses": grid.losses.tolist()}
     return result
@@ -161,16 +189,16 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def accuracy_data(loaded: stages.Loaded, batches, limit_test: int | None, data_root: str | None, device: str):
+def accuracy_data(loaded: Deployable, batches, limit_test: int | None, device: str):
     """(x, y) tensors the per-layer accuracy drop is measured on: the first `limit_test` test
     samples, or (None) the analysis batches themselves."""
     if limit_test is None:
         return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
+    x, y = stages.load_split(loaded, "test", limit_test)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def analyze_layers(loaded: stages.Loaded, batches, result: dict, accuracy: tuple, accuracy_split: str, *,
+def analyze_layers(loaded: Deployable, batches, result: dict, accuracy: tuple, accuracy_split: str, *,
                    samples: int, seed: int, joint: bool, top_eigen_iters: int | None) -> dict:
     """layers.json (pipeline.sensitivity) for the analysis `result` already computed on `batches`,
     accuracies on `accuracy` ((x, y) tensors from `accuracy_split`)."""
@@ -195,40 +223,21 @@ def report_markdown(result: dict, layers: dict | None) -> str:
     return "\n".join(parts) + "\n"
 
 
-def run_analysis(checkpoint, *, batches: int, batch_size: int, loss_increase: float, bits: tuple[int, ...],
-                 asymmetric: bool, per_tensor: bool, iters: int, samples: int, contour: bool, steps: int, span: float,
-                 seed: int, data_root: str | None, device: str, out_dir, named=None, dataset: str | None = None,
-                 layers: bool = False, top_eigen: bool = False, joint_probes: bool = False,
-                 limit_test: int | None = None) -> tuple[dict, dict | None, Path]:
-    """`hero analyze`: check the options, analyse, write analysis.json and analysis.md (and the
-    contour plot; with `layers`, layers.json and its plot) to `out_dir` (default: analysis/ next to
-    the checkpoint); returns the result, the per-layer result (None without `layers`) and the folder."""
-    if loss_increase <= 0:
-        raise HeroError(f"--loss-increase must be > 0 (got {loss_increase})")
-    if iters < 1 or samples < 1:
-        raise HeroError(f"--iters and --samples must be >= 1 (got {iters}, {samples})")
-    if contour and (steps < 2 or span <= 0):
-        raise HeroError(f"--steps must be >= 2 and --span > 0 (got {steps}, {span})")
-    if not layers and (top_eigen or joint_probes or limit_test is not None):
-        raise HeroError("--top-eigen, --joint-probes and --limit-test are options of the per-layer analysis: add --layers")
-    if limit_test is not None and limit_test < 1:
-        raise HeroError(f"--limit-test must be >= 1 (got {limit_test})")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
-    describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
-    loaded = stages.load_stage(Path(checkpoint), named, dataset, describe)
-    loaded.model.to(device)
-    data = training_batches(loaded, batches, batch_size, data_root, device)
-    result = analyze(loaded, data, loss_increase=loss_increase, bits=bits, symmetric=not asymmetric,
-                     per_channel=not per_tensor, iters=iters, samples=samples, seed=seed,
-                     contour=(steps, span) if contour else None)
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent / "analysis"
+def run_analysis(loaded: Deployable, options: AnalysisOptions, layers: LayerOptions | None,
+                 out_dir=None) -> tuple[dict, dict | None, Path]:
+    """`hero analyze`: analyse, write analysis.json and analysis.md (and the contour plot; with
+    `layers`, layers.json and its plot) to `out_dir` (default: analysis/ next to the checkpoint);
+    returns the result, the per-layer result (None without `layers`) and the folder."""
+    loaded.model.to(options.device)
+    data = training_batches(loaded, options.batches, options.batch_size, options.device)
+    result = analyze(loaded, data, options)
+    out = Path(out_dir) if out_dir else loaded.path.parent / "analysis"
     per_layer = None
-    if layers:
-        accuracy = accuracy_data(loaded, data, limit_test, data_root, device)
-        per_layer = analyze_layers(loaded, data, result, accuracy, "train" if limit_test is None else "test",
-                                   samples=samples, seed=seed, joint=joint_probes,
-                                   top_eigen_iters=iters if top_eigen else None)
+    if layers is not None:
+        accuracy = accuracy_data(loaded, data, layers.limit_test, options.device)
+        per_layer = analyze_layers(loaded, data, result, accuracy, "train" if layers.limit_test is None else "test",
+                                   samples=options.samples, seed=options.seed, joint=layers.joint_probes,
+                                   top_eigen_iters=options.iters if layers.top_eigen else None)
     if result["contour"] is not None:
         grid = hessian.Contour(*(np.array(result["contour"][k]) for k in ("alphas", "betas", "losses")))
         image = io.BytesIO()

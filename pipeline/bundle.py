@@ -50,7 +50,7 @@ from pipeline.cache import input_key
 from pipeline.gate import read_report
 
 if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `hero --help` stays fast
-    from hero_train.checkpoint import Loaded
+    from hero_train.checkpoint import DataRef, Deployable
 
 HOST_REPORT = "host_report.json"
 _IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits", "block_size")
@@ -60,11 +60,10 @@ _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "do
 
 @dataclasses.dataclass(frozen=True)
 class BundleOptions:
-    """How to build a bundle: test samples to ship (None = the whole test split), where the data
-    lives, and how the host run that produces host_report.json is done."""
+    """How to build a bundle: test samples to ship (None = the whole test split), and how the host
+    run that produces host_report.json is done."""
 
     test_samples: int | None = 1000
-    data_root: str | None = None
     providers: tuple[str, ...] | None = None
     latency_batch: int = 64
     latency_repeats: int = 10
@@ -127,10 +126,8 @@ def _copy_checked(entry: dict, folder: Path) -> str:
     return target.relative_to(folder).as_posix()
 
 
-def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, samples: int, latency_batch: int) -> dict:
-    from hero_train.checkpoint import class_names, recorded_model
-
-    ckpt = loaded.ckpt
+def _manifest(loaded: Deployable, entries: list[dict], folder: Path, key: str, samples: int,
+              latency_batch: int) -> dict:
     variants = []
     for e in entries:
         artifact = _copy_checked(e, folder)
@@ -143,9 +140,9 @@ def _manifest(loaded: Loaded, entries: list[dict], folder: Path, key: str, sampl
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": TOOL_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": recorded_model(ckpt).label, "dataset": ckpt["dataset"], "num_classes": ckpt["model"]["num_classes"],
-        "classes": class_names(ckpt),
-        "input_shape": list(ckpt["input_shape"]), "normalization": ckpt["normalization"],
+        "model": loaded.model_ref.label, "dataset": loaded.data.dataset, "num_classes": len(loaded.input.classes),
+        "classes": list(loaded.input.classes), "input_shape": list(loaded.input.shape),
+        "normalization": {"mean": list(loaded.input.mean), "std": list(loaded.input.std)},
         "source_sha256": loaded.sha256, "inputs_key": key,
         "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
         "host_report": HOST_REPORT, "latency_batch": latency_batch, "variants": variants,
@@ -180,7 +177,7 @@ def _swap_in(built: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_dir,
+def write_bundle(loaded: Deployable, rows: list[dict], paths: dict[str, Path], out_dir,
                  options: BundleOptions) -> Path:
     """Write the bundle of `rows` (report.json variant rows; `paths` maps their names to artifact
     files) to `out_dir`, replacing an earlier bundle there; returns `out_dir`."""
@@ -189,14 +186,14 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     out_dir = Path(out_dir)
     entries = _host_entries(rows, paths)
     key = input_key(format=FORMAT_VERSION, tool=TOOL_VERSION, source=loaded.sha256,
-                    options=dataclasses.asdict(options),
+                    data=dataclasses.asdict(loaded.data), options=dataclasses.asdict(options),
                     variants=[{k: e.get(k, _IDENTITY_DEFAULTS.get(k))
                                for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy", "runtime_accuracy")}
                               for e in entries])
     _check_replaceable(out_dir)
     if _unchanged(out_dir, key):
         return out_dir
-    x, y = stages.eval_data(loaded, "test", options.test_samples, options.data_root)
+    x, y = stages.load_split(loaded, "test", options.test_samples)
     make_dirs(out_dir.parent)
     built = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
     built.chmod(0o755)  # mkdtemp makes it 0700: the bundle is meant for another user on the device
@@ -219,11 +216,12 @@ def write_bundle(loaded: Loaded, rows: list[dict], paths: dict[str, Path], out_d
     return out_dir
 
 
-def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions(), named=None,
-               dataset: str | None = None) -> Path:
+def bundle_run(run_dir, data: DataRef, out_dir=None, checkpoint=None, options: BundleOptions = BundleOptions(),
+               named=None) -> Path:
     """Bundle a finished ``hero run`` directory from its report.json, artifacts and checkpoint
-    (`named` and `dataset` as `pipeline.stages.load_stage` takes them)."""
-    from pipeline import stages
+    (`named` and `data` as `hero_train.checkpoint.load_deployable` takes them; the channels and
+    image size the run's data section gives, unless `data` gives them)."""
+    from hero_train.checkpoint import load_deployable
 
     run_dir = Path(run_dir)
     report = read_report(run_dir / "report.json")
@@ -231,8 +229,10 @@ def bundle_run(run_dir, out_dir=None, checkpoint=None, options: BundleOptions = 
     checkpoint = Path(checkpoint or meta.get("checkpoint") or "")
     if not checkpoint.is_file():
         raise HeroError(f"the checkpoint of {run_dir} ({checkpoint}) is not there: pass --checkpoint")
-    describe = (lambda: stages.describe_dataset(dataset, options.data_root)) if dataset else None
-    loaded = stages.load_stage(checkpoint, named, dataset, describe)
+    recorded = ((meta.get("run_inputs") or {}).get("config") or {}).get("data") or {}
+    data = dataclasses.replace(data, channels=data.channels or recorded.get("channels"),
+                               image_size=data.image_size or recorded.get("image_size"))
+    loaded = load_deployable(checkpoint, named, data)
     if meta.get("checkpoint_sha256") not in (None, loaded.sha256):
         raise HeroError(f"{checkpoint} is not the checkpoint {run_dir} was deployed from (sha256 differs): "
                         "pass the right --checkpoint or rerun `hero run`")

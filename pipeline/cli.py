@@ -1,4 +1,5 @@
-"""The ``hero`` command line: every command is here; the work is done by plain functions elsewhere.
+"""The ``hero`` command line: every command is here (the options several share, and their types, in
+pipeline.cli_options); the work is done by plain functions elsewhere.
 
 Every user error (a HeroError, or a bad option click detects) becomes one line on stderr and exit
 code 2; ``hero check`` and ``hero run`` exit 1 when the gate fails.
@@ -9,83 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 
 import click
 
 from exporters.device.errors import HeroError
-
-class _JsonMapping(click.ParamType):
-    """A JSON object given on the command line (model factory kwargs)."""
-
-    name = "JSON"
-
-    def convert(self, value, param, ctx):
-        import json
-
-        if isinstance(value, dict):
-            return value
-        try:
-            parsed = json.loads(value)
-        except ValueError as exc:
-            self.fail(f"{value!r} is not JSON ({exc})", param, ctx)
-        if not isinstance(parsed, dict):
-            self.fail(f"{value!r} is not a JSON object such as '{{\"width\": 32}}'", param, ctx)
-        return parsed
-
-
-JSON_MAPPING = _JsonMapping()
-DATA_ROOT_HELP = "folder holding the dataset files (else $HERO_DATA, system and cache paths)"
-
-# Help of `hero train` options; names, types and defaults come from hero_train.config.TrainConfig.
-TRAIN_HELP = {
-    "model": "resnet20|resnet32|resnet56|mobilenetv2|vgg19bn|resnet18, or your factory package.module:function",
-    "model_kwargs": "JSON keyword arguments of the model factory, e.g. '{\"width\": 32}'",
-    "dataset": "fashion-mnist|cifar10|cifar100, an image folder (train/<class>/, test/<class>/) or an .npz",
-    "channels": "1 or 3: decode your images to this many channels",
-    "image_size": "your images: shorter side resized to N, then center-cropped to NxN (folders: 32)",
-    "data_root": DATA_ROOT_HELP,
-    "optimizer": "sgd|first-order|gradl1|hero",
-    "lr": "initial LR of the cosine schedule",
-    "h": "perturbation radius (paper: 0.5 CIFAR-10, 1.0 otherwise)",
-    "gamma": "Hessian-penalty weight",
-    "variant": "authors|paper (see README)",
-    "hvp": "exact|finite-difference",
-    "hero_warmup_epochs": "epochs without the penalty",
-    "lam": "Gradient-L1 weight (5e-4: the penalty is ~8% of the loss at initialisation on ResNet20)",
-    "label_noise": "symmetric label-noise ratio in [0, 1)",
-    "device": "cpu|cuda",
-    "bf16": "bf16 autocast (CUDA only)",
-    "sync_bn": "BatchNorm statistics over all torchrun ranks (CUDA only)",
-    "limit_train": "train on the first N samples only",
-    "limit_test": "evaluate on the first N test samples only",
-    "augment": "no random crop and flip",
-    "record_hz": "record ||Hz|| (Eq. 11's z) per epoch on N batches",
-}
-
-
-def _train_options(command):
-    """One click option per TrainConfig field: `--batch-size` for batch_size, with the field's type and
-    default; a bool field that defaults to True becomes `--no-<name>`, one that defaults to False a flag."""
-    from hero_train.config import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for field in reversed(dataclasses.fields(TrainConfig)):
-        name, kind, default = field.name, hints[field.name], field.default
-        flag = "--" + name.replace("_", "-")
-        help_text = TRAIN_HELP.get(name)
-        if kind is dict:
-            option = click.option(flag, name, type=JSON_MAPPING, default="{}", help=help_text)
-        elif kind is bool:
-            decl = f"--no-{name.replace('_', '-')}" if default else flag
-            option = click.option(decl, name, is_flag=True, flag_value=not default, default=default, help=help_text)
-        else:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            option = click.option(flag, name, type=base, default=default, show_default=default is not None,
-                                  help=help_text)
-        command = option(command)
-    return command
+from pipeline.cli_options import (DATA_ROOT_HELP, JSON_MAPPING, FloatRange, IntRange, deploy_options, named_model,
+                                  quant_spec, scheme_options, train_options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +26,7 @@ def cli():
 
 
 @cli.command()
-@_train_options
+@train_options
 @click.option("--out", "out_dir", default="runs/train", show_default=True, help="output directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
 def train(out_dir, resume, **options):
@@ -124,7 +55,7 @@ def run(config_path, checkpoint, out_dir, model, model_kwargs, dataset, data_roo
     from pipeline.run import run_pipeline, summary
 
     config = load_config(config_path)
-    named = _named(model, model_kwargs)
+    named = named_model(model, model_kwargs)
     if named is not None:
         section = {**config.model.model_dump(exclude_unset=True), **named.to_dict()}
         config = config.model_copy(update={"model": type(config.model).model_validate(section)})
@@ -172,75 +103,16 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
     return 0 if result["passed"] else 1
 
 
-def _scheme_options(command):
-    """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
-    from exporters.device.manifest import BN_MODES, GRIDS
-
-    for decl, kwargs in reversed([
-        ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),
-        ("--per-tensor", dict(is_flag=True, help="one scale per tensor, else per output channel")),
-        ("--bn", dict(type=click.Choice(BN_MODES), default=BN_MODES[0], show_default=True,
-                      help="BatchNorm: fold then quantize, quantize the trained weights then fold into the "
-                           "scales, or keep it a float op")),
-        ("--grid", dict(type=click.Choice(GRIDS), default=GRIDS[0], show_default=True,
-                        help="nested: every width as INT8 codes on the 8-bit scale (TensorRT switches by refit)")),
-    ]):
-        command = click.option(decl, **kwargs)(command)
-    return command
-
-
-def _model_options(command):
-    """--model/--model-kwargs (the network, for your own factory or a plain state_dict), --dataset and
-    --data-root (where the data is): what every command that loads a checkpoint takes."""
-    for decl, kwargs in reversed([
-        ("--model", dict(default=None, help="the checkpoint's network: a built-in name or your factory "
-                                            "package.module:function (required for a factory: code is imported "
-                                            "only from one you name)")),
-        ("--model-kwargs", dict(type=JSON_MAPPING, default=None, help="JSON keyword arguments of the factory")),
-        ("--dataset", dict(default=None, help="the data to evaluate on, if not the checkpoint's own: a built-in "
-                                              "name, an image folder or an .npz")),
-        ("--data-root", dict(default=None, help=DATA_ROOT_HELP)),
-    ]):
-        command = click.option(decl, **kwargs)(command)
-    return command
-
-
-def _named(model, model_kwargs):
-    from hero_train.models import ModelRef
-
-    if model is None:
-        if model_kwargs:
-            raise HeroError("--model-kwargs needs --model")
-        return None
-    return ModelRef.parse(model, model_kwargs)
-
-
-def _load(checkpoint, model, model_kwargs, dataset, data_root):
-    from pipeline import stages
-
-    describe = (lambda: stages.describe_dataset(dataset, data_root)) if dataset else None
-    return stages.load_stage(checkpoint, _named(model, model_kwargs), dataset, describe)
-
-
-def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None, act_layout="onnxruntime"):
-    from exporters.quantize import QuantSpec
-
-    return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
-                     grid=grid if bits is not None else "canonical",
-                     act_bits=act_bits, act_layout=act_layout)
-
-
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--bits", default="2-8", show_default=True, help="bit widths, e.g. 2-8 or 4,8")
-@_scheme_options
-@click.option("--limit-test", type=click.IntRange(min=1), default=None, help="evaluate on the first N test samples")
-@click.option("--mixed-average-bits", type=click.FloatRange(min=0, min_open=True), default=None,
+@scheme_options
+@click.option("--limit-test", type=IntRange(min=1), default=None, help="evaluate on the first N test samples")
+@click.option("--mixed-average-bits", type=FloatRange(min=0, min_open=True), default=None,
               help="also a mixed-precision row: per-layer widths from --bits (those <= 8) at this average, "
                    "minimising HAWQ-V3's Hessian-weighted perturbation (4 training batches)")
-@_model_options
-def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mixed_average_bits, model, model_kwargs,
-             dataset, data_root):
+@deploy_options
+def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mixed_average_bits, request):
     """PTQ sweep in PyTorch: the test accuracy of the fake-quantized model at each bit width."""
     from exporters.device.bits import parse_bits
     from exporters.device.runtime import top1
@@ -249,13 +121,13 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
     from pipeline.config import MixedSection
 
     widths = parse_bits(bits)
-    specs = [_spec(b, asymmetric, per_tensor, bn, grid) for b in (None, *widths)]
+    specs = [quant_spec(b, asymmetric, per_tensor, bn, grid) for b in (None, *widths)]
     mixed = None
     if mixed_average_bits is not None:
         mixed = MixedSection.model_validate({"candidates": [b for b in widths if b <= 8] or [8],
                                              "budget": {"average_bits": mixed_average_bits}})
-    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
-    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
+    loaded = request.load(checkpoint)
+    x, y = stages.load_split(loaded, "test", limit_test)
     if mixed is not None:
         import tempfile
 
@@ -264,7 +136,7 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
         section = QuantizeSection(bits=list(widths), symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
                                   grid=grid, mixed=mixed)
         with tempfile.TemporaryDirectory() as scratch:
-            specs.append(stages.mixed_variant(loaded, section, data_root, Path(scratch)).spec)
+            specs.append(stages.mixed_variant(loaded, section, Path(scratch)).spec)
     click.echo("bits  accuracy")
     for spec in specs:
         logits = stages.torch_logits(quantize_model(loaded.model, spec), x, 500)
@@ -283,42 +155,41 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
 @click.option("--act-layout", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="where activations are quantized: for ONNX Runtime's integer kernels (uint8 at every fusable "
                    "point) or TensorRT's explicit quantization (int8 on Conv/Linear inputs)")
-@_scheme_options
+@scheme_options
 @click.option("--int4-storage", is_flag=True, help="INT4 initializers for bits <= 4 (opset 21)")
 @click.option("--fp16", is_flag=True, help="float16 graph (float models only)")
-@click.option("--calibration-batches", type=click.IntRange(min=1), default=None,
+@click.option("--calibration-batches", type=IntRange(min=1), default=None,
               help="training batches of 128 for --act-bits 8 [default: the config's quantize.calibration_batches]")
-@_model_options
+@deploy_options
 def export(checkpoint, out_path, bits, act_bits, act_layout, asymmetric, per_tensor, bn, grid, int4_storage, fp16,
-           calibration_batches, model, model_kwargs, dataset, data_root):
+           calibration_batches, request):
     """Export one variant of a checkpoint to ONNX."""
     from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
 
-    spec = _spec(bits, asymmetric, per_tensor, bn, grid, act_bits, act_layout)
+    spec = quant_spec(bits, asymmetric, per_tensor, bn, grid, act_bits, act_layout)
     if Path(out_path).is_dir():
         raise HeroError(f"--out {out_path} is a folder: name the .onnx file to write")
-    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
+    loaded = request.load(checkpoint)
     options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={"hero.source_sha256": loaded.sha256})
     batches = calibration_batches or QuantizeSection.model_fields["calibration_batches"].default
-    calibration = stages.calibrate_stage(loaded, spec, batches, data_root)
-    path = export_onnx(loaded.model, out_path, spec, options, calibration, input_shape=tuple(loaded.ckpt["input_shape"]))
+    calibration = stages.calibrate_stage(loaded, spec, batches)
+    path = export_onnx(loaded.model, out_path, spec, options, calibration, input_shape=loaded.input.shape)
     click.echo(f"wrote {path}")
 
 
 @cli.command()
 @click.argument("artifact")
 @click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
-@click.option("--limit-test", type=click.IntRange(min=1), default=None, help="validate on the first N test samples")
-@_model_options
+@click.option("--limit-test", type=IntRange(min=1), default=None, help="validate on the first N test samples")
+@deploy_options
 @click.option("--logit-atol", type=float, default=None,
               help="largest |Δlogit| (times max(1, max |logit|)) still consistent [default: validate.logit_atol]")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-agreement", type=FloatRange(0, 1), default=None,
               help="smallest top-1 agreement still consistent [default: validate.min_agreement]")
 @click.option("--json", "json_out", default=None, help="also write the result row to this file")
-def validate(artifact, checkpoint, limit_test, model, model_kwargs, dataset, data_root, logit_atol, min_agreement,
-             json_out):
+def validate(artifact, checkpoint, limit_test, request, logit_atol, min_agreement, json_out):
     """Run one exported artifact in ONNX Runtime and compare it with its PyTorch emulation."""
     import json
 
@@ -328,9 +199,9 @@ def validate(artifact, checkpoint, limit_test, model, model_kwargs, dataset, dat
 
     chosen = {"logit_atol": logit_atol, "min_agreement": min_agreement}
     section = ValidateSection(**{k: v for k, v in chosen.items() if v is not None})
-    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
+    loaded = request.load(checkpoint)
     art, calibration = stages.artifact_from_file(Path(artifact), loaded)
-    x, y = stages.eval_data(loaded, "test", limit_test, data_root)
+    x, y = stages.load_split(loaded, "test", limit_test)
     row = {"name": art.variant.name, "bits": art.variant.spec.bits,
            **stages.validate_artifact(loaded, art, calibration, stages.in_memory_batches(x, y, section.batch_size),
                                       section, RuntimeSection())}
@@ -346,18 +217,18 @@ def validate(artifact, checkpoint, limit_test, model, model_kwargs, dataset, dat
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", default=None, help="bundle folder (default RUN_DIR/bundle)")
 @click.option("--checkpoint", default=None, help="the run's checkpoint, if it moved since the run")
-@click.option("--test-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--test-samples", type=IntRange(min=1), default=1000, show_default=True,
               help="test images to ship for on-device validation")
-@_model_options
+@deploy_options
 @click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
-def bundle(run_dir, out_dir, checkpoint, test_samples, model, model_kwargs, dataset, data_root, providers):
+def bundle(run_dir, out_dir, checkpoint, test_samples, request, providers):
     """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
     from pipeline.bundle import HOST_REPORT, BundleOptions, bundle_run
 
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
-    path = bundle_run(run_dir, out_dir, checkpoint,
-                      BundleOptions(test_samples=test_samples, data_root=data_root, providers=chosen),
-                      _named(model, model_kwargs), dataset)
+    path = bundle_run(run_dir, request.data(), out_dir, checkpoint,
+                      BundleOptions(test_samples=test_samples, providers=chosen),
+                      named_model(request.model, request.model_kwargs))
     click.echo(f"bundle: {path}")
     click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
                f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")
@@ -365,52 +236,65 @@ def bundle(run_dir, out_dir, checkpoint, test_samples, model, model_kwargs, data
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--batches", type=int, default=4, show_default=True, help="training batches the Hessian is taken over")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--loss-increase", type=float, default=0.1, show_default=True, help="c of Theorem 3")
+@click.option("--batches", type=IntRange(min=1), default=4, show_default=True,
+              help="training batches the Hessian is taken over")
+@click.option("--batch-size", type=IntRange(min=1), default=128, show_default=True)
+@click.option("--loss-increase", type=FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="c of Theorem 3")
 @click.option("--bits", default="2-8", show_default=True, help="bit widths to check, e.g. 2-8 or 4,8")
 @click.option("--asymmetric", is_flag=True)
 @click.option("--per-tensor", is_flag=True)
-@click.option("--iters", type=int, default=20, show_default=True, help="power iterations")
-@click.option("--samples", type=int, default=20, show_default=True, help="Hutchinson probes")
+@click.option("--iters", type=IntRange(min=1), default=20, show_default=True, help="power iterations")
+@click.option("--samples", type=IntRange(min=1), default=20, show_default=True, help="Hutchinson probes")
 @click.option("--contour", is_flag=True, help="also plot the loss contour (steps² loss evaluations)")
-@click.option("--steps", type=int, default=21, show_default=True, help="contour grid points per axis")
-@click.option("--span", type=float, default=1.0, show_default=True, help="contour grid half-width")
+@click.option("--steps", type=IntRange(min=2), default=21, show_default=True, help="contour grid points per axis")
+@click.option("--span", type=FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="contour grid half-width")
 @click.option("--layers", is_flag=True, help="per-layer sensitivity: traces, Ω, measured loss and accuracy per "
                                              "bit width (layers.json, layers.png, analysis.md)")
 @click.option("--top-eigen", is_flag=True, help="with --layers: each layer's top Hessian eigenvalue too (--iters)")
 @click.option("--joint-probes", is_flag=True, help="with --layers: one Hutchinson probe over all layers per sample, "
                                                    "layers-times cheaper and noisier")
-@click.option("--limit-test", type=int, default=None,
+@click.option("--limit-test", type=IntRange(min=1), default=None,
               help="with --layers: accuracy on the first N test samples [default: the analysis batches]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_model_options
+@deploy_options
 @click.option("--device", default="cpu", show_default=True, help="cpu|cuda")
 @click.option("--out", "out_dir", default=None, help="output folder (default: analysis/ next to the checkpoint)")
-def analyze(checkpoint, bits, model, model_kwargs, **options):
+def analyze(checkpoint, bits, asymmetric, per_tensor, contour, steps, span, layers, top_eigen, joint_probes,
+            limit_test, request, out_dir, **measured):
     """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width (per layer with --layers)."""
+    import torch
+
     from exporters.device.bits import parse_bits
-    from pipeline.analyze import ANALYSIS, CONTOUR, REPORT, run_analysis, summary
+    from pipeline.analyze import ANALYSIS, CONTOUR, REPORT, AnalysisOptions, LayerOptions, run_analysis, summary
     from pipeline.sensitivity import LAYER_PLOT, LAYERS, layer_markdown
 
-    result, layers, out = run_analysis(checkpoint, bits=parse_bits(bits), named=_named(model, model_kwargs),
-                                       **options)
+    options = AnalysisOptions(bits=parse_bits(bits), symmetric=not asymmetric, per_channel=not per_tensor,
+                              contour=(steps, span) if contour else None, **measured)
+    if not layers and (top_eigen or joint_probes or limit_test is not None):
+        raise HeroError("--top-eigen, --joint-probes and --limit-test are options of the per-layer analysis: add --layers")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
+    layer_options = LayerOptions(top_eigen, joint_probes, limit_test) if layers else None
+    result, per_layer, out = run_analysis(request.load(checkpoint), options, layer_options, out_dir)
     click.echo(summary(result))
-    if layers is not None:
-        click.echo(layer_markdown(layers))
-    written = [ANALYSIS, REPORT] + ([CONTOUR] if result["contour"] else []) + ([LAYERS, LAYER_PLOT] if layers else [])
+    if per_layer is not None:
+        click.echo(layer_markdown(per_layer))
+    written = [ANALYSIS, REPORT] + ([CONTOUR] if result["contour"] else []) + ([LAYERS, LAYER_PLOT] if per_layer else [])
     click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
 
 
 @cli.command()
 @click.argument("artifact")
 @click.option("--checkpoint", required=True, help="the checkpoint the artifact was exported from")
-@click.option("--limit-test", type=int, default=None, help="compare on the first N test samples [default: 256]")
+@click.option("--limit-test", type=IntRange(min=1), default=None,
+              help="compare on the first N test samples [default: 256]")
 @click.option("--atol", type=float, default=None,
               help="largest |Δ| per layer (times max(1, max |output|)) still consistent [default: validate.logit_atol]")
 @click.option("--out", "out_path", default=None, help="the debug.json to write (default: ARTIFACT's name + .debug.json)")
-@_model_options
-def debug(artifact, checkpoint, limit_test, atol, out_path, model, model_kwargs, dataset, data_root):
+@deploy_options
+def debug(artifact, checkpoint, limit_test, atol, out_path, request):
     """Layer by layer: SQNR of the emulation against float, and where ONNX Runtime parts from it.
     Exit 0 when every layer agrees, 1 at a divergence."""
     import json
@@ -421,12 +305,10 @@ def debug(artifact, checkpoint, limit_test, atol, out_path, model, model_kwargs,
     from pipeline.debug import DEFAULT_SAMPLES, debug_artifact, debug_table
 
     chosen = ValidateSection().logit_atol if atol is None else atol
-    if limit_test is not None and limit_test < 1:
-        raise HeroError(f"--limit-test must be >= 1 (got {limit_test})")
     if not Path(artifact).is_file():
         raise HeroError(f"artifact {artifact} does not exist: export it first or fix the path")
-    loaded = _load(checkpoint, model, model_kwargs, dataset, data_root)
-    x, _ = stages.eval_data(loaded, "test", limit_test or DEFAULT_SAMPLES, data_root)
+    loaded = request.load(checkpoint)
+    x, _ = stages.load_split(loaded, "test", limit_test or DEFAULT_SAMPLES)
     result = debug_artifact(loaded, Path(artifact), x, atol=chosen)
     out = Path(out_path) if out_path else Path(artifact).with_suffix(".debug.json")
     write_atomic(out, json.dumps(result, indent=2) + "\n")

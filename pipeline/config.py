@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from exporters.device.errors import HeroError
 from exporters.quantize import QuantSpec, check_bits
+from hero_train.checkpoint import DataRef, InputSpec
 from hero_train.data import check_dataset
 from hero_train.models import ModelRef
 from hero_train.config import TrainConfig
@@ -79,8 +80,12 @@ class ModelSection(_Section):
         """The model the user named, or None when the section names none (a checkpoint then says it)."""
         return None if self.name is None and self.factory is None else self.ref()
 
-    def describes_input(self) -> bool:
-        return None not in (self.input_shape, self.normalization, self.classes)
+    def described_input(self) -> InputSpec | None:
+        """The input this section describes (for a plain state_dict), or None when it does not say all of it."""
+        if None in (self.input_shape, self.normalization, self.classes):
+            return None
+        return InputSpec(tuple(self.input_shape), tuple(self.normalization.mean), tuple(self.normalization.std),
+                         tuple(self.classes))
 
 
 class DataSection(_Section):
@@ -103,6 +108,12 @@ class DataSection(_Section):
         except HeroError as exc:
             raise ValueError(str(exc)) from None
         return dataset
+
+    def ref(self) -> DataRef:
+        """Where the data is; the dataset only when the config sets it (the default replaces no
+        checkpoint's own)."""
+        dataset = self.dataset if "dataset" in self.model_fields_set else None
+        return DataRef(dataset, self.root, self.channels, self.image_size)
 
 
 # TrainConfig's fields that the model and data sections say.

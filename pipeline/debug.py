@@ -68,7 +68,7 @@ from exporters.onnx import read_quantization, weight_initializers
 from exporters.quantize import ACT_NOISE_FACTOR, quantize_model, quantized_layers
 
 if TYPE_CHECKING:
-    from hero_train.checkpoint import Loaded
+    from hero_train.checkpoint import Deployable
 
 DEFAULT_SAMPLES = 256
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -250,7 +250,7 @@ def first_divergence_row(rows: Sequence[dict]) -> dict | None:
     return next((row for row in rows if not row["consistent"]), None)
 
 
-def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3, batch_size: int = 64,
+def debug_artifact(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float = 1e-3, batch_size: int = 64,
                    providers: Sequence[str] | None = None) -> dict:
     """The debug.json dict of the artifact at `path` (exported from `loaded`) on inputs `x`."""
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (math.isfinite(atol) and atol > 0):
@@ -296,7 +296,7 @@ def debug_artifact(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1
             "first_divergence": first_divergence_row(rows)}
 
 
-def first_divergence(loaded: Loaded, path: Path, x: np.ndarray, *, atol: float = 1e-3,
+def first_divergence(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float = 1e-3,
                      providers: Sequence[str] | None = None) -> dict | None:
     """The first layer, in graph order, where the artifact at `path` parts from its emulation on
     `x` beyond tolerance: its debug.json row ("module", "node", "max_abs_diff", "tolerance", ...),

@@ -12,7 +12,7 @@ import torch
 
 from exporters.device import TOOL_VERSION
 from exporters.device.files import make_dirs
-from hero_train.checkpoint import class_names, recorded_model
+from hero_train.checkpoint import load_deployable
 from pipeline import rundir, stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import DeployConfig, GateSection
@@ -22,20 +22,6 @@ from pipeline.report import build_report, gate_verdict, markdown_table, write_re
 
 def criteria_from(g: GateSection) -> GateCriteria:
     return GateCriteria(max_drop=g.max_drop, min_accuracy=g.min_accuracy, bits=tuple(g.bits) if g.bits else None)
-
-
-def _describe(config: DeployConfig):
-    """What a plain state_dict checkpoint's input is: the model section's description, else the data section's dataset."""
-    m, d = config.model, config.data
-
-    def describe():
-        if m.describes_input():
-            return {"input_shape": m.input_shape, "classes": m.classes, "normalization": m.normalization.model_dump(),
-                    "dataset": d.dataset if "dataset" in d.model_fields_set else None}
-        if "dataset" in d.model_fields_set:
-            return stages.describe_dataset(d.dataset, d.root, d.channels, d.image_size)
-        return None
-    return describe
 
 
 def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = None, log=print,
@@ -51,26 +37,23 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
     if checkpoint is None:
         log("[1/6] train")
         checkpoint = stages.train_stage(config.train_config(), run_dir)
-    explicit = "dataset" in data.model_fields_set
-    loaded = stages.load_stage(checkpoint, config.model.named(), data.dataset if explicit else None,
-                               _describe(config))
+    loaded = load_deployable(checkpoint, config.model.named(), data.ref(), config.model.described_input())
     log(f"[2/6] quantize: {', '.join(f'w{b}' for b in q.bits)} from {checkpoint}")
     variants = stages.variants_stage(q)
     if q.mixed is not None:
         log(f"      mixed precision: per-layer {q.mixed.objective} costs, budget {q.mixed.budget.as_dict()}")
-        variants.append(stages.mixed_variant(loaded, q, data.root, run_dir))
-    calibration = stages.calibrate_stage(loaded, variants[-1].spec, q.calibration_batches, data.root)
+        variants.append(stages.mixed_variant(loaded, q, run_dir))
+    calibration = stages.calibrate_stage(loaded, variants[-1].spec, q.calibration_batches)
     log(f"[3/6] export {len(variants)} ONNX artifacts to {run_dir / 'artifacts'}")
     artifacts = stages.export_stage(loaded, variants, config.export, calibration, run_dir)
     log("[4/6] validate in ONNX Runtime against the PyTorch emulation")
-    test_split = stages.EvalSplit(loaded, data.limit_test, data.root)
+    test_split = stages.EvalSplit(loaded, data.limit_test)
     rows = stages.validate_stage(loaded, artifacts, calibration, v, config.runtime, test_split, run_dir)
     meta = {
         "config": config.name, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
-        "model": recorded_model(loaded.ckpt).label, "dataset": loaded.ckpt["dataset"],
-        "classes": class_names(loaded.ckpt),
-        "train_optimizer": loaded.ckpt["config"].get("optimizer"),
-        "test_samples": data.limit_test, "data_root": data.root, "target": config.target.model_dump(),
+        "model": loaded.model_ref.label, "dataset": loaded.data.dataset, "classes": list(loaded.input.classes),
+        "train_optimizer": loaded.optimizer, "test_samples": data.limit_test, "data_root": loaded.data.root,
+        "target": config.target.model_dump(),
         "tool_version": TOOL_VERSION, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "host": platform.platform(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -80,7 +63,7 @@ def run_pipeline(config: DeployConfig, run_dir: Path, checkpoint: Path | None = 
     if config.bundle.enabled:
         log(f"[4b] bundle every precision for the device: {run_dir / 'bundle'}")
         rt = config.runtime
-        options = BundleOptions(test_samples=config.bundle.test_samples, data_root=data.root,
+        options = BundleOptions(test_samples=config.bundle.test_samples,
                                 providers=tuple(rt.providers) if rt.providers else None,
                                 latency_batch=v.latency_batch, latency_repeats=v.latency_repeats)
         write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, run_dir / "bundle", options)

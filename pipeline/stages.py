@@ -1,6 +1,7 @@
 """The deploy stages, plain functions over plain data.
 
-checkpoint → variants (QuantSpec per precision) → exported artifacts → validation results → report.
+checkpoint → deploy context (`hero_train.checkpoint.Deployable`, which every stage takes) →
+variants (QuantSpec per precision) → exported artifacts → validation results → report.
 Each stage that writes files records its inputs in the run's StageCache and is skipped on a rerun
 whose inputs did not change.
 """
@@ -28,10 +29,9 @@ from exporters.quantize import (ACT_NOISE_FACTOR, Calibration, QuantSpec, averag
 from exporters.kernels import integer_lint, kernel_summary
 from exporters.trt_lint import lint_explicit_quantization, residual_warnings
 from hero_train import data as hdata
-from hero_train.checkpoint import Loaded, load_for_deploy, model_from_checkpoint
-from hero_train.models import ModelRef
+from hero_train.checkpoint import Deployable
 from hero_train.config import TrainConfig
-from hero_train.train import first_nonfinite, train
+from hero_train.train import train
 from pipeline.cache import StageCache, input_key
 from pipeline.debug import first_divergence
 from pipeline.config import ExportSection, QuantizeSection, RuntimeSection, ValidateSection
@@ -61,36 +61,6 @@ def train_stage(config: TrainConfig | None, run_dir: Path) -> Path:
     return train(config, run_dir / "train", resume=True)
 
 
-def load_stage(checkpoint: Path, named: ModelRef | None = None, dataset: str | None = None,
-               describe=None) -> Loaded:
-    """Read a checkpoint (or a plain state_dict: see `load_for_deploy`) and rebuild its model. `named`
-    is the model the user named; `dataset` (a built-in name, a folder or an .npz) replaces the one
-    the checkpoint records, e.g. a folder that moved or a checkpoint from save_for_deploy. A model with a
-    non-finite weight or buffer is refused, naming the first."""
-    ckpt = load_for_deploy(checkpoint, named, describe)
-    trained_on = ckpt.get("dataset")
-    if dataset in hdata.DATASETS and trained_on in hdata.DATASETS and dataset != trained_on:
-        raise HeroError(f"the dataset asked for is {dataset!r} but {checkpoint} was trained on {trained_on!r}: "
-                        "pass the dataset it was trained on (a moved folder or .npz may be given anew)")
-    if dataset is not None:
-        ckpt["dataset"] = dataset
-    model = model_from_checkpoint(ckpt, checkpoint)
-    bad = first_nonfinite(model.state_dict())
-    if bad is not None:  # nothing sensible can be quantized, exported or measured from it
-        raise HeroError(f"{checkpoint}: tensor {bad} holds nan or inf values (the training diverged): "
-                        "deploy an earlier checkpoint or retrain with a lower --lr")
-    return Loaded(Path(checkpoint), ckpt, model, sha256_file(checkpoint))
-
-
-def describe_dataset(dataset: str, root: str | None, channels: int | None = None,
-                     image_size: int | None = None) -> dict:
-    """What a plain state_dict's input is, read off a dataset's training split: input shape, class
-    names and normalisation (measured, for your own data)."""
-    train = hdata.load_dataset(dataset, "train", root=root, channels=channels, image_size=image_size)
-    return {"input_shape": list(train.images.shape[1:]), "classes": list(train.classes), "dataset": dataset,
-            "normalization": {"mean": list(train.mean), "std": list(train.std)}}
-
-
 def variants_stage(q: QuantizeSection) -> list[Variant]:
     """The baseline plus one variant per requested bit width, named like w4 or w4a8."""
     out = [Variant("fp32", q.spec(None))]
@@ -99,7 +69,7 @@ def variants_stage(q: QuantizeSection) -> list[Variant]:
     return out
 
 
-def mixed_variant(loaded: Loaded, q: QuantizeSection, data_root: str | None, run_dir: Path) -> Variant:
+def mixed_variant(loaded: Deployable, q: QuantizeSection, run_dir: Path) -> Variant:
     """The mixed-precision variant of q.mixed: widths solved on the first q.mixed.batches training
     batches of 128 (pipeline.mixed.assign_bits), cached per checkpoint and settings."""
     from pipeline.mixed import assign_bits
@@ -107,10 +77,10 @@ def mixed_variant(loaded: Loaded, q: QuantizeSection, data_root: str | None, run
     m = q.mixed
     cache = StageCache(run_dir)
     key = input_key(checkpoint=loaded.sha256, mixed=m.model_dump(), symmetric=q.symmetric,
-                    per_channel=q.per_channel, root=data_root, tool=TOOL_VERSION)
+                    per_channel=q.per_channel, root=loaded.data.root, tool=TOOL_VERSION)
     solution = cache.get("mixed", "assignment", key)
     if solution is None:
-        x, y = eval_data(loaded, "train", 128 * m.batches, data_root)
+        x, y = load_split(loaded, "train", 128 * m.batches)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(y), 128)]
         solution = assign_bits(loaded.model, batches, m, symmetric=q.symmetric, per_channel=q.per_channel)
@@ -119,45 +89,42 @@ def mixed_variant(loaded: Loaded, q: QuantizeSection, data_root: str | None, run
     return Variant(name, q.spec(None, solution["bits"]))
 
 
-def _open(loaded: Loaded, split: str, limit: int | None, data_root: str | None, stream: bool):
-    """The checkpoint's dataset split, checked against its model (classes, input shape)."""
-    dataset = loaded.ckpt.get("dataset")
-    if dataset is None:
+def _open(loaded: Deployable, split: str, limit: int | None, stream: bool):
+    """The deployable's dataset split, checked against its model (classes, input shape)."""
+    data, shape = loaded.data, list(loaded.input.shape)
+    if data.dataset is None:
         raise HeroError(f"{loaded.path} does not say which data it was trained on: pass --dataset "
                         "(config: data: {dataset: ...})")
-    channels, size = loaded.ckpt["input_shape"][0], loaded.ckpt["input_shape"][-1]
-    custom = hdata.is_custom(dataset)
-    ds = hdata.load_dataset(dataset, split, root=data_root, channels=channels if custom else None,
-                            image_size=size if custom else None, limit=limit, stream=stream)
-    if ds.num_classes > loaded.ckpt["model"]["num_classes"]:
-        raise HeroError(f"{dataset} has {ds.num_classes} classes but the model of {loaded.path} predicts "
-                        f"{loaded.ckpt['model']['num_classes']}: pass the dataset it was trained on")
-    shape = list(ds.images[0][0].shape) if isinstance(ds, hdata.StreamedSplit) else list(ds.images.shape[1:])
-    if shape != list(loaded.ckpt["input_shape"]):
-        raise HeroError(f"{dataset} images are {shape}, the model of {loaded.path} takes "
-                        f"{list(loaded.ckpt['input_shape'])}: pass the dataset it was trained on")
+    ds = hdata.load_dataset(data.dataset, split, root=data.root, channels=data.channels, image_size=data.image_size,
+                            limit=limit, stream=stream)
+    if ds.num_classes > len(loaded.input.classes):
+        raise HeroError(f"{data.dataset} has {ds.num_classes} classes but the model of {loaded.path} predicts "
+                        f"{len(loaded.input.classes)}: pass the dataset it was trained on")
+    found = list(ds.images[0][0].shape) if isinstance(ds, hdata.StreamedSplit) else list(ds.images.shape[1:])
+    if found != shape:
+        raise HeroError(f"{data.dataset} images are {found}, the model of {loaded.path} takes "
+                        f"{shape}: pass the dataset it was trained on")
     return ds
 
 
-def _normalized(loaded: Loaded, images) -> np.ndarray:
-    norm = loaded.ckpt["normalization"]
-    return hdata.normalize(images, tuple(norm["mean"]), tuple(norm["std"])).numpy()
+def _normalized(loaded: Deployable, images) -> np.ndarray:
+    return hdata.normalize(images, loaded.input.mean, loaded.input.std).numpy()
 
 
-def eval_data(loaded: Loaded, split: str, limit: int | None, data_root: str | None = None):
-    """The checkpoint's dataset split (its first `limit` samples), preprocessed and normalised as
-    in training: float32 numpy images and labels, in memory. Your own images are decoded to the
-    checkpoint's input shape."""
-    ds = _open(loaded, split, limit, data_root, stream=False)
+def load_split(loaded: Deployable, split: str, limit: int | None):
+    """The deployable's dataset split "train" or "test" (its first `limit` samples), preprocessed
+    and normalised as in training: float32 numpy images and labels, in memory. Your own images are
+    decoded to the model's input shape."""
+    ds = _open(loaded, split, limit, stream=False)
     return _normalized(loaded, ds.images), ds.labels.numpy()
 
 
-def calibrate_stage(loaded: Loaded, spec: QuantSpec, batches: int, data_root: str | None) -> Calibration | None:
+def calibrate_stage(loaded: Deployable, spec: QuantSpec, batches: int) -> Calibration | None:
     """Per-layer int8 activation scales from the first `batches` training batches of 128
     (None when activations take no calibrated ranges: act_bits None, or block_size's per-call blocks)."""
     if not spec.calibrated:
         return None
-    x, _ = eval_data(loaded, "train", 128 * batches, data_root)
+    x, _ = load_split(loaded, "train", 128 * batches)
     return calibrate_activations(loaded.model, (torch.from_numpy(x[i : i + 128]) for i in range(0, len(x), 128)), spec)
 
 
@@ -173,7 +140,7 @@ def export_options(export: ExportSection, spec: QuantSpec, metadata: dict[str, s
                          and min(widths) <= 4)
 
 
-def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection, calibration: Calibration | None,
+def export_stage(loaded: Deployable, variants: list[Variant], export: ExportSection, calibration: Calibration | None,
                  run_dir: Path) -> list[Artifact]:
     """Export every variant to ONNX (skipping those whose inputs did not change)."""
     cache, out = StageCache(run_dir), []
@@ -186,14 +153,14 @@ def export_stage(loaded: Loaded, variants: list[Variant], export: ExportSection,
                         opset=options.opset, nbits=options.matmul_nbits, act_scales=scales and scales.scales,
                         tool=TOOL_VERSION)
         if cache.get("export", variant.name, key) is None:
-            export_onnx(loaded.model, path, spec, options, scales, input_shape=tuple(loaded.ckpt["input_shape"]))
+            export_onnx(loaded.model, path, spec, options, scales, input_shape=loaded.input.shape)
             cache.put("export", variant.name, key, {"path": str(path)}, files=[path])
         out.append(Artifact(variant, path, sha256_file(path), path.stat().st_size,
                             packed_weight_bytes(loaded.model, spec)))
     return out
 
 
-def artifact_from_file(path: Path, loaded: Loaded) -> tuple[Artifact, Calibration | None]:
+def artifact_from_file(path: Path, loaded: Deployable) -> tuple[Artifact, Calibration | None]:
     """An exported artifact's variant, read back from its hero.quantization metadata (for `hero validate`)."""
     meta = ort_runtime.OnnxRuntimeRunner(path).metadata
     spec, calibration = read_quantization(meta, path, loaded.sha256)
@@ -214,7 +181,7 @@ def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, flo
     return ort_runtime.top1(other, reference.argmax(1)), float(np.abs(reference - other).max())
 
 
-def validate_artifact(loaded: Loaded, artifact: Artifact, calibration: Calibration | None, batches,
+def validate_artifact(loaded: Deployable, artifact: Artifact, calibration: Calibration | None, batches,
                       v: ValidateSection, rt: RuntimeSection) -> dict:
     """Accuracy of the PyTorch emulation and of the runtime artifact, and how well they agree, over
     `batches()`: an iterable of (x float32, y) batches, consumed once, so a streamed test set is
@@ -296,7 +263,7 @@ def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
     return lambda: ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
 
 
-def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calibration | None,
+def validate_stage(loaded: Deployable, artifacts: list[Artifact], calibration: Calibration | None,
                    v: ValidateSection, rt: RuntimeSection, test_data, run_dir: Path) -> list[dict]:
     """One result row per artifact, in the report.json schema; cached per artifact. `test_data`
     is an EvalSplit (opened only when some artifact is not cached)."""
@@ -337,7 +304,7 @@ def validate_stage(loaded: Loaded, artifacts: list[Artifact], calibration: Calib
     return rows
 
 
-def _first_divergence(loaded: Loaded, art: Artifact, test_data, v: ValidateSection, rt: RuntimeSection) -> dict | None:
+def _first_divergence(loaded: Deployable, art: Artifact, test_data, v: ValidateSection, rt: RuntimeSection) -> dict | None:
     """Where an inconsistent artifact parts from its emulation (pipeline.debug on 256 test images):
     {"module", "node", "max_abs_diff", "tolerance"} of the first layer beyond tolerance, or None."""
     x = np.concatenate([b for b, _ in itertools.islice(test_data.batches(256)(), 1)])
@@ -349,16 +316,16 @@ class EvalSplit:
     """A checkpoint's test split for validation, opened on first use: held in memory, or (an image
     folder larger than hero_train.data.IN_MEMORY_BYTES decoded) streamed batch by batch."""
 
-    def __init__(self, loaded: Loaded, limit: int | None, root: str | None):
-        self.loaded, self.limit, self.root = loaded, limit, root
-        self.key = {"dataset": loaded.ckpt["dataset"], "limit": limit, "root": root}
+    def __init__(self, loaded: Deployable, limit: int | None):
+        self.loaded, self.limit = loaded, limit
+        self.key = {"dataset": loaded.data.dataset, "limit": limit, "root": loaded.data.root}
         self._split = None
 
     def batches(self, batch_size: int):
         """A callable giving (x float32, y int64) numpy batches, normalised as in training."""
         def iterate():
             if self._split is None:
-                self._split = _open(self.loaded, "test", self.limit, self.root, stream=True)
+                self._split = _open(self.loaded, "test", self.limit, stream=True)
             split = self._split
             if isinstance(split, hdata.StreamedSplit):
                 for images, labels in split.batches(batch_size, self.limit):

@@ -15,6 +15,8 @@ import exporters.device
 from exporters.device.files import sha256_file
 from exporters.device.trt_contract import build_flags, sidecar_path
 from exporters.onnx import ExportOptions, export_onnx
+from hero_train.checkpoint import DataRef, Deployable, InputSpec
+from hero_train.models import ModelRef
 from pipeline import stages
 from pipeline.bundle import BundleOptions, write_bundle
 from pipeline.config import QuantizeSection
@@ -32,17 +34,16 @@ def tiny_conv(num_classes: int = 10, in_channels: int = 1) -> torch.nn.Module:
         torch.nn.Linear(8, num_classes))
 
 
-def tiny_loaded(data_root: Path) -> stages.Loaded:
-    """A Loaded as load_stage would give (checkpoint file aside), for a small random conv net."""
+def tiny_loaded(data_root: Path) -> Deployable:
+    """A Deployable as load_deployable would give (checkpoint file aside), for a small random conv net."""
     torch.manual_seed(0)
     model = tiny_conv().eval()
-    ckpt = {"model": {"name": None, "factory": "bundle_helpers:tiny_conv", "kwargs": {}, "num_classes": 10,
-                      "in_channels": 1}, "input_shape": [1, 28, 28],
-            "dataset": "fashion-mnist", "normalization": {"mean": [0.2860], "std": [0.3530]}}
-    return stages.Loaded(data_root / "tiny.pt", ckpt, model, "c0ffee" * 10 + "abcd")
+    return Deployable(model, ModelRef(factory="bundle_helpers:tiny_conv"),
+                      InputSpec((1, 28, 28), (0.2860,), (0.3530,), tuple(str(i) for i in range(10))),
+                      DataRef("fashion-mnist", str(data_root)), data_root / "tiny.pt", "c0ffee" * 10 + "abcd")
 
 
-def export_variants(loaded: stages.Loaded, folder: Path) -> tuple[list[stages.Artifact], list[dict]]:
+def export_variants(loaded: Deployable, folder: Path) -> tuple[list[stages.Artifact], list[dict]]:
     """fp32, w8 and w4 (int4 storage) artifacts, and hand-made validation rows for them."""
     artifacts, rows = [], []
     for i, variant in enumerate(stages.variants_stage(QuantizeSection(bits=[8, 4]))):
@@ -65,8 +66,7 @@ def built_bundle(tmp_path_factory) -> dict:
         data_root = make_fashion_mnist(root / "fmnist", n_train=8, n_test=40)
         loaded = tiny_loaded(data_root)
         artifacts, rows = export_variants(loaded, root / "run" / "artifacts")
-        options = BundleOptions(test_samples=TEST_SAMPLES, data_root=str(data_root), providers=CPU,
-                                latency_batch=8, latency_repeats=1)
+        options = BundleOptions(test_samples=TEST_SAMPLES, providers=CPU, latency_batch=8, latency_repeats=1)
         bundle = write_bundle(loaded, rows, {a.variant.name: a.path for a in artifacts}, root / "bundle", options)
         _BUILT.update(bundle=bundle, loaded=loaded, artifacts=artifacts, rows=rows, options=options)
     return dict(_BUILT)

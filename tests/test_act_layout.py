@@ -161,14 +161,15 @@ def test_the_validator_bounds_an_a8_variant_by_its_rounding_and_catches_a_broken
     import onnx
     from onnx import numpy_helper
 
+    from hero_train.checkpoint import DataRef, load_deployable
     from pipeline import stages
     from pipeline.config import RuntimeSection, ValidateSection
 
-    loaded = stages.load_stage(trained["checkpoint"], dataset=None)
+    loaded = load_deployable(trained["checkpoint"], data=DataRef(root=trained["data"]))
     spec = QuantSpec(bits=8, act_bits=8)
-    calibration = stages.calibrate_stage(loaded, spec, 1, trained["data"])
+    calibration = stages.calibrate_stage(loaded, spec, 1)
     path = export_onnx(loaded.model, tmp_path / "w8a8.onnx", spec, ExportOptions(), calibration, input_shape=(1, 28, 28))
-    x, y = stages.eval_data(loaded, "test", None, trained["data"])
+    x, y = stages.load_split(loaded, "test", None)
     v, rt = ValidateSection(batch_size=16, latency_repeats=1), RuntimeSection()
     artifact = stages.Artifact(stages.Variant("w8a8", spec), path, "0" * 64, 0, 0)
     row = stages.validate_artifact(loaded, artifact, calibration, stages.in_memory_batches(x, y, 16), v, rt)

@@ -59,7 +59,7 @@ def test_manifest_lists_every_variant_with_checksums_and_host_accuracy(tiny):
 
 def test_test_data_is_the_first_preprocessed_test_samples(tiny):
     manifest = json.loads((tiny["bundle"] / "manifest.json").read_text())
-    x_ref, y_ref = stages.eval_data(tiny["loaded"], "test", TEST_SAMPLES, tiny["options"].data_root)
+    x_ref, y_ref = stages.load_split(tiny["loaded"], "test", TEST_SAMPLES)
     with np.load(tiny["bundle"] / "test.npz") as data:
         assert data["x"].dtype == np.float32 and data["y"].dtype == np.int64
         np.testing.assert_array_equal(data["x"], x_ref)
@@ -142,7 +142,8 @@ def _finished_run(tiny, tmp_path, recorded_sha256=None):
     shutil.copytree(tiny["artifacts"][0].path.parent, run / "artifacts")
     checkpoint = save_checkpoint({
         "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1}, "input_shape": [1, 28, 28],
-        "dataset": "fashion-mnist", "normalization": tiny["loaded"].ckpt["normalization"], "config": {},
+        "dataset": "fashion-mnist", "config": {},
+        "normalization": {"mean": list(tiny["loaded"].input.mean), "std": list(tiny["loaded"].input.std)},
         "epoch": 0, "state_dict": build_model("resnet20", num_classes=10, in_channels=1).state_dict(),
     }, run / "train" / "checkpoint.pt")
     rows = [dict(r, file_bytes=1, packed_weight_bytes=0) for r in tiny["rows"]]
@@ -153,7 +154,7 @@ def _finished_run(tiny, tmp_path, recorded_sha256=None):
 
 def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, capsys):
     run = _finished_run(tiny, tmp_path)
-    code = hero(["bundle", str(run), "--test-samples", "8", "--data-root", tiny["options"].data_root,
+    code = hero(["bundle", str(run), "--test-samples", "8", "--data-root", tiny["loaded"].data.root,
                  "--providers", CPU[0]])
     assert code == 0
     assert "host_report.json --max-regression" in capsys.readouterr().out
@@ -164,6 +165,6 @@ def test_bundle_command_bundles_a_finished_run(tiny, tmp_path, capsys):
 
 def test_bundle_command_refuses_another_checkpoint(tiny, tmp_path, capsys):
     run = _finished_run(tiny, tmp_path, recorded_sha256="0" * 64)
-    assert hero(["bundle", str(run), "--data-root", tiny["options"].data_root]) == 2
+    assert hero(["bundle", str(run), "--data-root", tiny["loaded"].data.root]) == 2
     assert "sha256 differs" in capsys.readouterr().err
     assert not (run / "bundle").exists()

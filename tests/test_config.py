@@ -74,3 +74,15 @@ def test_train_section_takes_trainconfig_types_and_defaults_and_joins_model_and_
     assert train == expected and isinstance(train.gamma, float)
     path.write_text("name: c\n")
     assert load_config(path).train_config() is None
+
+
+def test_the_data_and_model_sections_say_what_load_deployable_takes():
+    from hero_train.checkpoint import DataRef, InputSpec
+    from pipeline.config import DataSection, ModelSection
+
+    assert DataSection().ref() == DataRef()  # the default dataset replaces no checkpoint's own
+    assert DataSection(dataset="cifar10", root="/d", image_size=32).ref() == DataRef("cifar10", "/d", None, 32)
+    assert ModelSection(name="resnet20", input_shape=[1, 28, 28], classes=["a", "b"]).described_input() is None
+    section = ModelSection(name="resnet20", input_shape=[1, 28, 28], classes=["a", "b"],
+                           normalization={"mean": [0.5], "std": [0.25]})
+    assert section.described_input() == InputSpec((1, 28, 28), (0.5,), (0.25,), ("a", "b"))

@@ -13,7 +13,9 @@ from onnx import numpy_helper
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.calibrate import calibrate_activations
 from exporters.quantize import QuantSpec, fake_quantize, quantized_layers
+from hero_train.checkpoint import DataRef, Deployable, InputSpec, load_deployable
 from hero_train.config import TrainConfig
+from hero_train.models import ModelRef
 from hero_train.train import train
 from pipeline import debug, stages
 from pipeline.cli import main
@@ -33,10 +35,8 @@ def trained(tmp_path_factory):
     return train(config, root / "run"), data, root
 
 
-def _loaded(checkpoint):
-    from hero_train.models import ModelRef
-
-    return stages.load_stage(checkpoint, ModelRef.parse(MODEL, None))
+def _loaded(checkpoint, data=None):
+    return load_deployable(checkpoint, ModelRef.parse(MODEL, None), DataRef(root=None if data is None else str(data)))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_hero_debug_locates_a_corrupted_layer_in_a_copy_of_the_artifact(trained,
 @pytest.mark.parametrize("layer", LAYERS)
 def test_first_divergence_names_whichever_layer_was_corrupted(trained, artifact, tmp_path, layer):
     checkpoint, data, _ = trained
-    loaded = _loaded(checkpoint)
-    x, _ = stages.eval_data(loaded, "test", 16, str(data))
+    loaded = _loaded(checkpoint, data)
+    x, _ = stages.load_split(loaded, "test", 16)
     broken = corrupted_copy(artifact, tmp_path, f"{layer}.weight_quantized")
     found = debug.first_divergence(loaded, broken, x)
     assert found is not None and found["module"] == layer
@@ -101,7 +101,9 @@ def test_matmul_layers_map_through_their_bias_add_and_w8a8_agrees(tmp_path):
     torch.manual_seed(0)
     model = tiny_attention(dim=8).eval()
     x = np.random.default_rng(0).normal(size=(12, 3, 16, 16)).astype(np.float32)
-    loaded = stages.Loaded(tmp_path / "none.pt", {}, model, "0" * 64)
+    loaded = Deployable(model, ModelRef(factory="own_models:tiny_attention", kwargs={"dim": 8}),
+                        InputSpec((3, 16, 16), (0.0,) * 3, (1.0,) * 3, tuple(str(i) for i in range(10))), DataRef(),
+                        tmp_path / "none.pt", "0" * 64)
     spec = QuantSpec(bits=8, act_bits=8)
     calibration = calibrate_activations(model, [torch.from_numpy(x)], spec)
     path = export_onnx(model, tmp_path / "att.onnx", spec, calibration=calibration, input_shape=(3, 16, 16))
@@ -170,11 +172,11 @@ def test_validation_names_the_first_diverging_layer_of_an_inconsistent_variant(t
     from pipeline.config import RuntimeSection, ValidateSection
 
     checkpoint, data, _ = trained
-    loaded = _loaded(checkpoint)
+    loaded = _loaded(checkpoint, data)
     broken = corrupted_copy(artifact, tmp_path, "block.pointwise.weight_quantized")
     art = stages.Artifact(stages.Variant("w4", QuantSpec(bits=4)), broken, sha256_file(broken),
                           broken.stat().st_size, 0)
     rows = stages.validate_stage(loaded, [art], None, ValidateSection(latency_repeats=1), RuntimeSection(),
-                                 stages.EvalSplit(loaded, 32, str(data)), tmp_path)
+                                 stages.EvalSplit(loaded, 32), tmp_path)
     assert not rows[0]["consistent"] and rows[0]["first_divergence"]["module"] == "block.pointwise"
     assert "first diverging layer: block.pointwise" in capsys.readouterr().err

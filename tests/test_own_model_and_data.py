@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from exporters.device.validate_bundle import validate_bundle
-from hero_train.checkpoint import load_checkpoint, save_for_deploy
+from hero_train.checkpoint import DataRef, load_checkpoint, load_deployable, save_for_deploy
 from hero_train.models import create_model, ModelRef
 from pipeline.cli import main
 
@@ -197,8 +197,8 @@ def test_a_test_folder_too_large_for_memory_streams_and_validates_the_same(image
     rows, batches = {}, {}
     for mode, budget in (("memory", hdata.IN_MEMORY_BYTES), ("streamed", 0)):
         monkeypatch.setattr(hdata, "IN_MEMORY_BYTES", budget)
-        loaded = stages.load_stage(ckpt, ModelRef(factory="own_models:depthwise_cnn"), str(image_folder))
-        split = stages.EvalSplit(loaded, None, None)
+        loaded = load_deployable(ckpt, ModelRef(factory="own_models:depthwise_cnn"), DataRef(str(image_folder)))
+        split = stages.EvalSplit(loaded, None)
         batches[mode] = list(split.batches(5)())
         assert sum(len(y) for _, y in batches[mode]) == 24
         assert isinstance(split._split, hdata.StreamedSplit) == (mode == "streamed")

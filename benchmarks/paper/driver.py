@@ -213,22 +213,18 @@ def validate_cell(cell: P.Cell, out_root: Path) -> dict:
     """Loss and accuracy of the final checkpoint (eval mode, no augmentation) on the cell's held-out
     training images [start, stop), written to <cell>/validation.json: what h and gamma are chosen on."""
     from hero_train import data as hdata
-    from hero_train.checkpoint import model_from_checkpoint
+    from hero_train.checkpoint import load_deployable
     from hero_train.train import evaluate
 
-    ckpt_path = checkpoint_path(cell, out_root)
-    ckpt = load_checkpoint(ckpt_path)
+    trained = load_deployable(checkpoint_path(cell, out_root))
     start, stop = cell.validation
     train_split = hdata.load_dataset(cell.config.dataset, "train", root=cell.config.data_root)
     if stop > len(train_split.labels):
         raise HeroError(f"{cell.name}: validation images {start}..{stop} exceed the {len(train_split.labels)} "
                         f"training images; lower the scale's validation or limit_train")
-    norm = ckpt["normalization"]
-    images = hdata.normalize(train_split.images[start:stop], tuple(norm["mean"]), tuple(norm["std"]))
-    loss, accuracy = evaluate(model_from_checkpoint(ckpt), images, train_split.labels[start:stop],
-                              device=cell.config.device)
-    result = {"checkpoint_sha256": sha256_file(ckpt_path), "images": [start, stop], "loss": loss,
-              "accuracy": accuracy}
+    images = hdata.normalize(train_split.images[start:stop], trained.input.mean, trained.input.std)
+    loss, accuracy = evaluate(trained.model, images, train_split.labels[start:stop], device=cell.config.device)
+    result = {"checkpoint_sha256": trained.sha256, "images": [start, stop], "loss": loss, "accuracy": accuracy}
     write_atomic(out_root / cell.name / VALIDATION_FILE, json.dumps(result, indent=1))
     return result
 

@@ -114,9 +114,8 @@ def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2,
     (unaugmented, BatchNorm in eval mode), cached in the cell folder per checkpoint and settings."""
     import torch
 
-    from exporters.device.files import sha256_file
     from hero_train import data as hdata
-    from hero_train.checkpoint import load_checkpoint, model_from_checkpoint
+    from hero_train.checkpoint import DataRef, load_deployable
     from hero_train.hessian import cross_entropy_loss, loss_contour
 
     ckpt_path, cache = contour_files(cell)
@@ -125,18 +124,16 @@ def contour_of(cell: dict, steps: int = 11, span: float = 1.0, batches: int = 2,
         settings = {k: v for k, v in cached["key"].items() if k not in ("sha256", "images")}
         if settings == {"steps": steps, "span": span, "batch_size": batch_size}:
             return cached
-    ckpt = load_checkpoint(ckpt_path)
-    train = hdata.load_dataset(ckpt["dataset"], "train", root=cell["config"].get("data_root"))
+    trained = load_deployable(ckpt_path, data=DataRef(root=cell["config"].get("data_root")))
+    train = hdata.load_dataset(trained.data.dataset, "train", root=trained.data.root)
     n = min(batches * batch_size, len(train.labels), cell["config"].get("limit_train") or len(train.labels))
-    key = {"sha256": sha256_file(ckpt_path), "steps": steps, "span": span, "images": n, "batch_size": batch_size}
+    key = {"sha256": trained.sha256, "steps": steps, "span": span, "images": n, "batch_size": batch_size}
     if cached.get("key") == key:
         return cached
-    model = model_from_checkpoint(ckpt)
-    norm = ckpt["normalization"]
-    x = hdata.normalize(train.images[:n], tuple(norm["mean"]), tuple(norm["std"]))
+    x = hdata.normalize(train.images[:n], trained.input.mean, trained.input.std)
     data = [(x[i : i + batch_size], train.labels[i : i + batch_size]) for i in range(0, n, batch_size)]
     torch.manual_seed(0)
-    result = loss_contour(model, cross_entropy_loss, data, steps=steps, span=span, seed=0)
+    result = loss_contour(trained.model, cross_entropy_loss, data, steps=steps, span=span, seed=0)
     out = {"key": key, "alphas": result.alphas.tolist(), "betas": result.betas.tolist(),
            "losses": result.losses.tolist()}
     cache.write_text(json.dumps(out))
