@@ -51,6 +51,7 @@ import onnx
 import torch
 
 from exporters.calibrate import calibrate_activations
+from exporters.device.compare import compare, relative_error
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, quantize_model
@@ -137,15 +138,6 @@ def float_weight_matrices(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
-def top1_agreement(got: np.ndarray, reference: np.ndarray) -> float:
-    return float((got.argmax(1) == reference.argmax(1)).mean())
-
-
-def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
-    """RMS of the difference over the RMS of the reference."""
-    return float(np.sqrt(np.mean((got - reference) ** 2)) / max(np.sqrt(np.mean(reference ** 2)), 1e-30))
-
-
 def judge(got: np.ndarray, emulation: np.ndarray, without_act_quant: np.ndarray | None = None) -> str:
     """"pass", or "fail: <why>", by the tests' tolerance policy (`tests/agreement.py`): with
     `without_act_quant` (A8: the same weights, float activations) `assert_matches_act_quantized`,
@@ -183,7 +175,7 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         row.float_weights = float_weight_matrices(onnx.load(path, load_external_data=False))
         stage = "ort"
         got = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], intra_op_threads=threads).predict(images)
-        row.top1_agreement = top1_agreement(got, emulation)
+        row.top1_agreement = compare(emulation, got).agreement.rate
         row.rel_error = relative_error(got, emulation)
         row.verdict = judge(got, emulation, plain)
         stage = "ort literal"

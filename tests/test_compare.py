@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from exporters.device.compare import (ACT_NOISE_FACTOR, Comparison, Difference, Top1, compare, consistent,
-                                      layer_consistent, tolerance)
+                                      layer_consistent, relative_error, tolerance)
 
 
 def _logits(rows=40, classes=10, seed=0, scale=1.0):
@@ -41,6 +41,17 @@ def test_top1_counts_rows_whose_argmax_is_the_label():
     top.add(np.eye(4), np.array([0, 1, 0, 3]))
     top.add(np.eye(2), np.array([1, 1]))
     assert (top.rows, top.hits, top.rate) == (6, 4, 4 / 6)
+
+
+def test_relative_error_and_agreement():
+    reference = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert relative_error(reference, reference) == 0
+    assert relative_error(-reference, reference) == pytest.approx(2.0)
+    assert compare(reference[:, ::-1], reference).agreement.rate == 0.0
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert relative_error(reference, reference) == 0
+    assert relative_error(2 * reference, reference) == pytest.approx(1.0)
+    assert compare(reference, reference[::-1]).agreement.rate == 0
 
 
 def test_an_empty_difference_has_zero_rms():

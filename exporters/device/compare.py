@@ -2,7 +2,8 @@
 
 Used by the host validator (pipeline.stages.validate_artifact: artifact logits against the PyTorch
 emulation), hero debug (pipeline.debug: each layer's output against the emulation's), the device
-validator (exporters.device.validate_bundle: top-1 agreement with the float variant) and the tests.
+validator (exporters.device.validate_bundle: top-1 agreement with the float variant), the TensorRT
+refit proof (exporters.device.trt_switch: `relative_error`), the benchmarks and the tests.
 numpy and the standard library only, so it runs on the device.
 
 The policy:
@@ -101,6 +102,14 @@ class Comparison:
     def disagreement(self) -> float:
         """The fraction of rows whose arg-max differs from the reference's."""
         return (self.agreement.rows - self.agreement.hits) / self.agreement.rows
+
+
+def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
+    """RMS of got − reference over the RMS of reference (over its absolute RMS floor 1e-12), in float64:
+    a scale-free size of a difference, about 1 or more for a wrong result."""
+    diff = np.asarray(got, np.float64) - np.asarray(reference, np.float64)
+    scale = max(float(np.sqrt(np.mean(np.square(reference, dtype=np.float64)))), 1e-12)
+    return float(np.sqrt(np.mean(np.square(diff)))) / scale
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> Comparison:
