@@ -60,6 +60,7 @@ import onnx
 import torch
 
 from exporters.calibrate import calibrate_activations
+from exporters.device.compare import compare, relative_error
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, quantize_model
@@ -152,15 +153,6 @@ def float_weight_matrices(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
-def top1_agreement(got: np.ndarray, reference: np.ndarray) -> float:
-    return float((got.argmax(1) == reference.argmax(1)).mean())
-
-
-def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
-    """RMS of the difference over the RMS of the reference."""
-    return float(np.sqrt(np.mean((got - reference) ** 2)) / max(np.sqrt(np.mean(reference ** 2)), 1e-30))
-
-
 def float32_reach(row: Row, emulation: np.ndarray, exact: np.ndarray, unquantized: np.ndarray,
                   got: np.ndarray, literal: np.ndarray) -> None:
     """Fill the row's float32 reach columns (module docstring) from the float32 emulation, its
@@ -212,7 +204,7 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         row.float_weights = float_weight_matrices(onnx.load(path, load_external_data=False))
         stage = "ort"
         got = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], intra_op_threads=threads).predict(images)
-        row.top1_agreement = top1_agreement(got, emulation)
+        row.top1_agreement = compare(emulation, got).agreement.rate
         row.rel_error = relative_error(got, emulation)
         row.verdict = judge(got, emulation, plain)
         stage = "ort literal"

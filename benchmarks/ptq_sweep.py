@@ -34,6 +34,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from exporters.device.compare import tolerance
 from exporters.onnx import export_onnx
 from exporters.quantize import QuantSpec, quantize_model, quantized_layers
 from exporters.device.runtime import OnnxRuntimeRunner
@@ -127,7 +128,7 @@ def choose_path(subject: Subject, paths: dict, probe_bits: int) -> tuple[object,
         logits[key] = predict(x)
     first = next(iter(logits.values()))
     diff = max(float(np.abs(first - other).max()) for other in logits.values())
-    if diff > PATH_ATOL * max(1.0, float(np.abs(first).max())):
+    if diff > tolerance(PATH_ATOL, float(np.abs(first).max())):
         raise click.ClickException(f"the evaluation paths disagree by {diff:.3g} in the logits: a path is wrong")
     return paths[min(probe, key=probe.get)], {"seconds": probe, "max_logit_diff": diff}
 

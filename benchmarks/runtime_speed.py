@@ -48,6 +48,7 @@ import click
 import numpy as np
 import torch
 
+from exporters.device.compare import compare, relative_error
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.kernels import kernel_summary
 from exporters.onnx import ExportOptions, export_onnx
@@ -213,18 +214,9 @@ def methods(with_openvino: bool) -> list[Method]:
 
 # ---- checks and memory ----------------------------------------------------------------------------
 
-def _top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
-
-
-def _relative_error(a: np.ndarray, reference: np.ndarray) -> float:
-    """RMS of a - reference over the RMS of reference: a wrong path reads about 1 or more."""
-    return float(np.sqrt(np.mean((a - reference) ** 2) / np.mean(reference ** 2)))
-
-
 def check_outputs(subject: Subject, paths: dict[str, Path], methods_: list[Method]) -> dict[str, dict]:
     """Per method: top-1 agreement with ORT FP32 and with its artifact's literal graph, the relative
-    logit error from each (`_relative_error`), and accuracy where the subject has labels. On random
+    logit error from each (`exporters.device.compare.relative_error`), and accuracy where the subject has labels. On random
     weights agreement is only as good as the logits' margins: compare it with the relative errors."""
     x = subject.images
     literal = {name: OnnxRuntimeRunner(path, CPU, optimization="disabled").predict(x, CHECK_BATCH)
@@ -236,10 +228,10 @@ def check_outputs(subject: Subject, paths: dict[str, Path], methods_: list[Metho
     rows = {}
     for method in methods_:
         out, reference = logits[method.name], literal[method.artifact]
-        rows[method.name] = {"agreement_vs_fp32": _top1_agreement(out, logits[REFERENCE]),
-                             "agreement_vs_literal": _top1_agreement(out, reference),
-                             "rel_error_vs_fp32": _relative_error(out, logits[REFERENCE]),
-                             "rel_error_vs_literal": _relative_error(out, reference)}
+        rows[method.name] = {"agreement_vs_fp32": compare(logits[REFERENCE], out).agreement.rate,
+                             "agreement_vs_literal": compare(reference, out).agreement.rate,
+                             "rel_error_vs_fp32": relative_error(out, logits[REFERENCE]),
+                             "rel_error_vs_literal": relative_error(out, reference)}
         if subject.labels is not None:
             rows[method.name]["accuracy"] = float((out.argmax(1) == subject.labels).mean())
     return rows

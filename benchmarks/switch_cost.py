@@ -93,7 +93,7 @@ import numpy as np
 from exporters.device.manifest import read_manifest
 from exporters.device.openvino_runtime import OpenVinoRunner
 from exporters.device.runtime import OnnxRuntimeRunner
-from exporters.device.trt_switch import relative_error
+from exporters.device.compare import compare, relative_error
 bundle = sys.argv[1]
 with np.load(bundle + "/test.npz") as data:
     x = data["x"]
@@ -104,7 +104,7 @@ for v in read_manifest(bundle)["variants"]:
     ov = OpenVinoRunner(path).predict(x, 8)
     top = np.sort(ort, axis=1)
     margin = (top[:, -1] - top[:, -2]) / ort.std(axis=1)
-    out[v["name"]] = {"relative_error": relative_error(ov, ort), "top1_agreement": float(np.mean(ov.argmax(1) == ort.argmax(1))),
+    out[v["name"]] = {"relative_error": relative_error(ov, ort), "top1_agreement": compare(ort, ov).agreement.rate,
                       "median_margin": float(np.median(margin))}
 print(json.dumps(out))
 """
@@ -245,7 +245,7 @@ def resident_memory_mib(bundle: Path, repeats: int) -> dict[str, dict]:
 
 def runtime_agreement(bundle: Path) -> dict:
     """{variant: {"relative_error", "top1_agreement", "median_margin"}}: OpenVINO's logits against ONNX
-    Runtime's on each artifact (relative RMS difference, `trt_switch.relative_error`), in a fresh
+    Runtime's on each artifact (relative RMS difference, `exporters.device.compare.relative_error`), in a fresh
     process with torch blocked."""
     done = subprocess.run([sys.executable, "-c", _DEVICE_COMPARE, str(bundle)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=1800)

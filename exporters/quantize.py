@@ -36,12 +36,6 @@ from exporters.grid import (WeightCodes, asymmetric_qparams, dequantize, fake_qu
                             symmetric_qparams)
 
 ACT_BITS = 8
-# A W{n}A8 runtime re-rounds the same activations at slightly different points (another summation
-# order, integer requantization): its distance from the emulation is at most about the rounding's
-# own size twice over (|r - e| <= |r - f| + |f - e|, f with float activations, |r - f| distributed
-# like |e - f|), and it changes a prediction of the emulation at most about twice as often as the
-# rounding itself changes one of f. The validator and hero debug bound A8 variants by it.
-ACT_NOISE_FACTOR = 2.0
 _ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
 ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 

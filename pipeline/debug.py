@@ -14,8 +14,8 @@ quantized layer's output (every Conv/Linear, exporters.quantize.quantized_layers
 Per layer, in graph order: ``sqnr_db`` = 10·log10(Σ f² / Σ (e − f)²) of the emulation's output e
 against the float output f (where quantization error accumulates), ``sqnr_runtime_db`` the same
 for the runtime's output r, and ``max_abs_diff`` = max |r − e| over both optimisation levels,
-consistent while it is at most ``atol``·max(1, max |e|) (the per-layer form of validate's logit
-check). `first_divergence` names the first layer beyond that tolerance.
+consistent by exporters.device.compare's policy (`tolerance`, `layer_consistent`: validate's logit
+check applied to one layer's output). `first_divergence` names the first layer beyond it.
 
 ONNX nodes to torch modules. exporters.onnx exports with torch.onnx.export (dynamo); its node
 names ("node_Conv_9", "node_linear") say nothing about modules, and the per-node module scopes it
@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -61,11 +62,12 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from exporters.device import compare
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.onnx import read_quantization, weight_initializers
-from exporters.quantize import ACT_NOISE_FACTOR, quantize_model, quantized_layers
+from exporters.quantize import quantize_model, quantized_layers
 
 if TYPE_CHECKING:
     from hero_train.checkpoint import Deployable
@@ -84,17 +86,15 @@ class LayerTap(NamedTuple):
     output: str
 
 
-class _Stats(NamedTuple):
-    """Running sums of one layer over the batches."""
+@dataclass
+class _Stats:
+    """Running sums of one layer over the batches: e the emulation's output, f the float model's, r the runtime's."""
 
-    signal: float  # Σ f²
-    noise: float  # Σ (e − f)²
-    noise_runtime: float  # Σ (r − f)²
-    diff: float  # max |r − e|, optimised session
-    diff_literal: float  # max |r − e|, literal graph
-    scale: float  # max |e|
-    gap: float = 0.0  # Σ (r − e)², optimised session
-    gap_literal: float = 0.0  # Σ (r − e)², literal graph
+    signal: float = 0.0  # Σ f²
+    noise: compare.Difference = field(default_factory=compare.Difference)  # e against f
+    noise_runtime: compare.Difference = field(default_factory=compare.Difference)  # r (optimised) against f
+    runtime: compare.Difference = field(default_factory=compare.Difference)  # r (optimised) against e
+    literal: compare.Difference = field(default_factory=compare.Difference)  # r (literal graph) against e
 
 
 # --------------------------------------------------------------------------- the measures
@@ -108,12 +108,6 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float | None:
     if noise_energy == 0.0 or signal_energy == 0.0:
         return None
     return 10.0 * math.log10(signal_energy / noise_energy)
-
-
-def layer_tolerance(atol: float, emulated_max: float) -> float:
-    """The largest |runtime − emulation| still consistent: atol·max(1, max |emulation|), the form
-    of pipeline.stages.validate_artifact's logit check applied to one layer's output."""
-    return atol * max(1.0, emulated_max)
 
 
 # --------------------------------------------------------------------------- mapping
@@ -144,7 +138,7 @@ def _matches(stored: np.ndarray, weight: np.ndarray) -> bool:
     """Whether `stored` is `weight` ((out, in, ...)) as an ONNX op stores it, itself or transposed."""
     for layout in (weight, weight.T if weight.ndim == 2 else None):
         if layout is not None and stored.shape == layout.shape and np.allclose(
-                stored, layout, rtol=1e-6, atol=1e-7 * max(1.0, float(np.abs(layout).max()))):
+                stored, layout, rtol=1e-6, atol=compare.tolerance(1e-7, float(np.abs(layout).max()))):
             return True
     return False
 
@@ -232,17 +226,16 @@ def compare_layers(taps: Sequence[LayerTap], runtime: Sequence[dict[str, np.ndar
     """Add one batch to each tap's running sums. `runtime` holds the outputs {tensor name: array}
     of the optimised and then the literal session (one run's dict twice where there is one, such
     as a device's); numpy only, so outputs brought back from a device compare the same way."""
-    stats = stats or [_Stats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0) for _ in taps]
-    out = []
+    stats = stats or [_Stats() for _ in taps]
     for tap, s in zip(taps, stats):
         e, f = emulated[tap.module, tap.call].astype(np.float64), floating[tap.module, tap.call].astype(np.float64)
         optimised, literal = (r[tap.output].astype(np.float64).reshape(e.shape) for r in runtime)
-        out.append(_Stats(s.signal + float((f * f).sum()), s.noise + float(((e - f) ** 2).sum()),
-                          s.noise_runtime + float(((optimised - f) ** 2).sum()),
-                          max(s.diff, float(np.abs(optimised - e).max())),
-                          max(s.diff_literal, float(np.abs(literal - e).max())), max(s.scale, float(np.abs(e).max())),
-                          s.gap + float(((optimised - e) ** 2).sum()), s.gap_literal + float(((literal - e) ** 2).sum())))
-    return out
+        s.signal += float((f * f).sum())
+        s.noise.add(f, e)
+        s.noise_runtime.add(f, optimised)
+        s.runtime.add(e, optimised)
+        s.literal.add(e, literal)
+    return stats
 
 
 def first_divergence_row(rows: Sequence[dict]) -> dict | None:
@@ -280,16 +273,13 @@ def debug_artifact(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float
                                torch_layer_outputs(floating, batch), stats)
     rows = []
     for tap, s in zip(taps, stats):
-        tolerance = layer_tolerance(atol, s.scale)
-        consistent = max(s.diff, s.diff_literal) <= tolerance
-        if spec.act_bits is not None and not consistent:
-            # A rounding flip at one activation is carried on by the layers after it (README, "Known
-            # behaviour"): an A8 layer is consistent while the runtime stays within ACT_NOISE_FACTOR
-            # times the emulation's own quantization error of that layer, in energy terms.
-            consistent = max(s.gap, s.gap_literal) <= ACT_NOISE_FACTOR**2 * s.noise
-        rows.append({**tap._asdict(), "sqnr_db": sqnr_db(s.signal, s.noise),
-                     "sqnr_runtime_db": sqnr_db(s.signal, s.noise_runtime), "max_abs_diff": s.diff,
-                     "max_abs_diff_unoptimized": s.diff_literal, "tolerance": tolerance, "consistent": consistent})
+        # An A8 layer carries on a rounding flip of the layers before it (README, "Known behaviour").
+        noise = s.noise if spec.act_bits is not None else None
+        rows.append({**tap._asdict(), "sqnr_db": sqnr_db(s.signal, s.noise.sum_squares),
+                     "sqnr_runtime_db": sqnr_db(s.signal, s.noise_runtime.sum_squares),
+                     "max_abs_diff": s.runtime.max_abs, "max_abs_diff_unoptimized": s.literal.max_abs,
+                     "tolerance": compare.tolerance(atol, s.runtime.reference_max),
+                     "consistent": compare.layer_consistent([s.runtime, s.literal], atol, noise)})
     return {"artifact": str(path), "sha256": sha256_file(path), "checkpoint": str(loaded.path),
             "variant": metadata.get("hero.variant", Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
             "providers": list(providers), "layers": rows, "unmapped": unmapped,

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from exporters.device import TOOL_VERSION
+from exporters.device import compare
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
 from exporters.onnx import ExportOptions, export_onnx, read_quantization
 from exporters.calibrate import calibrate_activations
-from exporters.quantize import (ACT_NOISE_FACTOR, Calibration, QuantSpec, average_bits, packed_weight_bytes,
-                                quantize_model)
+from exporters.quantize import Calibration, QuantSpec, average_bits, packed_weight_bytes, quantize_model
 from exporters.kernels import integer_lint, kernel_summary
 from exporters.trt_lint import lint_explicit_quantization, residual_warnings
 from hero_train import data as hdata
@@ -176,85 +175,95 @@ def torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.n
                            for i in range(0, len(x), batch_size)])
 
 
-def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """Top-1 agreement and the largest absolute logit difference between two runs."""
-    return ort_runtime.top1(other, reference.argmax(1)), float(np.abs(reference - other).max())
+@dataclass
+class _References:
+    """The PyTorch runs an artifact is held against: its `emulation` (quantize_model with its spec and
+    activation scales); for a nested grid, `canonical`, the canonical grid at the same widths (the
+    nested grid's price in accuracy); with activation quantization, `float_acts`, the same weights
+    with float activations (the activation rounding's own effect, compare.ACT_NOISE_FACTOR)."""
+
+    emulation: torch.nn.Module
+    canonical: torch.nn.Module | None
+    float_acts: torch.nn.Module | None
+
+
+def _references(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration | None) -> _References:
+    act = calibration if spec.calibrated else None
+    return _References(
+        quantize_model(model, spec, act),
+        quantize_model(model, dataclasses.replace(spec, grid="canonical"), act) if spec.grid == "nested" else None,
+        quantize_model(model, dataclasses.replace(spec, act_bits=None)) if spec.act_bits else None)
+
+
+@dataclass
+class _Tally:
+    """What `validate_artifact` accumulates over the test batches: top-1 accuracy of each run against
+    the labels, and each run's logits compared with the emulation's."""
+
+    emulation: compare.Top1 = field(default_factory=compare.Top1)
+    runtime: compare.Top1 = field(default_factory=compare.Top1)
+    canonical: compare.Top1 = field(default_factory=compare.Top1)
+    optimised: compare.Comparison = field(default_factory=compare.Comparison)  # the runtime session
+    literal: compare.Comparison = field(default_factory=compare.Comparison)  # the unoptimised graph
+    act_effect: compare.Comparison = field(default_factory=compare.Comparison)  # float activations
+
+
+def _tally(refs: _References, runner, literal, x: np.ndarray, y: np.ndarray, tally: _Tally, v: ValidateSection) -> None:
+    """Add one test batch to `tally`: the literal graph runs only while under v.unoptimized_samples."""
+    reference = torch_logits(refs.emulation, x, v.batch_size)
+    logits = runner.predict(x, batch_size=v.batch_size)
+    tally.emulation.add(reference, y)
+    tally.runtime.add(logits, y)
+    tally.optimised.add(reference, logits)
+    if refs.canonical is not None:
+        tally.canonical.add(torch_logits(refs.canonical, x, v.batch_size), y)
+    if refs.float_acts is not None:
+        tally.act_effect.add(reference, torch_logits(refs.float_acts, x, v.batch_size))
+    # Optimisation passes have been reported to change dequantize results: check the literal graph too.
+    budget = v.unoptimized_samples
+    take = len(y) if budget is None else max(0, min(len(y), budget - tally.literal.rows))
+    if take:
+        tally.literal.add(reference[:take], literal.predict(x[:take], batch_size=v.batch_size))
 
 
 def validate_artifact(loaded: Deployable, artifact: Artifact, calibration: Calibration | None, batches,
                       v: ValidateSection, rt: RuntimeSection) -> dict:
     """Accuracy of the PyTorch emulation and of the runtime artifact, and how well they agree, over
     `batches()`: an iterable of (x float32, y) batches, consumed once, so a streamed test set is
-    never held whole. The literal (unoptimised) graph runs on the first v.unoptimized_samples.
-
-    Consistent: without activation quantization, every logit within v.logit_atol * max(1, max
-    |logit|) and top-1 agreement >= v.min_agreement, for both sessions (float summation order is all
-    that differs). With it (act_bits 8), a rounding flip moves an activation a whole step and deep
-    networks carry it on, so the bounds scale with the activation rounding's own effect, measured
-    against the same weights with float activations (`act_noise_rms`, `act_flip_rate`): the RMS logit
-    difference within max(logit_atol * scale, ACT_NOISE_FACTOR * act_noise_rms) and the disagreement
-    within max(1 - min_agreement, ACT_NOISE_FACTOR * act_flip_rate)."""
-    spec = artifact.variant.spec
-    act = calibration if spec.calibrated else None
-    emulation = quantize_model(loaded.model, spec, act)
-    # A nested grid's price: the canonical grid's accuracy at the same widths, on the same images.
-    canonical = (quantize_model(loaded.model, dataclasses.replace(spec, grid="canonical"), act)
-                 if spec.grid == "nested" else None)
-    float_acts = quantize_model(loaded.model, dataclasses.replace(spec, act_bits=None)) if spec.act_bits else None
+    never held whole. The literal (unoptimised) graph runs on the first v.unoptimized_samples;
+    latency is timed on the first batch's first v.latency_batch images. Consistent: both sessions
+    agree with the emulation by exporters.device.compare's policy (v.logit_atol, v.min_agreement;
+    with activation quantization, bounds scaled by the rounding's own effect, `act_noise_rms` and
+    `act_flip_rate`)."""
+    refs = _references(loaded.model, artifact.variant.spec, calibration)
     runner = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, intra_op_threads=rt.threads)
     literal = ort_runtime.OnnxRuntimeRunner(artifact.path, providers=rt.providers, optimization="disabled",
                                             intra_op_threads=rt.threads)
-    counts = dict.fromkeys(("n", "torch", "runtime", "agree", "n_literal", "agree_literal", "canonical", "act_flips"), 0)
-    squares = dict.fromkeys(("runtime", "literal", "act"), 0.0)
-    diff = diff_literal = 0.0
-    scale, latency, budget = 1.0, None, v.unoptimized_samples
+    tally, latency = _Tally(), None
     for x, y in batches():
-        reference = torch_logits(emulation, x, v.batch_size)
-        logits = runner.predict(x, batch_size=v.batch_size)
+        _tally(refs, runner, literal, x, y, tally, v)
         if latency is None:
             latency = ort_runtime.time_batches(runner, x[: v.latency_batch], v.latency_repeats)
-        top = reference.argmax(1)
-        counts["n"] += len(y)
-        counts["torch"] += int((top == y).sum())
-        counts["runtime"] += int((logits.argmax(1) == y).sum())
-        counts["agree"] += int((logits.argmax(1) == top).sum())
-        if canonical is not None:
-            counts["canonical"] += int((torch_logits(canonical, x, v.batch_size).argmax(1) == y).sum())
-        if float_acts is not None:
-            plain_acts = torch_logits(float_acts, x, v.batch_size)
-            counts["act_flips"] += int((plain_acts.argmax(1) != top).sum())
-            squares["act"] += float(((reference - plain_acts) ** 2).sum())
-        diff = max(diff, float(np.abs(reference - logits).max()))
-        squares["runtime"] += float(((reference - logits) ** 2).sum())
-        scale = max(scale, float(np.abs(reference).max()))
-        # Optimisation passes have been reported to change dequantize results: check the literal graph too.
-        take = len(y) if budget is None else max(0, min(len(y), budget - counts["n_literal"]))
-        if take:
-            plain = literal.predict(x[:take], batch_size=v.batch_size)
-            counts["n_literal"] += take
-            counts["agree_literal"] += int((plain.argmax(1) == top[:take]).sum())
-            diff_literal = max(diff_literal, float(np.abs(reference[:take] - plain).max()))
-            squares["literal"] += float(((reference[:take] - plain) ** 2).sum())
-    if not counts["n"]:
+    if not tally.emulation.rows:
         raise HeroError(f"no test samples to validate {artifact.path} on: check the dataset and limit_test")
-    classes = reference.shape[1]
-    rms = {k: math.sqrt(squares[k] / (max(1, counts["n_literal" if k == "literal" else "n"]) * classes)) for k in squares}
-    result = {"torch_accuracy": counts["torch"] / counts["n"], "runtime_accuracy": counts["runtime"] / counts["n"],
-              "agreement": counts["agree"] / counts["n"], "max_logit_diff": diff, "providers": runner.providers,
-              "latency_ms": latency, "agreement_unoptimized": counts["agree_literal"] / counts["n_literal"],
-              "max_logit_diff_unoptimized": diff_literal, "rms_logit_diff": rms["runtime"],
-              "rms_logit_diff_unoptimized": rms["literal"], "test_samples": counts["n"]}
-    if canonical is not None:
-        result["canonical_torch_accuracy"] = counts["canonical"] / counts["n"]
-    worst_agreement = min(result["agreement"], result["agreement_unoptimized"])
-    if float_acts is None:
-        result["consistent"] = bool(worst_agreement >= v.min_agreement and max(diff, diff_literal) <= v.logit_atol * scale)
-        return result
-    result["act_noise_rms"], result["act_flip_rate"] = rms["act"], counts["act_flips"] / counts["n"]
-    rms_bound = max(v.logit_atol * scale, ACT_NOISE_FACTOR * rms["act"])
-    disagreement_bound = max(1 - v.min_agreement, ACT_NOISE_FACTOR * result["act_flip_rate"])
-    result["consistent"] = bool(1 - worst_agreement <= disagreement_bound + 1e-12
-                                and max(rms["runtime"], rms["literal"]) <= rms_bound)
+    return _verdict(tally, refs, runner.providers, latency, v)
+
+
+def _verdict(tally: _Tally, refs: _References, providers: list[str], latency: float, v: ValidateSection) -> dict:
+    """`validate_artifact`'s result row from its tally."""
+    optimised, literal = tally.optimised, tally.literal
+    result = {"torch_accuracy": tally.emulation.rate, "runtime_accuracy": tally.runtime.rate,
+              "agreement": optimised.agreement.rate, "max_logit_diff": optimised.difference.max_abs,
+              "providers": providers, "latency_ms": latency, "agreement_unoptimized": literal.agreement.rate,
+              "max_logit_diff_unoptimized": literal.difference.max_abs, "rms_logit_diff": optimised.difference.rms,
+              "rms_logit_diff_unoptimized": literal.difference.rms, "test_samples": tally.emulation.rows}
+    if refs.canonical is not None:
+        result["canonical_torch_accuracy"] = tally.canonical.rate
+    act_effect = tally.act_effect if refs.float_acts is not None else None
+    if act_effect is not None:
+        result["act_noise_rms"], result["act_flip_rate"] = act_effect.difference.rms, act_effect.disagreement
+    result["consistent"] = compare.consistent([optimised, literal], atol=v.logit_atol, min_agreement=v.min_agreement,
+                                              reference_max=optimised.difference.reference_max, act_effect=act_effect)
     return result
 
 

@@ -5,7 +5,8 @@ on any CPU, thread count and ONNX Runtime version.
   products in another order. float32 reassociation moves a sum of K terms by at most about
   K * 2^-24 * sum|terms| (Higham, "Accuracy and Stability of Numerical Algorithms", Sec. 3.1): for
   these small models (K <= a few thousand, |logits| <= tens) that is below 1e-5 relative, so
-  `FLOAT_RTOL` = 1e-4 of max(1, |reference|) holds with margin, elementwise.
+  `FLOAT_RTOL` = 1e-4 of max(1, |reference|) holds with margin, elementwise
+  (exporters.device.compare.tolerance).
 - Activation quantization (A8): a QuantizeLinear rounds x / s to an integer. Where x / s lies
   within float rounding of a half-integer, a different summation order may round it to the
   neighbouring code: one activation element moves by one step s. Such flips happen (or not)
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporters.device.compare import tolerance
+
 FLOAT_RTOL = 1e-4
 # A flip moves one element by one step; the activation quantization moves every one of the N
 # quantized elements of a batch by up to half a step (their effects add up like a random walk,
@@ -41,7 +44,7 @@ def _arrays(*xs):
 
 def float_tolerance(reference) -> float:
     (ref,) = _arrays(reference)
-    return FLOAT_RTOL * max(1.0, float(np.abs(ref).max()))
+    return tolerance(FLOAT_RTOL, float(np.abs(ref).max()))
 
 
 def decided(reference, error: float) -> np.ndarray:

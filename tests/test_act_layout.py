@@ -5,7 +5,7 @@ ORT with optimisations off, ORT optimised) for every weight scheme the project h
 Exactness of the integer math is pinned on dyadic models (tests/test_onnx_export.py). Here the
 models are real (ResNet20, MobileNetV2, the own-model nets), where a rounding flip at one activation
 is carried on by the layers after it; the agreement asserted is the validator's rule for A8
-(exporters.quantize.ACT_NOISE_FACTOR): within twice the activation rounding's own effect."""
+(exporters.device.compare.ACT_NOISE_FACTOR): within twice the activation rounding's own effect."""
 
 import dataclasses
 
@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from exporters.act_layout import plan_points, trace
+from exporters.device.compare import ACT_NOISE_FACTOR
 from exporters.device.errors import HeroError
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.kernels import integer_lint, kernel_summary
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.calibrate import calibrate_activations
-from exporters.quantize import ACT_NOISE_FACTOR, QuantSpec, fold_bn, quantize_model, quantized_layers
+from exporters.quantize import QuantSpec, fold_bn, quantize_model, quantized_layers
 from hero_train.models import build_model
 from conftest import with_batchnorm_statistics
 from own_models import depthwise_cnn, tiny_attention

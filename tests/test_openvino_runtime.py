@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from bundle_helpers import built_bundle
 
+from exporters.device.compare import tolerance
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _BLOCK = """
 import sys
@@ -68,8 +70,8 @@ def test_openvino_switcher_computes_what_onnxruntime_computes_on_each_artifact(t
     assert out["providers"] == ["CPU"] and out["loaded"] == [[8], [4], [None], [4]]
     for bits in ("8", "4", "None"):
         # float kernels on both (f32 inference precision): equal up to the order of float sums
-        assert out[bits]["max_diff"] <= 1e-4 * max(1.0, out[bits]["scale"]), (bits, out[bits])
-        assert out[bits]["direct"] <= 1e-5 * max(1.0, out[bits]["scale"]) and out[bits]["dtype"] == "float32"
+        assert out[bits]["max_diff"] <= tolerance(1e-4, out[bits]["scale"]), (bits, out[bits])
+        assert out[bits]["direct"] <= tolerance(1e-5, out[bits]["scale"]) and out[bits]["dtype"] == "float32"
         assert out[bits]["shape"] == [24, 10]
 
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -79,13 +78,6 @@ def test_methods_cover_every_artifact_in_ort_and_the_int8_ones_in_openvino():
 def test_openvino_rows_are_skipped_with_the_reason_when_it_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     assert "pip install openvino" in R.openvino_missing()
-
-
-def test_relative_error_and_agreement():
-    reference = np.array([[1.0, 0.0], [0.0, 2.0]])
-    assert R._relative_error(reference, reference) == 0
-    assert R._relative_error(-reference, reference) == pytest.approx(2.0)
-    assert R._top1_agreement(reference, reference[:, ::-1]) == 0.0
 
 
 def test_thread_counts_option():

@@ -77,7 +77,7 @@ def latency_stats(fn, repeats: int, warmup: int = 1) -> dict:
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of rows of `logits` whose arg-max is the row's label: top-1 accuracy against true
-    labels, top-1 agreement with another run as `top1(logits, reference.argmax(1))`."""
+    labels (agreement with another run: exporters.device.compare)."""
     labels = np.asarray(labels)
     if labels.shape != (len(logits),):
         raise HeroError(f"got {len(logits)} predictions but labels of shape {labels.shape}: pass one label per image")

@@ -8,7 +8,7 @@ refit, and nothing in the refit API reports either. So the first time a variant 
 engine on a device, its output on a fixed probe batch (`probe_input`) is compared with an engine
 built for that variant alone (no REFIT flag); the verdict is
 
-- "ok": relative RMS difference (`relative_error`) within REFIT_RTOL; the variant switches by
+- "ok": relative RMS difference (`compare.relative_error`) within REFIT_RTOL; the variant switches by
   refit from then on, and its own engine is not kept loaded;
 - "mismatch": beyond it, or non-finite; the variant runs on its own engine from then on (switching
   to it selects that engine: no refit, more device memory).
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.device import memory
+from exporters.device.compare import relative_error
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.manifest import precision_order
@@ -52,13 +53,6 @@ def probe_input(input_shape, batch: int = PROBE_BATCH) -> np.ndarray:
     """The fixed probe batch of every refit proof: standard-normal float32 (normalised images are of
     that scale), numpy's default_rng(0), so every device and every run probes with the same numbers."""
     return np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-
-
-def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
-    """RMS of got - reference over the RMS of reference (over its absolute RMS floor 1e-12)."""
-    diff = np.asarray(got, np.float64) - np.asarray(reference, np.float64)
-    scale = max(float(np.sqrt(np.mean(np.square(reference, dtype=np.float64)))), 1e-12)
-    return float(np.sqrt(np.mean(np.square(diff)))) / scale
 
 
 def verdict(got: np.ndarray, reference: np.ndarray) -> tuple[str, float]:

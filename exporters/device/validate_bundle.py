@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.device import memory
+from exporters.device.compare import compare
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.runtime import latency_stats, top1
@@ -148,7 +149,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
             "bn": variant.get("bn", "fold-first"), "grid": variant.get("grid", "canonical"),
             "layer_bits": variant.get("layer_bits"), "runtime": runtime,
             "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
-            "runtime_accuracy": top1(logits, y), "agreement": top1(logits, reference.argmax(1)),
+            "runtime_accuracy": top1(logits, y), "agreement": compare(reference, logits).agreement.rate,
             "latency_ms": latency["batch"]["median_ms"],
             "file_bytes": variant.get("file_bytes"), "artifact": variant["artifact"], "sha256": variant["sha256"],
             "costs": {"latency": latency, "artifact_bytes": (bundle_dir / variant["artifact"]).stat().st_size,
