@@ -29,13 +29,12 @@ from exporters import act_layout, attention
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
-from exporters.device.manifest import BN_MODES, GRIDS
+from exporters.device.schema import ACT_BITS, ACT_LAYOUTS, BN_MODES, GRIDS
 # Theorem 2's quantizer lives in exporters.grid; its names are importable from here too, beside the spec.
 from exporters.grid import (WeightCodes, asymmetric_qparams, dequantize, fake_quantize,  # noqa: F401
                             fold_into_scales, qrange, quantize_bias, quantize_tensor, quantize_with_qparams,
                             symmetric_qparams)
 
-ACT_BITS = 8
 # A W{n}A8 runtime re-rounds the same activations at slightly different points (another summation
 # order, integer requantization): its distance from the emulation is at most about the rounding's
 # own size twice over (|r - e| <= |r - f| + |f - e|, f with float activations, |r - f| distributed
@@ -46,7 +45,6 @@ _ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
 # Fields added after artifacts were first written: their value when an older artifact omits them.
 # act_layout: artifacts written before it quantized activations TensorRT's way.
 _ADDED_FIELDS = {"grid": "canonical", "layer_bits": None, "act_layout": "tensorrt", "block_size": None}
-ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -84,8 +82,8 @@ class QuantSpec:
     bits: int | None = None
     symmetric: bool = True
     per_channel: bool = True
-    bn: str = "fold-first"
-    grid: str = "canonical"
+    bn: str = BN_MODES[0]
+    grid: str = GRIDS[0]
     layer_bits: tuple[tuple[str, int], ...] | None = None
     act_bits: int | None = None
     act_method: str = "max"

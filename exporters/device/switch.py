@@ -2,7 +2,7 @@
 
 A bundle (written on the host by `pipeline.bundle`) is a folder::
 
-    manifest.json        format, model facts and one entry per variant (schema in pipeline/bundle.py)
+    manifest.json        format, model facts and one entry per variant (schema: exporters/device/manifest.py)
     artifacts/<name>.onnx
     test.npz             x: preprocessed float32 test images, y: int64 labels
     host_report.json     the host's run of exporters.device.validate_bundle on this very bundle
