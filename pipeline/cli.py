@@ -174,7 +174,7 @@ def check(report_path, max_drop, min_accuracy, baseline_path, max_regression, bi
 
 def _scheme_options(command):
     """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
-    from exporters.device.manifest import BN_MODES, GRIDS
+    from exporters.device.schema import BN_MODES, GRIDS
 
     for decl, kwargs in reversed([
         ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),
@@ -223,10 +223,11 @@ def _load(checkpoint, model, model_kwargs, dataset, data_root):
 
 
 def _spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None, act_layout="onnxruntime"):
+    from exporters.device.schema import GRIDS
     from exporters.quantize import QuantSpec
 
     return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
-                     grid=grid if bits is not None else "canonical",
+                     grid=grid if bits is not None else GRIDS[0],
                      act_bits=act_bits, act_layout=act_layout)
 
 

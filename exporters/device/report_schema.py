@@ -28,7 +28,7 @@ _ROW = {
     "grid": Field(one_of(*GRIDS), "QuantSpec.grid"),
     "layer_bits": Field(nullable(map_of(BITS)), "mixed precision: layer name -> bits, else null"),
     "block_size": Field(nullable(integer(16)), "Linear weights per block of that many inputs, else null"),
-    "average_bits": Field(NUMBER, "host: weight bits averaged over the quantized parameters"),
+    "average_bits": Field(nullable(NUMBER), "host: weight bits averaged over the quantized parameters (null: float)"),
     # its accuracy
     "runtime": Field(TEXT, "the runtime that measured runtime_accuracy"),
     "target_runtime": Field(TEXT, "host: the runtime the config deploys to (runtime.name)"),
@@ -133,7 +133,8 @@ META = Record({
 GATE = Record({
     "passed": Field(BOOL, "what the exit code says", required=True),
     "reasons": Field(TEXTS, "the failures (empty when it passed)", required=True),
-    "gated": Field(BOOL, "host: false when the config set no accuracy threshold: only checks that need none ran"),
+    "gated": Field(BOOL, "host: false when the config set no accuracy threshold: only checks that need none ran "
+                         "(absent: read as true)"),
     "note": Field(nullable(TEXT), "host: with gated false, says so and how to set a threshold (else null)"),
 }, closed=False)
 
