@@ -21,7 +21,8 @@ def report(accs, baseline=0.90, consistent=True, samples=1000):
                  "test_samples": samples, "artifact": f"artifacts/w{b}.onnx", "sha256": "0" * 64}
                 for b, a in accs.items()]
     return {"meta": {"model": "resnet20", "dataset": "cifar10", "classes": CLASSES, "test_samples": samples},
-            "baseline": {"name": "fp32", "reference_accuracy": baseline, "runtime_accuracy": baseline, "test_samples": samples},
+            "baseline": {"name": "fp32", "reference_accuracy": baseline, "runtime_accuracy": baseline,
+                         "test_samples": samples},
             "variants": variants, "gate": {"passed": True, "reasons": []}}
 
 

@@ -12,8 +12,8 @@ from pathlib import Path, PurePosixPath
 
 from exporters.device.errors import HeroError
 from exporters.device.files import read_json, sha256_file
-from exporters.device.schema import (ACT_BITS, BITS, BN_MODES, BOOL, FRACTION, GRIDS, NUMBER, SHA256, TEXT, TEXTS, Field,
-                                     ListOf, Record, Type, check, integer, map_of, nullable, one_of)
+from exporters.device.schema import (ACT_BITS, BITS, BN_MODES, BOOL, FRACTION, GRIDS, NUMBER, SHA256, TEXT, TEXTS,
+                                     Field, ListOf, Record, Type, check, integer, map_of, nullable, one_of)
 
 FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
