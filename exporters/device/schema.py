@@ -18,7 +18,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from exporters.device.bits import SUPPORTED_BITS
 from exporters.device.errors import HeroError
@@ -71,7 +71,6 @@ class Record:
 
     fields: dict[str, Field]
     closed: bool = True
-    expected: str = field(default="an object", init=False)
 
     def replace(self, **fields: Field) -> Record:
         """This record with some fields declared otherwise."""
