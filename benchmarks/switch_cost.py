@@ -56,6 +56,7 @@ import torch
 from exporters.calibrate import calibrate_activations
 from exporters.device import memory
 from exporters.device.files import sha256_file
+from exporters.device.schema import identity
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, quantize_model
 
@@ -73,7 +74,6 @@ VARIANTS = {  # name -> how it is quantized and stored
     "w4": (QuantSpec(bits=4), ExportOptions(int4_storage=True)),
 }
 NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits")
 # The device side, as on a device: torch and the host packages cannot be imported.
 _DEVICE_VALIDATE = """
 import runpy, sys
@@ -164,7 +164,7 @@ def build_bundle(folder: Path, image_size: int, test_images: int, calibration_im
     for name, (spec, options) in VARIANTS.items():
         paths[name] = export_onnx(model, folder / "artifacts" / f"{name}.onnx", spec, options, ranges[name],
                                   input_shape=shape)
-        rows.append({"name": name, **{k: spec.to_dict()[k] for k in _IDENTITY}, "runtime": "onnxruntime",
+        rows.append({"name": name, **identity(spec.to_dict()), "runtime": "onnxruntime",
                      "torch_accuracy": None, "runtime_accuracy": None, "sha256": sha256_file(paths[name]),
                      "artifact": f"artifacts/{name}.onnx"})
     options = BundleOptions(test_samples=None, providers=("CPUExecutionProvider",), latency_batch=latency_batch,

@@ -29,15 +29,13 @@ from exporters import act_layout, attention
 from exporters.bn_fold import QUANTIZED_LAYER_TYPES, bn_factors, fold_bn
 from exporters.device.bits import check_bits
 from exporters.device.errors import HeroError, unknown_choice
-from exporters.device.manifest import BN_MODES, GRIDS
+from exporters.device.schema import ACT_BITS, ACT_LAYOUTS, BN_MODES, GRIDS
 # Theorem 2's quantizer lives in exporters.grid; its names are importable from here too, beside the spec.
 from exporters.grid import (WeightCodes, asymmetric_qparams, dequantize, fake_quantize,  # noqa: F401
                             fold_into_scales, qrange, quantize_bias, quantize_tensor, quantize_with_qparams,
                             symmetric_qparams)
 
-ACT_BITS = 8
 _ACT_METHODS = ("max", "percentile", "mse")  # exporters.calibrate
-ACT_LAYOUTS = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,8 @@ class QuantSpec:
     bits: int | None = None
     symmetric: bool = True
     per_channel: bool = True
-    bn: str = "fold-first"
-    grid: str = "canonical"
+    bn: str = BN_MODES[0]
+    grid: str = GRIDS[0]
     layer_bits: tuple[tuple[str, int], ...] | None = None
     act_bits: int | None = None
     act_method: str = "max"

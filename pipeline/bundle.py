@@ -2,29 +2,15 @@
 
 Layout (read on the device by `exporters.device.switch` and `exporters.device.validate_bundle`)::
 
-    manifest.json       below
+    manifest.json       format, model facts and one entry per variant (schema below)
     artifacts/<name>.onnx
     test.npz            x: the first `bundle.test_samples` test images, preprocessed as in training
                         (float32, N x C x H x W); y: their labels (int64)
     host_report.json    `exporters.device.validate_bundle` run on this host on this very bundle: the
                         baseline for ``hero check DEVICE_REPORT --baseline host_report.json``
 
-manifest.json::
-
-    {"format": "hero-deploy-bundle", "format_version": 1, "tool_version": str, "created": str,
-     "model": str, "dataset": str, "num_classes": int, "input_shape": [C, H, W],
-     "normalization": {"mean": [...], "std": [...]}, "source_sha256": str (the checkpoint's),
-     "inputs_key": str (what the bundle was built from; an unchanged rebuild is skipped),
-     "test_data": {"path": "test.npz", "sha256": str, "samples": int},
-     "host_report": "host_report.json",
-     "latency_batch": int (the batch latency is timed at, beside batch 1, on host and device),
-     "variants": [{"name": str, "bits": int|null, "symmetric": bool, "per_channel": bool,
-                   "act_bits": int|null, "runtime": str (validated with on the host),
-                   "artifact": str (relative path), "sha256": str, "file_bytes": int,
-                   "refit_group": str (see refit_group), "torch_accuracy": float,
-                   "report_accuracy": float (runtime_accuracy in the run's report.json, on its
-                   validation samples), "host_accuracy": float (runtime accuracy on test.npz on
-                   this host: what the device's should match)}, ...]}
+manifest.json's schema, every field's meaning included, is `exporters.device.manifest.SCHEMA`:
+the device reads it as untrusted input, and `write_bundle` writes it against the same declaration.
 """
 
 from __future__ import annotations
@@ -44,7 +30,8 @@ import numpy as np
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs, sha256_file, write_atomic
-from exporters.device.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, verify_file
+from exporters.device.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SCHEMA, read_manifest, verify_file
+from exporters.device.schema import conform, identity
 from exporters.device.validate_bundle import TEST_DATA, validate_bundle
 from pipeline.cache import input_key
 from pipeline.gate import read_report
@@ -53,8 +40,6 @@ if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `
     from hero_train.checkpoint import DataRef, Deployable
 
 HOST_REPORT = "host_report.json"
-_IDENTITY = ("bits", "symmetric", "per_channel", "act_bits", "bn", "grid", "layer_bits", "block_size")
-_IDENTITY_DEFAULTS = {"bn": "fold-first", "grid": "canonical", "layer_bits": None, "block_size": None}
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -132,7 +117,7 @@ def _manifest(loaded: Deployable, entries: list[dict], folder: Path, key: str, s
     for e in entries:
         artifact = _copy_checked(e, folder)
         variants.append({
-            "name": e["name"], **{k: e.get(k, _IDENTITY_DEFAULTS.get(k)) for k in _IDENTITY}, "runtime": e["runtime"], "artifact": artifact,
+            "name": e["name"], **identity(e), "runtime": e["runtime"], "artifact": artifact,
             "sha256": e["sha256"], "file_bytes": (folder / artifact).stat().st_size,
             "refit_group": refit_group(folder / artifact), "torch_accuracy": e["torch_accuracy"],
             "report_accuracy": e["runtime_accuracy"], "host_accuracy": None,
@@ -187,9 +172,8 @@ def write_bundle(loaded: Deployable, rows: list[dict], paths: dict[str, Path], o
     entries = _host_entries(rows, paths)
     key = input_key(format=FORMAT_VERSION, tool=TOOL_VERSION, source=loaded.sha256,
                     data=dataclasses.asdict(loaded.data), options=dataclasses.asdict(options),
-                    variants=[{k: e.get(k, _IDENTITY_DEFAULTS.get(k))
-                               for k in ("name", *_IDENTITY, "runtime", "sha256", "torch_accuracy", "runtime_accuracy")}
-                              for e in entries])
+                    variants=[{**identity(e), **{k: e.get(k) for k in ("name", "runtime", "sha256", "torch_accuracy",
+                                                                       "runtime_accuracy")}} for e in entries])
     _check_replaceable(out_dir)
     if _unchanged(out_dir, key):
         return out_dir
@@ -200,14 +184,14 @@ def write_bundle(loaded: Deployable, rows: list[dict], paths: dict[str, Path], o
     try:
         np.savez_compressed(built / TEST_DATA, x=x.astype(np.float32), y=y.astype(np.int64))
         manifest = _manifest(loaded, entries, built, key, len(x), options.latency_batch)
-        write_atomic(built / MANIFEST, json.dumps(manifest, indent=2))
+        write_atomic(built / MANIFEST, json.dumps(conform(manifest, SCHEMA, MANIFEST), indent=2))
         providers = list(options.providers) if options.providers else None
         host = validate_bundle(built, "onnxruntime", providers, latency_repeats=options.latency_repeats)
         host["meta"].update(bundle=str(out_dir), role="host")
         accuracy = {r["name"]: r["runtime_accuracy"] for r in [host["baseline"], *host["variants"]]}
         for v in manifest["variants"]:
             v["host_accuracy"] = accuracy[v["name"]]
-        write_atomic(built / MANIFEST, json.dumps(manifest, indent=2))
+        write_atomic(built / MANIFEST, json.dumps(conform(manifest, SCHEMA, MANIFEST), indent=2))
         write_atomic(built / HOST_REPORT, json.dumps(host, indent=2))
         _swap_in(built, out_dir)
     finally:

@@ -111,7 +111,7 @@ def _options(command, declared):
 
 def scheme_options(command):
     """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
-    from exporters.device.manifest import BN_MODES, GRIDS
+    from exporters.device.schema import BN_MODES, GRIDS
 
     return _options(command, [
         ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),
@@ -127,10 +127,11 @@ def scheme_options(command):
 def quant_spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None,
                act_layout="onnxruntime"):
     """The QuantSpec of `scheme_options` (a float baseline keeps the canonical grid)."""
+    from exporters.device.schema import GRIDS
     from exporters.quantize import QuantSpec
 
     return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,
-                     grid=grid if bits is not None else "canonical", act_bits=act_bits, act_layout=act_layout)
+                     grid=grid if bits is not None else GRIDS[0], act_bits=act_bits, act_layout=act_layout)
 
 
 def named_model(model: str | None, model_kwargs: dict | None):

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from exporters.device.errors import HeroError
+from exporters.device.schema import ACT_LAYOUTS, BN_MODES, GRIDS
 from exporters.quantize import QuantSpec, check_bits
 from hero_train.checkpoint import DataRef, InputSpec
 from hero_train.data import check_dataset
@@ -176,12 +177,12 @@ class QuantizeSection(_Section):
     bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3])
     symmetric: bool = True
     per_channel: bool = True
-    bn: Literal["fold-first", "quantize-first", "keep"] = "fold-first"
-    grid: Literal["canonical", "nested"] = "canonical"
+    bn: Literal[BN_MODES] = BN_MODES[0]
+    grid: Literal[GRIDS] = GRIDS[0]
     act_bits: Literal[8] | None = None
     act_method: Literal["max", "percentile", "mse"] = "max"
     act_percentile: float = 99.99
-    act_layout: Literal["onnxruntime", "tensorrt"] | None = Field(
+    act_layout: Literal[ACT_LAYOUTS] | None = Field(
         None, description="where 8-bit activations are quantized; default: the runtime section's name")
     calibration_batches: int = Field(8, ge=1)
     block_size: int | None = Field(None, description="Linear weights per block of this many inputs (INT4 GEMM, "
@@ -221,7 +222,7 @@ class QuantizeSection(_Section):
         the mixed variant's widths)."""
         quantized = bits is not None or layer_bits is not None
         return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel, bn=self.bn,
-                         grid=self.grid if quantized else "canonical", layer_bits=layer_bits,
+                         grid=self.grid if quantized else GRIDS[0], layer_bits=layer_bits,
                          act_bits=self.act_bits if quantized else None, act_method=self.act_method,
                          act_percentile=self.act_percentile, act_layout=self.act_layout or "onnxruntime",
                          block_size=self.block_size if quantized else None)

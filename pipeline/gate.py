@@ -4,15 +4,11 @@
 (a HeroError: one line on stderr). It never passes a report it cannot judge. The rules:
 
 - **Reading a report** (`read_report`) refuses a file that is not JSON, not a JSON object, or nested
-  deeper than ``MAX_DEPTH`` levels (the schema needs 4); a ``baseline`` that is not an object;
-  ``variants`` that is not a non-empty list of objects; a ``meta`` that is not an object; a variant
-  that lacks a field of ``REQUIRED``, has unsupported ``bits``/``act_bits`` or non-boolean
-  ``symmetric``/``per_channel``, or repeats another variant's name or (bits, symmetric,
-  per_channel, act_bits); a ``test_samples`` (row or meta) that is not a positive integer.
-- **Accuracies** must be numbers in [0, 1] (a bool is not a number; NaN and infinities are not in
-  [0, 1]): ``baseline.accuracy`` and every variant's ``runtime_accuracy`` always;
-  ``runtime_accuracy``, ``torch_accuracy`` and ``host_accuracy`` of any row wherever they are not
-  null. The refusal names the row.
+  deeper than ``MAX_DEPTH`` levels (the schema needs 6), a report without variants, and one that
+  does not fit `exporters.device.report_schema.REPORT` (a field of the wrong type or range, a
+  variant lacking a required field); the refusal names the row. Accuracies are numbers in [0, 1]
+  (a bool is not a number; NaN and infinities are not in [0, 1]). Two variants may not share a name
+  or an identity (`exporters.device.schema.IDENTITY`).
 - **Thresholds** (`GateCriteria`): ``max_drop``, ``min_accuracy`` and ``max_regression`` must be
   finite; ``max_drop`` and ``max_regression`` not negative; ``min_accuracy`` in [0, 1].
 - **Selection**: every width in ``--bits`` (config ``gate.bits``) must have a variant in the report;
@@ -44,13 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from exporters.device.bits import SUPPORTED_BITS
 from exporters.device.errors import HeroError
 from exporters.device.files import read_json, write_atomic
+from exporters.device.report_schema import REPORT
+from exporters.device.schema import IDENTITY_DEFAULTS, check, identity_key
 
-REQUIRED = ("name", "bits", "symmetric", "per_channel", "act_bits", "runtime_accuracy")
-ACCURACIES = ("accuracy", "runtime_accuracy", "torch_accuracy", "host_accuracy")
-MAX_DEPTH = 8  # report > variants > row > trt_lint is 4 levels: anything far deeper is not a report
+MAX_DEPTH = 8  # report > variants > row > costs > latency > batch_1 is 6 levels: anything far deeper is not a report
 NO_CRITERION = ("the gate checks no accuracy: pass --max-drop, --min-accuracy or --baseline with "
                 "--max-regression (in a deploy config: gate.max_drop or gate.min_accuracy)")
 NOT_GATED = ("no threshold set: nothing was gated on accuracy (only each artifact's agreement with its "
@@ -95,42 +90,21 @@ def read_report(path: str | Path) -> dict:
     if not isinstance(report, dict) or not isinstance(report.get("variants"), list) \
             or not isinstance(report.get("baseline"), dict):
         raise HeroError(f"{where} lacks 'baseline' and 'variants': is it a hero report.json?")
-    if not isinstance(report.get("meta", {}), dict):
-        raise HeroError(f"{where}: meta must be an object")
     if not report["variants"]:
         raise HeroError(f"{where} has no variants: nothing to gate")
-    _check_count(report.get("meta", {}), f"{where}: meta")
-    _check_accuracies(report["baseline"], f"{where}: baseline", ("accuracy",))
-    _check_count(report["baseline"], f"{where}: baseline")
+    check(report, REPORT, where)
     seen: dict = {}
     for i, v in enumerate(report["variants"]):
-        if not isinstance(v, dict):
-            raise HeroError(f"{where}: variants[{i}] is not an object")
-        row = f"{where}: variants[{i}]" + (f" ({v['name']})" if isinstance(v.get("name"), str) else "")
-        missing = [k for k in REQUIRED if k not in v]
-        if missing:
-            raise HeroError(f"{row} lacks {', '.join(missing)}")
-        _check_identity(v, row)
-        _check_accuracies(v, row, ("runtime_accuracy",))
-        _check_count(v, row)
-        for key in (v["name"], _identity(v)):
+        for key in (v["name"], identity_key(v)):
             if key in seen:
-                raise HeroError(f"{row} repeats variants[{seen[key]}] ({variant_label(v)}, name {v['name']!r}): "
-                                "one row per variant")
+                raise HeroError(f"{where}: variants[{i}] ({v['name']}) repeats variants[{seen[key]}] "
+                                f"({variant_label(v)}, name {v['name']!r}): one row per variant")
             seen[key] = i
     return report
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_integer(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_fraction(x) -> bool:
-    return _is_number(x) and math.isfinite(x) and 0.0 <= x <= 1.0
 
 
 def _depth(obj) -> int:
@@ -144,57 +118,13 @@ def _depth(obj) -> int:
     return deepest
 
 
-def _check_accuracies(row: dict, where: str, required: tuple[str, ...]) -> None:
-    for key in ACCURACIES:
-        value = row.get(key)
-        if key in required and key not in row:
-            raise HeroError(f"{where} lacks {key}")
-        if (key in required or value is not None) and not _is_fraction(value):
-            raise HeroError(f"{where}: {key} must be a fraction in [0, 1], got {value!r}")
-
-
-def _check_count(row: dict, where: str) -> None:
-    n = row.get("test_samples")
-    if n is not None and (not _is_integer(n) or n < 1):
-        raise HeroError(f"{where}: test_samples must be a positive integer, got {n!r}")
-
-
-def _check_identity(v: dict, where: str) -> None:
-    if not isinstance(v["name"], str) or not v["name"]:
-        raise HeroError(f"{where}: name must be a non-empty string")
-    for key, allow_null in (("bits", False), ("act_bits", True)):
-        value = v[key]
-        if not (allow_null and value is None) and (not _is_integer(value) or value not in SUPPORTED_BITS):
-            raise HeroError(f"{where}: {key} must be one of {', '.join(map(str, SUPPORTED_BITS))}"
-                            f"{' or null' if allow_null else ''}, got {value!r}")
-    for key in ("symmetric", "per_channel"):
-        if not isinstance(v[key], bool):
-            raise HeroError(f"{where}: {key} must be true or false, got {v[key]!r}")
-    for key, choices in (("bn", ("fold-first", "quantize-first", "keep")), ("grid", ("canonical", "nested"))):
-        if key in v and v[key] not in choices:
-            raise HeroError(f"{where}: {key} must be one of {', '.join(choices)}, got {v[key]!r}")
-    layers = v.get("layer_bits")
-    if layers is not None and (not isinstance(layers, dict) or not all(
-            isinstance(k, str) and _is_integer(b) and b in SUPPORTED_BITS for k, b in layers.items())):
-        raise HeroError(f"{where}: layer_bits must be null or map layer names to bit widths")
-
-
 def variant_label(v: dict) -> str:
     scheme = ("sym" if v["symmetric"] else "asym") + ("/ch" if v["per_channel"] else "/tensor")
-    scheme += "".join(f", {v[k]}" for k, default in (("bn", "fold-first"), ("grid", "canonical"))
-                      if v.get(k, default) != default)
+    scheme += "".join(f", {v[k]}" for k in ("bn", "grid") if v.get(k, IDENTITY_DEFAULTS[k]) != IDENTITY_DEFAULTS[k])
     scheme += f", blocks of {v['block_size']}" if v.get("block_size") else ""
     act = f"a{v['act_bits']}" if v.get("act_bits") else ""
     width = f"mixed ≤{v['bits']}" if v.get("layer_bits") else f"w{v['bits']}"
     return f"{width}{act} ({scheme})"
-
-
-def _identity(v: dict) -> tuple:
-    """What makes two variants the same precision: widths (per layer for mixed), scheme, activations."""
-    layers = v.get("layer_bits")
-    return (v["bits"], v["symmetric"], v["per_channel"], v.get("act_bits"), v.get("bn", "fold-first"),
-            v.get("grid", "canonical"), tuple(sorted(layers.items())) if isinstance(layers, dict) else None,
-            v.get("block_size"))
 
 
 def _samples(v: dict, meta: dict) -> int | None:
@@ -263,12 +193,12 @@ def evaluate_gate(report: dict, criteria: GateCriteria) -> dict:
                         f"{', '.join(map(str, sorted(present)))}): drop {'them' if len(missing) > 1 else 'it'} "
                         "from --bits (config: gate.bits)")
     selected = [v for v in report["variants"] if criteria.bits is None or v["bits"] in criteria.bits]
-    old = {_identity(v): v for v in (criteria.previous or {}).get("variants", [])}
+    old = {identity_key(v): v for v in (criteria.previous or {}).get("variants", [])}
     if criteria.previous is not None:
         check_comparable(report, criteria.previous,
-                         [(v, old[_identity(v)]) for v in selected if _identity(v) in old])
-    checked = [(variant_label(v), variant_failures(v, report["baseline"]["accuracy"], criteria,
-                                                   old.get(_identity(v)))) for v in selected]
+                         [(v, old[identity_key(v)]) for v in selected if identity_key(v) in old])
+    checked = [(variant_label(v), variant_failures(v, report["baseline"]["reference_accuracy"], criteria,
+                                                   old.get(identity_key(v)))) for v in selected]
     reasons = [r for _, failures in checked for r in failures]
     return {"passed": not reasons, "gated": not criteria.vacuous, "reasons": reasons, "checked": checked}
 

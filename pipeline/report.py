@@ -1,31 +1,8 @@
 """report.json, report.md and accuracy_vs_bits.png in the run directory.
 
-report.json schema (accuracies are fractions in [0, 1]; ``drop`` is the baseline's accuracy minus
-the variant's runtime accuracy, also a fraction; ``drop_points`` is the same in percentage points)::
-
-    {"meta": {...},
-     "baseline": {"accuracy": float, "runtime_accuracy": float, ...same keys as a variant...},
-     "variants": [{"name": str, "bits": int, "symmetric": bool, "per_channel": bool,
-                   "block_size": int|null (Linear weights per block of that many inputs),
-                   "act_bits": int|null, "act_layout": "onnxruntime"|"tensorrt",
-                   "bn": "fold-first"|"quantize-first"|"keep",
-                   "grid": "canonical"|"nested", "layer_bits": {layer: bits}|null (mixed precision),
-                   "average_bits": float, "canonical_torch_accuracy": float (nested grids only:
-                   the canonical grid's emulation at the same widths), "runtime": str, "torch_accuracy": float,
-                   "runtime_accuracy": float, "agreement": float, "max_logit_diff": float,
-                   "consistent": bool, "drop": float, "drop_points": float, "latency_ms": float,
-                   "file_bytes": int, "packed_weight_bytes": int, "artifact": str, "sha256": str,
-                   "trt_lint": [str], "kernels": {"integer_ops": int, "float_weight_ops": int,
-                   "unfused": [str], "ops": {op: count}} (how ONNX Runtime ran it after optimisation,
-                   exporters.kernels), "integer_lint": [str] (weight ops meant for integer kernels
-                   that stayed float; for act_layout tensorrt, residual Adds TensorRT cannot fuse,
-                   exporters.trt_lint.residual_warnings)}, ...],
-     "gate": {"passed": bool, "gated": bool, "reasons": [str], "note": str|null}}
-
-``gate.passed`` is what the exit code says; ``reasons`` are the failures (empty when it passed).
-``gated`` is false when the config set no accuracy threshold: nothing was gated on accuracy, only
-checks that need no threshold ran, and ``note`` says so and how to set one (null when gated).
-Reports written before ``gated`` existed lack it and ``note``: read them as gated.
+report.json's schema, every field's meaning included, is `exporters.device.report_schema.REPORT`
+(the device report of validate_bundle shares it); `build_report` and `write_report` write it
+against that declaration.
 """
 
 from __future__ import annotations
@@ -40,17 +17,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from exporters.device.files import write_atomic  # noqa: E402
+from exporters.device.report_schema import REPORT  # noqa: E402
+from exporters.device.schema import conform  # noqa: E402
 
 
 def build_report(rows: list[dict], meta: dict) -> dict:
-    """Split the baseline row from the variants and add each variant's drop from the baseline."""
+    """Split the baseline row from the variants and add each variant's drop from the baseline, both
+    measured by the runtime on the same samples (`REPORT`'s reference_accuracy)."""
     baseline = dict(next(r for r in rows if r["bits"] is None))
-    baseline["accuracy"] = baseline["torch_accuracy"]
+    baseline["reference_accuracy"] = baseline["runtime_accuracy"]
     variants = []
     for row in rows:
         if row["bits"] is None:
             continue
-        drop = baseline["accuracy"] - row["runtime_accuracy"]
+        drop = baseline["reference_accuracy"] - row["runtime_accuracy"]
         variants.append(dict(row, drop=drop, drop_points=100.0 * drop))
     return {"meta": meta, "baseline": baseline, "variants": variants,
             "gate": {"passed": True, "gated": True, "reasons": [], "note": None}}
@@ -106,12 +86,12 @@ def plot_accuracy_vs_bits(series: dict[str, list[tuple[int, float]]], baselines:
 
 
 def write_report(report: dict, run_dir: Path, label: str) -> None:
-    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.json", json.dumps(conform(report, REPORT, "report.json"), indent=2))
     gate = report["gate"]
     reasons = "".join(f"\n- {r}" for r in gate["reasons"]) + (f"\n\n{gate['note']}" if gate.get("note") else "")
     write_atomic(run_dir / "report.md",
                  f"# {label}\n\n{markdown_table(report)}\n\nGate: **{gate_verdict(gate)}**{reasons}\n")
     points = [(v["average_bits"] if v.get("layer_bits") else v["bits"], v["runtime_accuracy"])
               for v in report["variants"] if v["bits"] <= 8]
-    plot_accuracy_vs_bits({label: points}, {label: report["baseline"]["accuracy"]},
+    plot_accuracy_vs_bits({label: points}, {label: report["baseline"]["reference_accuracy"]},
                           run_dir / "accuracy_vs_bits.png")

@@ -30,7 +30,8 @@ def host_case(trained, tmp_path, args):
     """Fill the placeholders of a case's arguments."""
     (tmp_path / "folder").mkdir(exist_ok=True)
     (tmp_path / "not_onnx.onnx").write_text("plain text")
-    (tmp_path / "report.json").write_text(json.dumps({"meta": {}, "baseline": {"accuracy": 0.5}, "variants": []}))
+    (tmp_path / "report.json").write_text(json.dumps({"meta": {}, "baseline": {"reference_accuracy": 0.5},
+                                                      "variants": []}))
     values = {"CKPT": trained["checkpoint"], "DATA": trained["data"], "TMP": str(tmp_path)}
     return [a.format(**values) for a in args]
 

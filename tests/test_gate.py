@@ -21,7 +21,8 @@ def report(accs, baseline=0.90, consistent=True, samples=1000):
                  "test_samples": samples, "artifact": f"artifacts/w{b}.onnx", "sha256": "0" * 64}
                 for b, a in accs.items()]
     return {"meta": {"model": "resnet20", "dataset": "cifar10", "classes": CLASSES, "test_samples": samples},
-            "baseline": {"name": "fp32", "accuracy": baseline, "runtime_accuracy": baseline, "test_samples": samples},
+            "baseline": {"name": "fp32", "reference_accuracy": baseline, "runtime_accuracy": baseline,
+                         "test_samples": samples},
             "variants": variants, "gate": {"passed": True, "reasons": []}}
 
 
@@ -119,7 +120,7 @@ def test_non_finite_or_out_of_range_threshold_is_refused(tmp_path, capsys, optio
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), None, True, "0.9", 1.5, -0.1, "missing"])
-@pytest.mark.parametrize("row, key", [("baseline", "accuracy"), ("w4", "runtime_accuracy"),
+@pytest.mark.parametrize("row, key", [("baseline", "reference_accuracy"), ("w4", "runtime_accuracy"),
                                       ("baseline", "runtime_accuracy"), ("w4", "torch_accuracy")])
 def test_bad_accuracy_is_refused_naming_the_row(tmp_path, capsys, row, key, value):
     rep = report({8: 0.899, 4: 0.89})
@@ -156,13 +157,13 @@ def _with(**changes):
 
 MALFORMED = {
     "not_json": "{not json",
-    "integer_too_long": '{"baseline": {"accuracy": ' + "1" * 5000 + "}}",
+    "integer_too_long": '{"baseline": {"reference_accuracy": ' + "1" * 5000 + "}}",
     "not_an_object": json.dumps([1, 2]),
     "no_baseline": json.dumps({"variants": []}),
     "variants_not_a_list": _with(variants={"w8": {}}),
     "no_variants": _with(variants=[]),
     "row_not_an_object": _with(variants=[report({8: 0.899})["variants"][0], "w4"]),
-    "row_lacks_fields": json.dumps({"baseline": {"accuracy": 0.9}, "variants": [{"bits": 8}]}),
+    "row_lacks_fields": json.dumps({"baseline": {"reference_accuracy": 0.9}, "variants": [{"bits": 8}]}),
     "meta_not_an_object": _with(meta=["resnet20"]),
     "nested_beyond_json": "[" * 100_000 + "]" * 100_000,
     "nested_beyond_schema": _with(meta={"model": "resnet20", "deep": _deep(50)}),

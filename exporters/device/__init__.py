@@ -6,11 +6,13 @@ comparator and tolerance policy), `openvino_runtime` (the OpenVINO runner), `swi
 (PrecisionSwitcher over a bundle), `choice` (which precision fits a budget, from a device report),
 `trt_switch` (switching TensorRT engines by proven refit), `validate_bundle` (on-device validation,
 ``python -m exporters.device.validate_bundle``), `manifest` (the bundle manifest's schema, checked as
-untrusted input), `bits` (bit widths and their integer grid), `nested_grid` (every width as INT8 codes
-on the 8-bit scale), `tensorrt`, `trt_api` (the TensorRT names used, per major version, and the
-wrappers that turn its failures into one-line errors) and `trt_contract` (engine build/load/refit and
-its pure rules). A test imports every module here in a process where torch, onnx, click, yaml and
-pydantic cannot be imported.
+untrusted input), `report_schema` (report.json's and the device report's), `schema` (how a written
+file is declared and checked; a variant's identity; the bn, grid and layout names), `bits` (bit
+widths and their integer grid), `nested_grid` (every width as INT8 codes on the 8-bit scale),
+`tensorrt`, `trt_api` (the TensorRT names used, per major version, and the wrappers that turn its
+failures into one-line errors) and `trt_contract` (engine build/load/refit and its pure rules). A
+test imports every module here in a process where torch, onnx, click, yaml and pydantic cannot be
+imported.
 """
 
 import importlib.metadata

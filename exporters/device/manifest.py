@@ -1,143 +1,88 @@
-"""A bundle's manifest.json, read as untrusted input on the device: every field checked by type and
-range before use, unknown keys refused, every file hashed before it is read, and files the manifest
-does not list reported. The schema (what `pipeline.bundle` writes) is `_TOP` and `_VARIANT` below;
-nesting deeper than they allow is refused by `read_json` without a RecursionError.
+"""A bundle's manifest.json, declared (`SCHEMA`) and read as untrusted input on the device: every
+field checked by type and range before use, unknown keys refused, every file hashed before it is
+read, and files the manifest does not list reported. `pipeline.bundle` writes it against the same
+declaration; nesting deeper than it allows is refused by `read_json` without a RecursionError.
 
 numpy-free and torch-free: standard library only.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
 from pathlib import Path, PurePosixPath
 
-from exporters.device.bits import SUPPORTED_BITS
 from exporters.device.errors import HeroError
 from exporters.device.files import read_json, sha256_file
+from exporters.device.schema import (ACT_BITS, BITS, BN_MODES, BOOL, FRACTION, GRIDS, NUMBER, SHA256, TEXT, TEXTS,
+                                     Field, ListOf, Record, Type, check, integer, map_of, nullable, one_of)
 
 FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-GRIDS = ("canonical", "nested")
-BN_MODES = ("fold-first", "quantize-first", "keep")
 # Written next to the bundle's files on the device: never reported as unlisted.
 DEVICE_FILES = ("engines",)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _text(v) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 4096
+def _is_floats(v) -> bool:
+    return isinstance(v, list) and 1 <= len(v) <= 8 and all(NUMBER.accepts(f) for f in v)
 
 
-def _int(lo: int, hi: int | None = None):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+NORMALIZATION = Type(
+    "null or {mean: [...], std: [...] > 0, samples: int}",
+    lambda v: v is None or (isinstance(v, dict) and {"mean", "std"} <= set(v) <= {"mean", "std", "samples"}
+                            and _is_floats(v["mean"]) and _is_floats(v["std"]) and len(v["mean"]) == len(v["std"])
+                            and all(s > 0 for s in v["std"]) and integer(1).accepts(v.get("samples", 1))))
 
-
-def _optional(check):
-    return lambda v: v is None or check(v)
-
-
-def _fraction(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
-
-
-def _bits(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v in SUPPORTED_BITS
-
-
-def _layer_bits(v) -> bool:
-    return isinstance(v, dict) and len(v) <= 100_000 and all(_text(k) and _bits(b) for k, b in v.items())
-
-
-def _shape(v) -> bool:
-    return isinstance(v, list) and 1 <= len(v) <= 8 and all(_int(1, 1 << 20)(d) for d in v)
-
-
-def _texts(v) -> bool:
-    return isinstance(v, list) and len(v) <= 100_000 and all(isinstance(s, str) and len(s) <= 4096 for s in v)
-
-
-def _floats(v) -> bool:
-    return isinstance(v, list) and 1 <= len(v) <= 8 and all(
-        isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) for f in v)
-
-
-def _normalization(v) -> bool:
-    # "samples": how many images a custom dataset's statistics were measured on
-    return isinstance(v, dict) and {"mean", "std"} <= set(v) <= {"mean", "std", "samples"} \
-        and _floats(v["mean"]) and _floats(v["std"]) and len(v["mean"]) == len(v["std"]) \
-        and all(s > 0 for s in v["std"]) and _int(1)(v.get("samples", 1))
-
-
-def _sha(v) -> bool:
-    return isinstance(v, str) and bool(_SHA256.match(v))
-
-
-_VARIANT = {  # key: (required, check, what it must be)
-    "name": (True, _text, "a name"),
-    "bits": (True, _optional(_bits), f"null or one of {', '.join(map(str, SUPPORTED_BITS))}"),
-    "symmetric": (True, lambda v: isinstance(v, bool), "true or false"),
-    "per_channel": (True, lambda v: isinstance(v, bool), "true or false"),
-    "act_bits": (True, lambda v: v is None or (_int(8, 8)(v)), "null or 8"),
-    "bn": (False, lambda v: v in BN_MODES, " or ".join(BN_MODES)),
-    "grid": (False, lambda v: v in GRIDS, " or ".join(GRIDS)),
-    "layer_bits": (False, _optional(_layer_bits), "null or an object of layer name -> bit width"),
-    "block_size": (False, _optional(_int(16)), "null or an integer >= 16"),
-    "runtime": (False, _text, "a runtime name"),
-    "artifact": (True, _text, "a relative path"),
-    "sha256": (True, _sha, "64 lowercase hex digits"),
-    "file_bytes": (False, _int(0), "an integer >= 0"),
-    "refit_group": (False, _sha, "64 lowercase hex digits"),
-    "torch_accuracy": (False, _optional(_fraction), "null or a fraction in [0, 1]"),
-    "report_accuracy": (False, _optional(_fraction), "null or a fraction in [0, 1]"),
-    "host_accuracy": (False, _optional(_fraction), "null or a fraction in [0, 1]"),
-}
-_TEST_DATA = {
-    "path": (True, _text, "a relative path"),
-    "sha256": (True, _sha, "64 lowercase hex digits"),
-    "samples": (True, _int(1), "an integer >= 1"),
-}
-_TOP = {
-    "format": (True, lambda v: v == FORMAT, repr(FORMAT)),
-    "format_version": (True, lambda v: v == FORMAT_VERSION and not isinstance(v, bool), str(FORMAT_VERSION)),
-    "tool_version": (False, _text, "a version"),
-    "created": (False, _text, "a timestamp"),
-    "model": (False, _text, "a model name"),
-    "dataset": (False, _text, "a dataset name"),
-    "num_classes": (False, _int(1), "an integer >= 1"),
-    "classes": (False, _optional(_texts), "null or a list of class names"),
-    "input_shape": (True, _shape, "a list of 1 to 8 positive integers"),
-    "normalization": (False, _optional(_normalization), "null or {mean: [...], std: [...] > 0, samples: int}"),
-    "source_sha256": (False, _sha, "64 lowercase hex digits"),
-    "inputs_key": (False, _sha, "64 lowercase hex digits"),
-    "test_data": (True, lambda v: isinstance(v, dict), "an object"),
-    "host_report": (False, _text, "a relative path"),
-    "latency_batch": (False, _int(1, 1 << 16), "an integer from 1 to 65536"),
-    "variants": (True, lambda v: isinstance(v, list) and 0 < len(v) <= 64, "a list of 1 to 64 variants"),
-}
-
-
-def _check_fields(obj, schema: dict, where: str, path: Path) -> None:
-    if not isinstance(obj, dict):
-        raise HeroError(f"{path}: {where} must be an object, got {type(obj).__name__}: rebuild the bundle")
-    unknown = sorted(set(obj) - set(schema))
-    if unknown:
-        raise HeroError(f"{path}: {where} has unknown keys {', '.join(map(repr, unknown[:5]))}: "
-                        "rebuild the bundle with this version of hero-deploy")
-    missing = [k for k, (required, _, _) in schema.items() if required and k not in obj]
-    if missing:
-        raise HeroError(f"{path}: {where} lacks {', '.join(missing)}: rebuild the bundle")
-    for key, value in obj.items():
-        _, check, expected = schema[key]
-        if not check(value):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise HeroError(f"{path}: {where}{key} must be {expected}, got {shown}: rebuild the bundle")
+VARIANT = Record({
+    "name": Field(TEXT, "the variant's name (fp32, w8, w4a8, ...)", required=True),
+    "bits": Field(nullable(BITS), "weight bits; null: the float variant", required=True),
+    "symmetric": Field(BOOL, "the weight grid's zero point is 0", required=True),
+    "per_channel": Field(BOOL, "one weight scale per output channel (else per tensor)", required=True),
+    "act_bits": Field(nullable(one_of(ACT_BITS)), "null: float activations", required=True),
+    "bn": Field(one_of(*BN_MODES), "how BatchNorm meets the quantizer (QuantSpec.bn)"),
+    "grid": Field(one_of(*GRIDS), "the weight grid (QuantSpec.grid)"),
+    "layer_bits": Field(nullable(map_of(BITS)), "mixed precision: layer name -> bits, else null"),
+    "block_size": Field(nullable(integer(16)), "Linear weights per block of this many inputs, else null"),
+    "runtime": Field(TEXT, "the runtime it was validated with on the host"),
+    "artifact": Field(TEXT, "its ONNX file, a path relative to the bundle", required=True),
+    "sha256": Field(SHA256, "the artifact's sha256", required=True),
+    "file_bytes": Field(integer(0), "the artifact's size"),
+    "refit_group": Field(SHA256, "variants with one refit_group differ in weight values only "
+                                 "(pipeline.bundle.refit_group): one refittable TensorRT engine serves them"),
+    "torch_accuracy": Field(nullable(FRACTION), "the PyTorch emulation's accuracy in the run's report.json"),
+    "report_accuracy": Field(nullable(FRACTION), "runtime_accuracy in the run's report.json (its validation samples)"),
+    "host_accuracy": Field(nullable(FRACTION), "the runtime's accuracy on test.npz on the host: what the "
+                                               "device's should match"),
+})
+TEST_DATA = Record({
+    "path": Field(TEXT, "test.npz: x float32 N x C x H x W preprocessed as in training, y int64 labels",
+                  required=True),
+    "sha256": Field(SHA256, "the file's sha256", required=True),
+    "samples": Field(integer(1), "N", required=True),
+})
+SCHEMA = Record({
+    "format": Field(one_of(FORMAT), "what the file is", required=True),
+    "format_version": Field(one_of(FORMAT_VERSION), "the layout's version", required=True),
+    "tool_version": Field(TEXT, "the hero-deploy that wrote it"),
+    "created": Field(TEXT, "when, ISO 8601 UTC"),
+    "model": Field(TEXT, "the model's name or factory"),
+    "dataset": Field(TEXT, "the dataset the checkpoint was trained on"),
+    "num_classes": Field(integer(1), "the model's outputs"),
+    "classes": Field(nullable(TEXTS), "class names, in output order, where known"),
+    "input_shape": Field(ListOf(integer(1, 1 << 20), 1, 8), "[C, H, W] of one image", required=True),
+    "normalization": Field(NORMALIZATION, "the mean and std inputs are normalised with (samples: how many "
+                                          "images a custom dataset's statistics were measured on)"),
+    "source_sha256": Field(SHA256, "the checkpoint's sha256"),
+    "inputs_key": Field(SHA256, "what the bundle was built from; an unchanged rebuild is skipped"),
+    "test_data": Field(TEST_DATA, "the test images shipped with the bundle", required=True),
+    "host_report": Field(TEXT, "host_report.json: validate_bundle run on the host on this very bundle, the "
+                               "baseline for hero check DEVICE_REPORT --baseline host_report.json"),
+    "latency_batch": Field(integer(1, 1 << 16), "the batch latency is timed at, beside batch 1, on host and device"),
+    "variants": Field(ListOf(VARIANT, 1, 64), "one entry per precision", required=True),
+})
 
 
 def read_manifest(bundle_dir) -> dict:
-    """The bundle's manifest, every field checked against the schema above."""
+    """The bundle's manifest, every field checked against `SCHEMA`."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise HeroError(f"bundle folder {bundle_dir} does not exist: pass the folder `hero bundle` wrote")
@@ -150,10 +95,7 @@ def read_manifest(bundle_dir) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise HeroError(f"{path} has bundle format version {manifest.get('format_version')!r}, this reader "
                         f"takes version {FORMAT_VERSION}: rebuild the bundle or update hero-deploy on the device")
-    _check_fields(manifest, _TOP, "", path)
-    _check_fields(manifest["test_data"], _TEST_DATA, "test_data.", path)
-    for i, variant in enumerate(manifest["variants"]):
-        _check_fields(variant, _VARIANT, f"variants[{i}].", path)
+    check(manifest, SCHEMA, str(path), ": rebuild the bundle with this version of hero-deploy")
     plain = [v for v in manifest["variants"] if not v.get("layer_bits")]
     for i, v in enumerate(plain):
         twin = next((w for w in plain[i + 1:] if (w["bits"], w["act_bits"]) == (v["bits"], v["act_bits"])), None)

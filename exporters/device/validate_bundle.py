@@ -6,57 +6,12 @@
                                                [--inference-precision f32|bf16]   (openvino)
 
 Checks every file's sha256 against the manifest, runs every variant on the bundle's test.npz through
-one `PrecisionSwitcher`, and writes a device report in the schema of the host's report.json
-(pipeline/report.py), so that ``hero check DEVICE_REPORT --baseline BUNDLE/host_report.json
---max-regression PTS`` flags any variant whose accuracy on the device departs from the host's
-(variants are matched on bits, symmetric, per_channel, act_bits). Field meanings on the device:
-
-- baseline: the float variant run here; ``baseline.accuracy`` is its runtime_accuracy here.
-- runtime_accuracy: top-1 accuracy on test.npz on this device; ``host_accuracy``: the host's on the same file.
-- torch_accuracy: the PyTorch emulation's accuracy as measured on the host (the device has no torch).
-- agreement: top-1 agreement with the float variant on this device (1.0 for the baseline).
-- drop, drop_points: baseline.accuracy minus runtime_accuracy, as a fraction and in points.
-- latency_ms: median time of one predict on ``meta.latency_batch`` test images (the manifest's
-  ``latency_batch``, 64 for a bundle without one) after a warm-up one, as on the host.
-- costs: what this variant costs on this device, measured here; the runtime is warmed up first by
-  the cold-switch measurement, so each variant's costs are its own:
-
-  - latency: {"batch_1": {...}, "batch": {...}}, each {"batch", "median_ms", "p99_ms", "repeats"}
-    over ``--latency-repeats`` timed predicts of 1 and of ``meta.latency_batch`` images
-    (`exporters.device.runtime.latency_stats`);
-  - ready_ms, ready_by: the time to make the variant ready, and how: "session" (session build
-    and first batch-1 run: what a cold switch to it costs), "engine" (a TensorRT engine built or
-    loaded and run once), "refit" (a TensorRT refit of the engine it shares, "shares_engine_with");
-  - first_run_ms;
-  - resident_built_mib, resident_mib: VmRSS growth from before building its session to after
-    building it, and to after its first run, glibc heap trimmed at each reading
-    (`exporters.device.memory`; one in-process reading: benchmarks/switch_cost.py gives the median
-    of fresh processes), null off Linux with meta.memory.unavailable saying why; on TensorRT host
-    memory only (not the GPU's);
-  - artifact_bytes: the size of its ONNX file;
-  - ops: how the runtime ran it, `PrecisionSwitcher.executed_ops`: {"integer": weight layers on
-    integer kernels, "float": on float kernels, "by_type": {kernel: count}, "how"} (ONNX Runtime:
-    the kernels its profiler saw run; OpenVINO: the compiled runtime graph, a weight layer integer
-    when its activation input is), or
-    {"unavailable": why} (TensorRT).
-
-  These are device numbers; ``host_accuracy`` is the one host number in a row.
-- no ``consistent``/``max_logit_diff``: there is no PyTorch emulation to compare with here.
-- meta.role: "device" (a bundle's host_report.json says "host": the same measurement on the host,
-  which `PrecisionSwitcher.select` refuses unless told, `exporters.device.choice`).
-- meta.switch_latency: `measure_switch_latency` over every variant prepared ({"median_ms",
-  "max_ms", "switches"}); meta.cold_switch_latency: the same with one resident session, so that
-  every switch evicts a session and prepares another (null on TensorRT, which takes no `resident`).
-- meta.latency_batch; meta.inference_precision: the INFERENCE_PRECISION_HINT OpenVINO compiled
-  with, "f32" or "bf16" (null: the OpenVINO device's default, or another runtime).
-- meta.refit_verdicts (TensorRT): {variant: record} of each refit proven against the variant's own
-  engine (`exporters.device.trt_switch`); null for the other runtimes.
-- meta.unlisted_files: files in the bundle its manifest does not list (no sha256 covers them; the
-  runtime never reads them unless an artifact names them as external data): printed as a note.
-- gate: fails a variant whose logits are not all finite; accuracy gates are ``hero check``'s job.
-
-Exit 0 when written with the gate passed, 1 when the gate failed, 2 on a bad bundle (one line on
-stderr). numpy, the runtime and argparse only: no torch, hero_train, pipeline or click.
+one `PrecisionSwitcher`, and writes a device report: the report schema of the host's report.json
+(`exporters.device.report_schema.REPORT`, where every field's meaning on the device is stated), so
+that ``hero check DEVICE_REPORT --baseline BUNDLE/host_report.json --max-regression PTS`` flags any
+variant whose accuracy on the device departs from the host's (variants are matched on their
+identity, `exporters.device.schema.IDENTITY`). There is no PyTorch emulation here: no
+``consistent`` or ``max_logit_diff``, and ``agreement`` is with the float variant run here.
 """
 
 from __future__ import annotations
@@ -76,6 +31,8 @@ from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.runtime import latency_stats, top1
 from exporters.device.manifest import read_manifest, unlisted_files, verify_file
+from exporters.device.report_schema import REPORT
+from exporters.device.schema import conform, identity
 from exporters.device.switch import RUNTIMES, SESSION_RUNTIMES, PrecisionSwitcher, measure_switch_latency
 
 TEST_DATA = "test.npz"
@@ -116,8 +73,7 @@ def _runtime_version(runtime: str) -> str:
 
 def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *, latency_batch: int | None = None,
                     latency_repeats: int = 10, switch_repeats: int = 20, inference_precision: str | None = None) -> dict:
-    """The device report (schema in the module docstring) of every variant of the bundle;
-    `latency_batch` None: the manifest's."""
+    """The device report (`REPORT`) of every variant of the bundle; `latency_batch` None: the manifest's."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     x, y = load_test_data(bundle_dir, manifest)
@@ -144,10 +100,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
                    "batch": {"batch": len(x[:latency_batch]),
                              **latency_stats(lambda: switcher.predict(x[:latency_batch]), latency_repeats)}}
         rows.append({
-            "name": variant["name"], "bits": variant["bits"], "symmetric": variant["symmetric"],
-            "per_channel": variant["per_channel"], "act_bits": variant["act_bits"],
-            "bn": variant.get("bn", "fold-first"), "grid": variant.get("grid", "canonical"),
-            "layer_bits": variant.get("layer_bits"), "runtime": runtime,
+            "name": variant["name"], **identity(variant), "runtime": runtime,
             "torch_accuracy": variant.get("torch_accuracy"), "host_accuracy": variant.get("host_accuracy"),
             "runtime_accuracy": top1(logits, y), "agreement": compare(reference, logits).agreement.rate,
             "latency_ms": latency["batch"]["median_ms"],
@@ -157,9 +110,9 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         })
     for row, bits in zip(rows, switcher.precisions):
         row["costs"].update(switcher.costs.get(bits, {}))
-    baseline = dict(rows[0], accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
-    variants = [dict(r, drop=baseline["accuracy"] - r["runtime_accuracy"],
-                     drop_points=100.0 * (baseline["accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
+    baseline = dict(rows[0], reference_accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
+    variants = [dict(r, drop=baseline["reference_accuracy"] - r["runtime_accuracy"],
+                     drop_points=100.0 * (baseline["reference_accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
     meta = {
         "bundle": str(bundle_dir), "model": manifest.get("model"), "dataset": manifest.get("dataset"),
         "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
@@ -174,8 +127,8 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         "numpy": np.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return {"meta": meta, "baseline": baseline, "variants": variants,
-            "gate": {"passed": not reasons, "reasons": reasons}}
+    return conform({"meta": meta, "baseline": baseline, "variants": variants,
+                    "gate": {"passed": not reasons, "reasons": reasons}}, REPORT, "device report")
 
 
 def summary_lines(report: dict) -> list[str]:
