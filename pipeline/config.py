@@ -189,14 +189,6 @@ class QuantizeSection(_Section):
                                                      "MatMulNBits); a power of two >= 16")
     mixed: MixedSection | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data):
-        if isinstance(data, dict) and "fold_bn" in data:
-            raise ValueError("quantize.fold_bn is now quantize.bn: fold-first (was true), keep (was false) or "
-                             "quantize-first")
-        return data
-
     @model_validator(mode="after")
     def _scheme(self):
         try:
