@@ -80,6 +80,7 @@ def learning_rate(step: int, total: int) -> float:
 def train(model: torch.nn.Module, train_set, epochs: int, work: Path) -> None:
     """AdamW for `epochs` epochs in all, resuming from work/checkpoint.pt; saves after every epoch."""
     opt = torch.optim.AdamW(model.parameters(), HYPER["lr"], weight_decay=HYPER["weight_decay"])
+    work.mkdir(parents=True, exist_ok=True)
     ckpt_path, done = work / "checkpoint.pt", 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True)
@@ -119,7 +120,6 @@ def verdict(check, *arrays) -> str:
 @click.option("--threads", default="1,2", show_default=True, help="intra-op thread counts for the timing")
 @click.option("--rounds", default=30, show_default=True)
 def main(work, depth, epochs, block_size, threads, rounds):
-    work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = build(depth)
     train_set, test_set = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
