@@ -25,12 +25,17 @@ graph optimisations on), and the table says
   rounding points computed exactly), and the row reports the scheme's own effect on the logits
   (`effect`: against float activations for A8, against the float model for W4), how far PyTorch's
   own float32 emulation lies from `exact` (`float32_error`) and how far ONNX Runtime's output does
-  (`runtime_error`, optimised and literal graph), all relative as above. `agrees` is "policy"
-  where the policy passes, "float32 reach" where it does not but both runtime graphs lie within
-  FLOAT32_REACH times PyTorch's own float32 error of `exact` (the runtime is as exact an
-  implementation of the emulation as PyTorch is), else "no". A float32 reach row discriminates a
-  wrong export only while FLOAT32_REACH * float32_error stays below ACT_FLIP_FRACTION * effect
-  (`discriminates`);
+  (`runtime_error`, optimised and literal graph), all relative as above. Both runtime graphs are
+  within float32 reach when they lie within FLOAT32_REACH times PyTorch's own float32 error of
+  `exact`: the runtime is then as exact an implementation of the emulation as PyTorch is. That
+  tells a wrong export only while FLOAT32_REACH * float32_error stays below ACT_FLIP_FRACTION *
+  effect (`discriminates`), which chaotic A8 rows do not give;
+- forced codes (A8 rows): `exporters.forced_codes`, the literal graph run with every quantization
+  point fed the emulation's own codes, so no rounding flip cascades: the largest share of codes
+  that differ at any point (at most FORCED_FLIP_RATE, none by more than a step, passes), which
+  tells a wrong export whatever the network's chaos;
+- agrees: "policy" where the policy passes on both graphs; else "float32 reach + forced codes"
+  (A8) or "float32 reach" (weight-only, where it discriminates) where those hold; else "no";
 - seconds for the row (calibration, emulation, export, ORT session and run).
 
 Each model runs in its own process with a time budget (--budget), so a failure or a stall costs one
@@ -46,6 +51,7 @@ with the project's CPU torch wheel, so run this in its own environment (benchmar
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import sys
@@ -62,6 +68,7 @@ import torch
 from exporters.calibrate import calibrate_activations
 from exporters.device.compare import compare, relative_error
 from exporters.device.runtime import OnnxRuntimeRunner
+from exporters.forced_codes import forced_comparison
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, quantize_model
 
@@ -121,8 +128,10 @@ class Row:
     float32_error: float | None = None
     runtime_error: float | None = None
     literal_error: float | None = None
-    agrees: str | None = None
     discriminates: bool | None = None
+    forced_rate: float | None = None
+    forced_agrees: bool | None = None
+    agrees: str | None = None
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -162,8 +171,14 @@ def float32_reach(row: Row, emulation: np.ndarray, exact: np.ndarray, unquantize
     row.runtime_error, row.literal_error = relative_error(got, exact), relative_error(literal, exact)
     row.discriminates = FLOAT32_REACH * row.float32_error < agreement.ACT_FLIP_FRACTION * row.effect
     reach = max(row.runtime_error, row.literal_error) <= FLOAT32_REACH * row.float32_error
-    row.agrees = ("policy" if row.verdict == row.literal_verdict == "pass" else
-                  "float32 reach" if reach else "no")
+    if row.verdict == row.literal_verdict == "pass":
+        row.agrees = "policy"
+    elif reach and row.forced_agrees:
+        row.agrees = "float32 reach + forced codes"
+    elif reach and row.forced_agrees is None and row.discriminates:
+        row.agrees = "float32 reach"
+    else:
+        row.agrees = "no"
 
 
 def judge(got: np.ndarray, emulation: np.ndarray, without_act_quant: np.ndarray | None = None) -> str:
@@ -196,7 +211,7 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
             emulation = emulated(x).numpy()
             plain = (quantize_model(model, QuantSpec(bits=spec.bits))(x).numpy() if spec.act_bits else None)
             unquantized = plain if spec.act_bits else quantize_model(model, QuantSpec())(x).numpy()
-            exact = emulated.double()(x.double()).numpy()
+            exact = copy.deepcopy(emulated).double()(x.double()).numpy()
         stage = "export"
         path = export_onnx(model, folder / f"{row.model}_{row.scheme}.onnx", spec, options, calibration,
                            input_shape=tuple(images.shape[1:]))
@@ -211,6 +226,10 @@ def run_scheme(model: torch.nn.Module, row: Row, spec: QuantSpec, options: Expor
         literal = OnnxRuntimeRunner(path, ["CPUExecutionProvider"], optimization="disabled",
                                     intra_op_threads=threads).predict(images)
         row.literal_verdict = judge(literal, emulation, plain)
+        if spec.act_bits:
+            stage = "forced codes"
+            forced = forced_comparison(path, emulated, images)
+            row.forced_rate, row.forced_agrees = (forced.worst.rate if forced.worst else 0.0), forced.agrees
         float32_reach(row, emulation, exact, unquantized, got, literal)
     except Exception as exc:  # a row records any failure; the table goes on
         row.errors[stage] = first_line(exc)
@@ -304,22 +323,23 @@ def _text(value: str | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | input | scheme | exported | float weights left | top-1 agreement | rel. logit error "
-             "| tolerance policy | literal graph | effect | float32 error (torch / ORT / literal) | agrees | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tolerance policy | literal graph | effect | float32 error (torch / ORT / literal) | forced codes "
+             "| agrees | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floats = None if r["float_weights"] is None else len(r["float_weights"])
         lines.append(f"| {r['model']} | {r['input_size']} | {r['scheme']} | {_text(r['exported'])} "
                      f"| {_cell(floats, 'd')} | {_cell(r['top1_agreement'], '.2f')} | {_cell(r['rel_error'], '.1e')} "
                      f"| {_text(r['verdict'])} | {_text(r.get('literal_verdict'))} | {_cell(r['effect'], '.1e')} "
                      f"| {_cell(r['float32_error'], '.0e')} / {_cell(r['runtime_error'], '.0e')} / "
-                     f"{_cell(r['literal_error'], '.0e')} | {_agrees(r)} | {r['seconds']:.0f} |")
+                     f"{_cell(r['literal_error'], '.0e')} | {_forced(r)} | {r['agrees'] or '—'} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def _agrees(r: dict) -> str:
-    if r["agrees"] == "float32 reach" and not r["discriminates"]:
-        return "float32 reach (not discriminating)"
-    return r["agrees"] or "—"
+def _forced(r: dict) -> str:
+    if r["forced_agrees"] is None:
+        return "—"
+    return f"{'pass' if r['forced_agrees'] else 'fail'} ({r['forced_rate']:.0e})"
 
 
 def torchvision_missing() -> str | None:

@@ -4,7 +4,6 @@ tolerance policy, one row end to end on a tiny model, and its one-line exit when
 
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +102,7 @@ def test_a_tiny_model_deploys_fully_quantized_and_agrees(scheme, tmp_path):
     row = C.run_scheme(Tiny().eval(), C.Row("tiny", scheme, 8), spec, options, x, batches, tmp_path)
     assert (row.exported, row.float_weights, row.verdict, row.errors) == ("yes", [], "pass", {})
     assert row.top1_agreement == 1.0 and row.agrees == "policy"
+    assert row.forced_agrees is (True if spec.act_bits else None)
     assert 0 <= row.float32_error < 1e-5 and row.discriminates  # a tame model: float rounding moves it little
 
 
@@ -117,8 +117,13 @@ def test_float32_reach_compares_the_runtime_with_pytorchs_own_float32_error():
     C.float32_reach(row, emulation, exact, unquantized, noise(0.01), noise(0.05))  # the literal graph is off
     assert row.agrees == "no"
     C.float32_reach(row, emulation, exact, noise(0.02), noise(0.01), noise(0.01))  # an effect float32 error hides
-    assert (row.agrees, row.discriminates) == ("float32 reach", False)
-    assert C._agrees(asdict(row)) == "float32 reach (not discriminating)"
+    assert (row.agrees, row.discriminates) == ("no", False)
+    row.forced_agrees = True  # an A8 row: forced codes tell what float32 reach cannot
+    C.float32_reach(row, emulation, exact, noise(0.02), noise(0.01), noise(0.01))
+    assert row.agrees == "float32 reach + forced codes"
+    row.forced_agrees = False
+    C.float32_reach(row, emulation, exact, noise(0.02), noise(0.01), noise(0.01))
+    assert row.agrees == "no"
     row.verdict = row.literal_verdict = "pass"
     C.float32_reach(row, emulation, exact, unquantized, noise(0.05), noise(0.05))
     assert row.agrees == "policy"
