@@ -46,6 +46,10 @@ Schema of ``debug.json``:
   "max_abs_diff", "max_abs_diff_unoptimized", "tolerance", "consistent"}]`` in graph order
   (SQNR null where not finite: identical outputs, or an all-zero float output)
 - ``unmapped``: modules with no node found; ``first_divergence``: null or the first inconsistent row
+- ``forced_codes``: null, or for a calibrated A8 artifact ``{"agrees", "points", "flip_rate_bound",
+  "worst": {"tensor", "rate", "max_step"}}`` from `exporters.forced_codes` on the first batch: the
+  literal graph with every quantization point fed the emulation's codes, so a divergence above that
+  comes from rounding flips carried on through the network shows here as agreement
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from exporters.device import compare
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file
+from exporters.forced_codes import FORCED_FLIP_RATE, forced_comparison
 from exporters.onnx import read_quantization, weight_initializers
 from exporters.quantize import quantize_model, quantized_layers
 
@@ -283,7 +288,19 @@ def debug_artifact(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float
     return {"artifact": str(path), "sha256": sha256_file(path), "checkpoint": str(loaded.path),
             "variant": metadata.get("hero.variant", Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
             "providers": list(providers), "layers": rows, "unmapped": unmapped,
-            "first_divergence": first_divergence_row(rows)}
+            "first_divergence": first_divergence_row(rows), "forced_codes": _forced(path, emulation, spec, x, batch_size)}
+
+
+def _forced(path: Path, emulation: torch.nn.Module, spec, x: np.ndarray, batch_size: int) -> dict | None:
+    """For calibrated A8 artifacts, `exporters.forced_codes` on the first batch: whether the graph
+    computes the emulation once rounding flips cannot carry on (what a divergence of the layer rows
+    above means on a network that amplifies them), and its worst point."""
+    if not spec.calibrated:
+        return None
+    result = forced_comparison(path, emulation, np.ascontiguousarray(x[:batch_size], dtype=np.float32))
+    worst = result.worst
+    return {"agrees": result.agrees, "points": len(result.points), "flip_rate_bound": FORCED_FLIP_RATE,
+            "worst": None if worst is None else {"tensor": worst.tensor, "rate": worst.rate, "max_step": worst.max_step}}
 
 
 def first_divergence(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float = 1e-3,
@@ -317,4 +334,11 @@ def debug_table(result: dict) -> str:
     lines.append("runtime and emulation agree on every layer" if first is None else
                  f"first divergence: {first['module']} (ONNX node {first['node']}, max |Δ| "
                  f"{max(first['max_abs_diff'], first['max_abs_diff_unoptimized']):.3g} > {first['tolerance']:.3g})")
+    forced = result.get("forced_codes")
+    if forced and forced["worst"]:
+        worst = forced["worst"]
+        lines.append(f"forced codes (every quantization point fed the emulation's codes): "
+                     f"{'the graph computes the emulation' if forced['agrees'] else 'the graph computes something else'}; "
+                     f"worst of {forced['points']} points {worst['tensor']}: {worst['rate']:.1%} of codes differ, "
+                     f"by up to {worst['max_step']} step(s) (bound {forced['flip_rate_bound']:.0%}, 1 step)")
     return "\n".join(lines)

@@ -119,6 +119,9 @@ def test_matmul_layers_map_through_their_bias_add_and_w8a8_agrees(tmp_path):
     assert all(row["sqnr_runtime_db"] >= row["sqnr_db"] - 3.5 for row in rows.values()), rows
     broken = corrupted_copy(path, tmp_path, "k.weight_transposed_quantized")
     assert debug.first_divergence(loaded, broken, x)["module"] == "k"
+    assert result["forced_codes"]["agrees"] and result["forced_codes"]["points"] >= 5
+    assert not debug.debug_artifact(loaded, broken, x)["forced_codes"]["agrees"]
+    assert "forced codes" in debug.debug_table(result) and debug.debug_table(result).count("\n") == len(rows) + 2
 
 
 def test_float_graphs_map_weights_stored_under_exporter_names_by_value(tmp_path):
