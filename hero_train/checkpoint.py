@@ -246,7 +246,7 @@ def load_deployable(path: str | os.PathLike, named: ModelRef | None = None, data
 
 
 def class_names(ckpt: dict) -> list[str]:
-    """The checkpoint's class names ("0", "1", ... when it predates them)."""
+    """The checkpoint's class names ("0", "1", ... when it records none)."""
     return list(ckpt.get("classes") or [str(i) for i in range(ckpt["model"]["num_classes"])])
 
 
