@@ -212,6 +212,7 @@ def _tally(refs: _References, runner, literal, x: np.ndarray, y: np.ndarray, tal
     """Add one test batch to `tally`: the literal graph runs only while under v.unoptimized_samples."""
     reference = torch_logits(refs.emulation, x, v.batch_size)
     logits = runner.predict(x, batch_size=v.batch_size)
+    _finite(logits, runner, tally.runtime.rows)
     tally.emulation.add(reference, y)
     tally.runtime.add(logits, y)
     tally.optimised.add(reference, logits)
@@ -223,7 +224,16 @@ def _tally(refs: _References, runner, literal, x: np.ndarray, y: np.ndarray, tal
     budget = v.unoptimized_samples
     take = len(y) if budget is None else max(0, min(len(y), budget - tally.literal.rows))
     if take:
-        tally.literal.add(reference[:take], literal.predict(x[:take], batch_size=v.batch_size))
+        plain = literal.predict(x[:take], batch_size=v.batch_size)
+        tally.literal.add(reference[:take], _finite(plain, literal, tally.literal.rows))
+
+
+def _finite(logits: np.ndarray, runner, first: int) -> np.ndarray:
+    """`logits`, or a one-line error when the runtime computed a NaN or an infinity on them."""
+    if not np.isfinite(logits).all():
+        raise HeroError(f"{runner.path} computes non-finite logits on test samples {first}..{first + len(logits) - 1} "
+                        "(an overflow: an fp16 graph? a mis-scaled layer?): inspect it with hero debug, or drop that variant")
+    return logits
 
 
 def validate_artifact(loaded: Deployable, artifact: Artifact, calibration: Calibration | None, batches,

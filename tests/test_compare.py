@@ -74,6 +74,16 @@ def test_float_runs_are_consistent_within_the_tolerance_and_full_agreement():
     assert not consistent(runs, atol=1e-3, min_agreement=1.0, reference_max=float(np.abs(reference).max()))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_output_is_an_infinite_difference_never_consistent(bad):
+    reference = _logits(scale=10.0).astype(np.float64)
+    other = reference.copy()
+    other[1, 2] = bad
+    run = compare(reference, other)
+    assert run.difference.max_abs == math.inf and run.difference.rms == math.inf
+    assert not consistent([run], atol=1e-3, min_agreement=0.0, reference_max=run.difference.reference_max)
+
+
 def test_a_run_below_min_agreement_is_inconsistent():
     reference = _logits(rows=20)
     run = compare(reference, _flip_top(reference, 2))  # 90% agreement, logits far apart but atol huge
@@ -111,3 +121,19 @@ def test_a_layer_is_consistent_within_the_tolerance_or_for_a8_within_its_quantiz
     large.add(reference, reference + 0.051)
     assert not layer_consistent([close, far], 1e-3, small)  # 0.1 > 2 x 0.049
     assert layer_consistent([close, far], 1e-3, large)  # 0.1 <= 2 x 0.051
+
+
+def test_the_validator_refuses_non_finite_runtime_logits_in_one_line():
+    from exporters.device.errors import HeroError
+    from pipeline.stages import _finite
+
+    class Runner:
+        path = "w8a8.onnx"
+
+    good = np.zeros((4, 3), np.float32)
+    assert _finite(good, Runner(), 0) is good
+    bad = good.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(HeroError, match=r"w8a8.onnx computes non-finite logits on test samples 8..11") as err:
+        _finite(bad, Runner(), 8)
+    assert "\n" not in str(err.value)

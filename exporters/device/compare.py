@@ -73,8 +73,10 @@ class Difference:
     def add(self, reference: np.ndarray, other: np.ndarray) -> None:
         gap = reference - other
         self.elements += gap.size
-        self.max_abs = max(self.max_abs, float(np.abs(gap).max()))
-        self.sum_squares += float((gap**2).sum())
+        worst, squares = float(np.abs(gap).max()), float((gap**2).sum())
+        # a NaN would drop out of max(): a non-finite difference is an infinite one, never consistent
+        self.max_abs = max(self.max_abs, worst if math.isfinite(worst) else math.inf)
+        self.sum_squares += squares if math.isfinite(squares) else math.inf
         self.reference_max = max(self.reference_max, float(np.abs(reference).max()))
 
     @property
