@@ -142,12 +142,19 @@ def _is_state_dict(obj) -> bool:
 @dataclass(frozen=True)
 class InputSpec:
     """What a model takes and answers: one sample's `shape` [C, H, W], the per-channel
-    normalisation (x / 255 - `mean`) / `std` it was trained with, and its `classes` in label order."""
+    normalisation (x / 255 - `mean`) / `std` it was trained with, its `classes` in label order,
+    and, for your own dataset, how many training images `mean` and `std` were measured on."""
 
     shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    normalization_samples: int | None = None
+
+    def normalization(self) -> dict:
+        """The checkpoint's and the bundle manifest's ``normalization`` entry."""
+        samples = {} if self.normalization_samples is None else {"samples": self.normalization_samples}
+        return {"mean": list(self.mean), "std": list(self.std), **samples}
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,7 @@ def load_deployable(path: str | os.PathLike, named: ModelRef | None = None, data
     return Deployable(
         model=model, model_ref=recorded_model(ckpt),
         input=InputSpec(shape, tuple(float(m) for m in norm["mean"]), tuple(float(s) for s in norm["std"]),
-                        tuple(class_names(ckpt))),
+                        tuple(class_names(ckpt)), norm.get("samples")),
         data=DataRef(dataset, data.root, shape[0] if custom else None, shape[-1] if custom else None),
         path=path, sha256=sha256_file(path), optimizer=recorded_config(ckpt).get("optimizer"))
 

@@ -127,7 +127,7 @@ def _manifest(loaded: Deployable, entries: list[dict], folder: Path, key: str, s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.model_ref.label, "dataset": loaded.data.dataset, "num_classes": len(loaded.input.classes),
         "classes": list(loaded.input.classes), "input_shape": list(loaded.input.shape),
-        "normalization": {"mean": list(loaded.input.mean), "std": list(loaded.input.std)},
+        "normalization": loaded.input.normalization(),
         "source_sha256": loaded.sha256, "inputs_key": key,
         "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
         "host_report": HOST_REPORT, "latency_batch": latency_batch, "variants": variants,

@@ -19,6 +19,16 @@ def _checkpoint(path, dataset="fashion-mnist"):
                             "epoch": 1, "state_dict": model.state_dict()}, path)
 
 
+def test_the_normalization_keeps_how_many_images_it_was_measured_on(tmp_path):
+    path = _checkpoint(tmp_path / "c.pt")
+    ckpt = load_checkpoint(path)
+    ckpt["normalization"]["samples"] = 48
+    save_checkpoint(ckpt, path)
+    loaded = load_deployable(path)
+    assert loaded.input.normalization() == {"mean": [0.25], "std": [0.5], "samples": 48}
+    assert InputSpec((1, 2, 2), (0.1,), (0.2,), ("a",)).normalization() == {"mean": [0.1], "std": [0.2]}
+
+
 def test_a_checkpoint_becomes_its_deploy_context(tmp_path):
     path = _checkpoint(tmp_path / "c.pt")
     loaded = load_deployable(path, data=DataRef(root="/data"))
