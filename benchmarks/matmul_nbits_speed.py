@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from exporters.device.compare import compare
 from exporters.device.runtime import OnnxRuntimeRunner
 from exporters.onnx import ExportOptions, export_onnx
 from exporters.quantize import QuantSpec, quantize_model
@@ -150,9 +151,9 @@ def main(depth, dim, heads, image, block_size, threads, rounds, images):
             with torch.no_grad():
                 emulation = quantize_model(model, spec)(x).numpy()
             got = OnnxRuntimeRunner(path, weight_dequant=ARTIFACTS[name][2]).predict(x.numpy(), batch_size=1)
+            gap = compare(emulation, got)
             print(f"| {name} | {path.stat().st_size / 2**20:.1f} | "
-                  f"{np.abs(got - emulation).max() / np.abs(emulation).max():.2g} | "
-                  f"{np.mean(got.argmax(1) == emulation.argmax(1)):.0%} |")
+                  f"{gap.difference.max_abs / gap.difference.reference_max:.2g} | {gap.agreement.rate:.0%} |")
         auto = [n for n in paths if ARTIFACTS[n][2] == "auto"]
         memory = session_memory_mib(paths, [Method("ort", n) for n in auto], 1, (3, image, image))
         print("\nsession memory, MiB (built / after the first run): " + ", ".join(

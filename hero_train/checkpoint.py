@@ -111,6 +111,28 @@ def recorded_config(ckpt: dict) -> dict:
     return dict(ckpt.get("config") or {})
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """What continuing a ``hero train`` run takes from its checkpoint: the epochs done, the config it
+    was trained with, and the model's, optimizer's and LR scheduler's state_dicts."""
+
+    epoch: int
+    config: dict
+    state_dict: dict
+    optimizer: dict
+    scheduler: dict
+
+
+def training_state(path: str | os.PathLike) -> TrainingState:
+    """The TrainingState of the ``hero train`` checkpoint at `path`."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("epoch", "optimizer", "scheduler") if k not in ckpt]
+    if missing:
+        raise HeroError(f"{path} holds no {' or '.join(missing)}: only a checkpoint hero train wrote can be resumed")
+    return TrainingState(int(ckpt["epoch"]), recorded_config(ckpt), ckpt["state_dict"], ckpt["optimizer"],
+                         ckpt["scheduler"])
+
+
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor holding a nan or inf, or None."""
     return next((name for name, t in tensors.items()

@@ -29,7 +29,7 @@ from hero_train import data as hdata
 from hero_train import distributed
 from hero_train import images as images_lib
 from hero_train.allocator import keep_freed_memory
-from hero_train.checkpoint import first_nonfinite, load_checkpoint, recorded_config, save_checkpoint
+from hero_train.checkpoint import TrainingState, first_nonfinite, save_checkpoint, training_state
 from hero_train.hessian import record_hz_norm
 from hero_train.models import create_model
 from hero_train.config import TrainConfig
@@ -189,12 +189,12 @@ def unused_options(optimizer: str) -> set[str]:
     return set().union(*METHOD_OPTIONS.values()) - METHOD_OPTIONS[optimizer]
 
 
-def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
+def _resume_state(out_dir: Path, config: TrainConfig) -> TrainingState | None:
     path = out_dir / CHECKPOINT
     if not path.exists():
         return None
-    ckpt = load_checkpoint(path)
-    old = recorded_config(ckpt)
+    state = training_state(path)
+    old = state.config
     inert = {"epochs"} | unused_options(config.optimizer)
     differ = [k for k, v in config.to_dict().items() if k not in inert and old.get(k) != v]
     if differ:
@@ -203,17 +203,17 @@ def _resume_state(out_dir: Path, config: TrainConfig) -> dict | None:
     if old.get("epochs") != config.epochs:
         raise HeroError(f"cannot resume {path}: it was trained for {old.get('epochs')} epochs "
                         f"(the cosine schedule depends on it), not {config.epochs}")
-    return ckpt
+    return state
 
 
-def _prepare_out_dir(out_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
+def _prepare_out_dir(out_dir: Path, config: TrainConfig, resume: bool) -> TrainingState | None:
     """The output folder's side of a start: refuse to overwrite a run, read the checkpoint to resume
     (returned, or None), and keep exactly the metrics lines of the epochs that checkpoint holds."""
     make_dirs(out_dir)
     state = _resume_state(out_dir, config) if resume else None
     if not resume and (out_dir / CHECKPOINT).exists():
         raise HeroError(f"{out_dir / CHECKPOINT} exists: pass --resume to continue it or choose another --out")
-    start = state["epoch"] if state is not None else 0
+    start = state.epoch if state is not None else 0
     metrics_path = out_dir / METRICS
     if metrics_path.exists():
         kept = [line for line in _metrics_lines(metrics_path) if json.loads(line)["epoch"] <= start]
@@ -266,10 +266,10 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, replica: distribute
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     start = 0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"]
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        start = state.epoch
     net = distributed.wrap(model, replica)  # DDP under torchrun; `model` stays the plain module
     payload = {
         "model": {**ref.to_dict(), "num_classes": train_set.num_classes, "in_channels": in_channels},

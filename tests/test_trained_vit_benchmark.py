@@ -36,7 +36,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one(tmp_path):
     T.train(straight, data, 2, tmp_path / "straight")
     resumed = _model()
     T.train(resumed, data, 1, tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "resumed" / T.STATE_FILE, weights_only=True)["epoch"] == 1
     T.train(resumed, data, 2, tmp_path / "resumed")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -45,7 +45,7 @@ from benchmarks.paper import plan as P
 from exporters.device.errors import HeroError
 from exporters.device.files import sha256_file, write_atomic
 from hero_train.allocator import keep_freed_memory
-from hero_train.checkpoint import load_checkpoint
+from hero_train.checkpoint import training_state
 from hero_train.data import DATASETS
 from hero_train.models import build_model
 from hero_train.config import TrainConfig
@@ -187,7 +187,7 @@ def cell_status(cell: P.Cell, out_root: Path, kept_root: Path | None = None) -> 
     ckpt = checkpoint_path(cell, out_root)
     if not ckpt.is_file():
         return kept_status(cell, kept_root) if kept_root is not None else CellStatus(0)
-    epochs = int(load_checkpoint(ckpt)["epoch"])
+    epochs = training_state(ckpt).epoch
     if epochs < cell.config.epochs:
         return CellStatus(epochs)
     sha = sha256_file(ckpt)
