@@ -79,7 +79,7 @@ class QuantSpec:
     act_bits: int | None = None
     act_method: str = "max"
     act_percentile: float = 99.99
-    act_layout: str = "onnxruntime"
+    act_layout: str = ACT_LAYOUTS[0]
     block_size: int | None = None
 
     def __post_init__(self):

@@ -101,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def recorded_model(ckpt: dict) -> ModelRef:
-    """The ModelRef a checkpoint records (checkpoints from before factories name a built-in only)."""
+    """The ModelRef a checkpoint records (a built-in `name`, or a `factory` and its `kwargs`)."""
     spec = ckpt["model"]
     return ModelRef(name=spec.get("name"), factory=spec.get("factory"), kwargs=dict(spec.get("kwargs") or {}))
 
@@ -194,7 +194,7 @@ class DataRef:
 
 @dataclass
 class Deployable:
-    """A trained model as every deploy stage takes it, built by `load_deployable` only: the network
+    """A trained model as every deploy stage takes it, built from a checkpoint by `load_deployable`: the network
     (eval mode) and the ModelRef that builds it, its input, its data (dataset resolved: the one
     given, else the one recorded), the checkpoint file it came from and that file's sha256, and
     the optimizer it was trained with (None when not trained by ``hero train``)."""

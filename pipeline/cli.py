@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from exporters.device.errors import HeroError
+from exporters.device.schema import ACT_LAYOUTS
 from pipeline.cli_options import (DATA_ROOT_HELP, JSON_MAPPING, FloatRange, IntRange, deploy_options, named_model,
                                   quant_spec, scheme_options, train_options)
 
@@ -152,7 +153,7 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
 @click.option("--out", "out_path", required=True, help="the .onnx file to write")
 @click.option("--bits", type=int, default=None, help="weight bits (omit for a float graph)")
 @click.option("--act-bits", type=int, default=None, help="8 for W{n}A8 (calibrated on training batches)")
-@click.option("--act-layout", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+@click.option("--act-layout", type=click.Choice(ACT_LAYOUTS), default=ACT_LAYOUTS[0], show_default=True,
               help="where activations are quantized: for ONNX Runtime's integer kernels (uint8 at every fusable "
                    "point) or TensorRT's explicit quantization (int8 on Conv/Linear inputs)")
 @scheme_options

@@ -15,6 +15,7 @@ import typing
 import click
 
 from exporters.device.errors import HeroError
+from exporters.device.schema import ACT_LAYOUTS, BN_MODES, GRIDS
 
 DATA_ROOT_HELP = "folder holding the dataset files (else $HERO_DATA, system and cache paths)"
 
@@ -111,7 +112,6 @@ def _options(command, declared):
 
 def scheme_options(command):
     """--asymmetric, --per-tensor, --bn and --grid: the QuantSpec fields a command lets the user set."""
-    from exporters.device.schema import BN_MODES, GRIDS
 
     return _options(command, [
         ("--asymmetric", dict(is_flag=True, help="asymmetric weight grid (zero point), else symmetric")),
@@ -125,9 +125,8 @@ def scheme_options(command):
 
 
 def quant_spec(bits, asymmetric: bool, per_tensor: bool, bn: str, grid: str, act_bits=None,
-               act_layout="onnxruntime"):
+               act_layout=ACT_LAYOUTS[0]):
     """The QuantSpec of `scheme_options` (a float baseline keeps the canonical grid)."""
-    from exporters.device.schema import GRIDS
     from exporters.quantize import QuantSpec
 
     return QuantSpec(bits=bits, symmetric=not asymmetric, per_channel=not per_tensor, bn=bn,

@@ -17,21 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from exporters.device.files import write_atomic  # noqa: E402
-from exporters.device.report_schema import REPORT  # noqa: E402
+from exporters.device.report_schema import REPORT, with_drops  # noqa: E402
 from exporters.device.schema import conform  # noqa: E402
 
 
 def build_report(rows: list[dict], meta: dict) -> dict:
     """Split the baseline row from the variants and add each variant's drop from the baseline, both
     measured by the runtime on the same samples (`REPORT`'s reference_accuracy)."""
-    baseline = dict(next(r for r in rows if r["bits"] is None))
-    baseline["reference_accuracy"] = baseline["runtime_accuracy"]
-    variants = []
-    for row in rows:
-        if row["bits"] is None:
-            continue
-        drop = baseline["reference_accuracy"] - row["runtime_accuracy"]
-        variants.append(dict(row, drop=drop, drop_points=100.0 * drop))
+    baseline, variants = with_drops(next(r for r in rows if r["bits"] is None), [r for r in rows if r["bits"] is not None])
     return {"meta": meta, "baseline": baseline, "variants": variants,
             "gate": {"passed": True, "gated": True, "reasons": [], "note": None}}
 

@@ -21,6 +21,7 @@ from exporters.device import TOOL_VERSION
 from exporters.device import compare
 from exporters.device import runtime as ort_runtime
 from exporters.device.errors import HeroError
+from exporters.device.schema import identity
 from exporters.device.files import sha256_file
 from exporters.onnx import ExportOptions, export_onnx, read_quantization
 from exporters.calibrate import calibrate_activations
@@ -302,11 +303,8 @@ def validate_stage(loaded: Deployable, artifacts: list[Artifact], calibration: C
         unfused = integer_lint(spec, kernels) + (residual_warnings(str(art.path)) if spec.act_layout == "tensorrt" else [])
         for warning in unfused:
             print(f"hero: warning: {art.variant.name}: {warning}", file=sys.stderr)
-        row = {"name": art.variant.name, "bits": spec.bits, "symmetric": spec.symmetric,
-               "per_channel": spec.per_channel, "block_size": spec.block_size, "act_bits": spec.act_bits,
-               "act_layout": spec.act_layout if spec.act_bits else None, "bn": spec.bn, "grid": spec.grid,
-               "layer_bits": None if spec.layer_bits is None else dict(spec.layer_bits),
-               "average_bits": average_bits(loaded.model, spec), "runtime": "onnxruntime",
+        row = {"name": art.variant.name, **identity(spec.to_dict()),
+               "act_layout": spec.act_layout if spec.act_bits else None, "average_bits": average_bits(loaded.model, spec), "runtime": "onnxruntime",
                "target_runtime": rt.name, "trt_lint": lint, "kernels": kernels, "integer_lint": unfused,
                **measured, "file_bytes": art.file_bytes,
                "packed_weight_bytes": art.packed_weight_bytes,

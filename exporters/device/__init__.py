@@ -1,7 +1,8 @@
 """What runs on the device: numpy, the standard library and the runtime (ONNX Runtime, OpenVINO or TensorRT), no torch.
 
 `errors` (HeroError), `files` (checksums, atomic writes, JSON), `memory` (the VmRSS reader),
-`runtime` (ONNX Runtime runner, latency timer), `compare` (when a run agrees with a reference: the one
+`runtime` (ONNX Runtime runner, latency timer), `onnx_metadata` (an ONNX file's metadata read from
+its wire format, without onnx), `compare` (when a run agrees with a reference: the one
 comparator and tolerance policy), `openvino_runtime` (the OpenVINO runner), `switch`
 (PrecisionSwitcher over a bundle), `choice` (which precision fits a budget, from a device report),
 `trt_switch` (switching TensorRT engines by proven refit), `validate_bundle` (on-device validation,

@@ -33,8 +33,7 @@ import math
 import numbers
 
 from exporters.device.errors import HeroError
-
-ROLES = ("device", "host")
+from exporters.device.report_schema import ROLES
 # Accuracies are fractions of a test-set count (89/100 is 0.89 only up to rounding): an accuracy
 # equal to min_accuracy up to float rounding fits it.
 ACCURACY_ROUNDING = 1e-9

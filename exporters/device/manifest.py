@@ -76,7 +76,8 @@ SCHEMA = Record({
     "test_data": Field(TEST_DATA, "the test images shipped with the bundle", required=True),
     "host_report": Field(TEXT, "host_report.json: validate_bundle run on the host on this very bundle, the "
                                "baseline for hero check DEVICE_REPORT --baseline host_report.json"),
-    "latency_batch": Field(integer(1, 1 << 16), "the batch latency is timed at, beside batch 1, on host and device"),
+    "latency_batch": Field(integer(1, 1 << 16), "the batch latency is timed at, beside batch 1, on host and device",
+                           required=True),
     "variants": Field(ListOf(VARIANT, 1, 64), "one entry per precision", required=True),
 })
 

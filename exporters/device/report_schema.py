@@ -144,3 +144,11 @@ REPORT = Record({
     "variants": Field(ListOf(VARIANT, 1), "one row per quantized variant", required=True),
     "gate": Field(GATE, "the verdict (validate_bundle: non-finite logits only; hero check judges the rest)"),
 }, closed=False)
+
+
+def with_drops(baseline: dict, variants: list[dict]) -> tuple[dict, list[dict]]:
+    """The baseline row with its `reference_accuracy` (its runtime accuracy) and copies of the variant
+    rows with their `drop` and `drop_points` from it: one runtime, the same samples."""
+    baseline = dict(baseline, reference_accuracy=baseline["runtime_accuracy"])
+    drops = [baseline["reference_accuracy"] - row["runtime_accuracy"] for row in variants]
+    return baseline, [dict(row, drop=drop, drop_points=100.0 * drop) for row, drop in zip(variants, drops)]

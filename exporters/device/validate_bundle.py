@@ -31,26 +31,24 @@ from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.device.runtime import latency_stats, top1
 from exporters.device.manifest import read_manifest, unlisted_files, verify_file
-from exporters.device.report_schema import REPORT
+from exporters.device.report_schema import REPORT, with_drops
 from exporters.device.schema import conform, identity
 from exporters.device.switch import RUNTIMES, SESSION_RUNTIMES, PrecisionSwitcher, measure_switch_latency
 
 TEST_DATA = "test.npz"
-DEFAULT_LATENCY_BATCH = 64  # a bundle whose manifest names no latency_batch (built before it was recorded)
 
 
 def load_test_data(bundle_dir, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(x float32, y int64) from the bundle's test.npz, checked against the manifest."""
-    entry = manifest.get("test_data")
-    if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
-        raise HeroError(f"the manifest of {bundle_dir} has no test_data entry: rebuild the bundle with `hero bundle`")
+    """(x float32, y int64) from the bundle's test.npz, checked against `manifest` (as read_manifest
+    returns it)."""
+    entry = manifest["test_data"]
     path = verify_file(Path(bundle_dir), entry["path"], entry["sha256"])
     try:
         with np.load(path, allow_pickle=False) as data:
             x, y = data["x"], data["y"]
     except (OSError, ValueError, KeyError) as exc:
         raise HeroError(f"cannot read x and y from {path} ({exc}): rebuild the bundle") from None
-    shape = tuple(manifest.get("input_shape") or x.shape[1:])
+    shape = tuple(manifest["input_shape"])
     if x.dtype != np.float32 or y.dtype != np.int64 or x.shape[1:] != shape or y.shape != (len(x),) or not len(x):
         raise HeroError(f"{path} must hold float32 x of shape (N, {', '.join(map(str, shape))}) and int64 y of "
                         f"shape (N,), got {x.dtype} {x.shape} and {y.dtype} {y.shape}: rebuild the bundle")
@@ -79,7 +77,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
     x, y = load_test_data(bundle_dir, manifest)
     if None not in {v["bits"] for v in manifest["variants"]}:
         raise HeroError(f"bundle {bundle_dir} has no float variant (bits null) to serve as the baseline: rebuild it")
-    latency_batch = latency_batch or manifest.get("latency_batch", DEFAULT_LATENCY_BATCH)
+    latency_batch = latency_batch or manifest["latency_batch"]
     options = {"inference_precision": inference_precision} if inference_precision is not None else {}
     cold = None
     if runtime in SESSION_RUNTIMES:  # also warms the runtime up, so `costs` below are per variant
@@ -110,9 +108,7 @@ def validate_bundle(bundle_dir, runtime: str = "onnxruntime", providers=None, *,
         })
     for row, bits in zip(rows, switcher.precisions):
         row["costs"].update(switcher.costs.get(bits, {}))
-    baseline = dict(rows[0], reference_accuracy=rows[0]["runtime_accuracy"], drop=0.0, drop_points=0.0)
-    variants = [dict(r, drop=baseline["reference_accuracy"] - r["runtime_accuracy"],
-                     drop_points=100.0 * (baseline["reference_accuracy"] - r["runtime_accuracy"])) for r in rows[1:]]
+    baseline, variants = with_drops(dict(rows[0], drop=0.0, drop_points=0.0), rows[1:])
     meta = {
         "bundle": str(bundle_dir), "model": manifest.get("model"), "dataset": manifest.get("dataset"),
         "source_sha256": manifest.get("source_sha256"), "test_samples": int(len(x)), "runtime": runtime,
