@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
 from exporters.quantize import quantized_layers
 from hero_train import hessian
@@ -65,6 +66,19 @@ class AnalysisOptions:
     contour: tuple[int, float] | None
     device: str
 
+    def __post_init__(self):
+        """The checks `hero analyze`'s option types make, for callers of `run_analysis` from Python."""
+        if min(self.batches, self.batch_size) < 1:
+            raise HeroError(f"--batches and --batch-size must be >= 1 (got {self.batches}, {self.batch_size})")
+        if not (math.isfinite(self.loss_increase) and self.loss_increase > 0):
+            raise HeroError(f"--loss-increase must be > 0 (got {self.loss_increase})")
+        if min(self.iters, self.samples) < 1:
+            raise HeroError(f"--iters and --samples must be >= 1 (got {self.iters}, {self.samples})")
+        if self.contour is not None and (self.contour[0] < 2 or not self.contour[1] > 0):
+            raise HeroError(f"--steps must be >= 2 and --span > 0 (got {self.contour[0]}, {self.contour[1]})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HeroError("--device cuda asked for, but this torch has no CUDA device")
+
 
 @dataclass(frozen=True)
 class LayerOptions:
@@ -75,6 +89,10 @@ class LayerOptions:
     top_eigen: bool
     joint_probes: bool
     limit_test: int | None
+
+    def __post_init__(self):
+        if self.limit_test is not None and self.limit_test < 1:
+            raise HeroError(f"--limit-test must be >= 1 (got {self.limit_test})")
 
 
 def quantization_perturbation(model: torch.nn.Module, bits: int, symmetric: bool = True,

@@ -265,8 +265,6 @@ def bundle(run_dir, out_dir, checkpoint, test_samples, request, providers):
 def analyze(checkpoint, bits, asymmetric, per_tensor, contour, steps, span, layers, top_eigen, joint_probes,
             limit_test, request, out_dir, **measured):
     """Hessian diagnostics of a checkpoint and Theorem 3's verdict on each weight bit width (per layer with --layers)."""
-    import torch
-
     from exporters.device.bits import parse_bits
     from pipeline.analyze import ANALYSIS, CONTOUR, REPORT, AnalysisOptions, LayerOptions, run_analysis, summary
     from pipeline.sensitivity import LAYER_PLOT, LAYERS, layer_markdown
@@ -275,8 +273,6 @@ def analyze(checkpoint, bits, asymmetric, per_tensor, contour, steps, span, laye
                               contour=(steps, span) if contour else None, **measured)
     if not layers and (top_eigen or joint_probes or limit_test is not None):
         raise HeroError("--top-eigen, --joint-probes and --limit-test are options of the per-layer analysis: add --layers")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HeroError("--device cuda asked for, but this torch has no CUDA device")
     layer_options = LayerOptions(top_eigen, joint_probes, limit_test) if layers else None
     result, per_layer, out = run_analysis(request.load(checkpoint), options, layer_options, out_dir)
     click.echo(summary(result))

@@ -84,3 +84,20 @@ def test_finer_bits_are_safer():
     assert verdicts[0] == "not guaranteed" and verdicts[-1] == "safe"
     assert verdicts == sorted(verdicts, key=lambda v: v == "safe")  # once safe, safe for every finer width
     assert "bits" in analyze.safety_table(rows).splitlines()[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batches": 0}, "--batches and --batch-size must be >= 1"),
+    ({"loss_increase": 0.0}, "--loss-increase must be > 0"),
+    ({"loss_increase": float("nan")}, "--loss-increase must be > 0"),
+    ({"samples": 0}, "--iters and --samples must be >= 1"),
+    ({"contour": (1, 0.5)}, "--steps must be >= 2 and --span > 0"),
+])
+def test_analysis_options_refuse_what_the_cli_types_refuse(change, message):
+    from pipeline.analyze import AnalysisOptions
+
+    good = dict(batches=1, batch_size=2, loss_increase=0.1, bits=(8,), symmetric=True, per_channel=True, iters=1,
+                samples=1, seed=0, contour=None, device="cpu")
+    AnalysisOptions(**good)
+    with pytest.raises(HeroError, match=message):
+        AnalysisOptions(**{**good, **change})
