@@ -43,7 +43,7 @@ from exporters import act_layout, matmul_nbits, qdq_graph, quantize
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import write_atomic
-from exporters.device.runtime import QUANTIZATION_KEY
+from exporters.device.runtime import QUANTIZATION_KEY, SOURCE_KEY
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter emits
@@ -299,7 +299,7 @@ def read_quantization(metadata: Mapping[str, str], source, checkpoint_sha256: st
     """The QuantSpec and Calibration an artifact was exported with, from its hero.quantization
     metadata; an artifact without it (not written by hero-deploy) or with a broken one is a HeroError,
     and so is one whose hero.source_sha256 names another checkpoint than `checkpoint_sha256`."""
-    source_sha = metadata.get("hero.source_sha256")
+    source_sha = metadata.get(SOURCE_KEY)
     if checkpoint_sha256 is not None and source_sha not in (None, checkpoint_sha256):
         raise HeroError(f"{source} was exported from another checkpoint (sha256 {source_sha[:12]}…)")
     if QUANTIZATION_KEY not in metadata:

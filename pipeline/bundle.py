@@ -30,16 +30,16 @@ import numpy as np
 from exporters.device import TOOL_VERSION
 from exporters.device.errors import HeroError
 from exporters.device.files import make_dirs, sha256_file, write_atomic
-from exporters.device.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SCHEMA, read_manifest, verify_file
+from exporters.device.manifest import (FORMAT, FORMAT_VERSION, HOST_REPORT_FILE, MANIFEST, SCHEMA, TEST_DATA_FILE,
+                                       read_manifest, verify_file)
 from exporters.device.schema import conform, identity
-from exporters.device.validate_bundle import TEST_DATA, validate_bundle
+from exporters.device.validate_bundle import validate_bundle
 from pipeline.cache import input_key
 from pipeline.gate import read_report
 
 if TYPE_CHECKING:  # torch-importing modules load only when a bundle is built: `hero --help` stays fast
     from hero_train.checkpoint import DataRef, Deployable
 
-HOST_REPORT = "host_report.json"
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -129,8 +129,8 @@ def _manifest(loaded: Deployable, entries: list[dict], folder: Path, key: str, s
         "classes": list(loaded.input.classes), "input_shape": list(loaded.input.shape),
         "normalization": loaded.input.normalization(),
         "source_sha256": loaded.sha256, "inputs_key": key,
-        "test_data": {"path": TEST_DATA, "sha256": sha256_file(folder / TEST_DATA), "samples": samples},
-        "host_report": HOST_REPORT, "latency_batch": latency_batch, "variants": variants,
+        "test_data": {"path": TEST_DATA_FILE, "sha256": sha256_file(folder / TEST_DATA_FILE), "samples": samples},
+        "host_report": HOST_REPORT_FILE, "latency_batch": latency_batch, "variants": variants,
     }
 
 
@@ -143,7 +143,7 @@ def _unchanged(out_dir: Path, key: str) -> bool:
         verify_file(out_dir, manifest["test_data"]["path"], manifest["test_data"]["sha256"])
     except (HeroError, KeyError, TypeError):
         return False
-    return manifest.get("inputs_key") == key and (out_dir / HOST_REPORT).is_file()
+    return manifest.get("inputs_key") == key and (out_dir / HOST_REPORT_FILE).is_file()
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -182,7 +182,7 @@ def write_bundle(loaded: Deployable, rows: list[dict], paths: dict[str, Path], o
     built = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
     built.chmod(0o755)  # mkdtemp makes it 0700: the bundle is meant for another user on the device
     try:
-        np.savez_compressed(built / TEST_DATA, x=x.astype(np.float32), y=y.astype(np.int64))
+        np.savez_compressed(built / TEST_DATA_FILE, x=x.astype(np.float32), y=y.astype(np.int64))
         manifest = _manifest(loaded, entries, built, key, len(x), options.latency_batch)
         write_atomic(built / MANIFEST, json.dumps(conform(manifest, SCHEMA, MANIFEST), indent=2))
         providers = list(options.providers) if options.providers else None
@@ -192,7 +192,7 @@ def write_bundle(loaded: Deployable, rows: list[dict], paths: dict[str, Path], o
         for v in manifest["variants"]:
             v["host_accuracy"] = accuracy[v["name"]]
         write_atomic(built / MANIFEST, json.dumps(conform(manifest, SCHEMA, MANIFEST), indent=2))
-        write_atomic(built / HOST_REPORT, json.dumps(host, indent=2))
+        write_atomic(built / HOST_REPORT_FILE, json.dumps(host, indent=2))
         _swap_in(built, out_dir)
     finally:
         if built.exists():

@@ -165,6 +165,7 @@ def quantize(checkpoint, bits, asymmetric, per_tensor, bn, grid, limit_test, mix
 def export(checkpoint, out_path, bits, act_bits, act_layout, asymmetric, per_tensor, bn, grid, int4_storage, fp16,
            calibration_batches, request):
     """Export one variant of a checkpoint to ONNX."""
+    from exporters.device.runtime import SOURCE_KEY
     from exporters.onnx import ExportOptions, export_onnx
     from pipeline import stages
     from pipeline.config import QuantizeSection
@@ -173,7 +174,7 @@ def export(checkpoint, out_path, bits, act_bits, act_layout, asymmetric, per_ten
     if Path(out_path).is_dir():
         raise HeroError(f"--out {out_path} is a folder: name the .onnx file to write")
     loaded = request.load(checkpoint)
-    options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={"hero.source_sha256": loaded.sha256})
+    options = ExportOptions(int4_storage=int4_storage, fp16=fp16, metadata={SOURCE_KEY: loaded.sha256})
     batches = calibration_batches or QuantizeSection.model_fields["calibration_batches"].default
     calibration = stages.calibrate_stage(loaded, spec, batches)
     path = export_onnx(loaded.model, out_path, spec, options, calibration, input_shape=loaded.input.shape)
@@ -224,7 +225,8 @@ def validate(artifact, checkpoint, limit_test, request, logit_atol, min_agreemen
 @click.option("--providers", default=None, help="ONNX Runtime providers for the host run, comma-separated")
 def bundle(run_dir, out_dir, checkpoint, test_samples, request, providers):
     """Bundle every variant of a finished run for a device: artifacts, manifest, test data, host report."""
-    from pipeline.bundle import HOST_REPORT, BundleOptions, bundle_run
+    from exporters.device.manifest import HOST_REPORT_FILE
+    from pipeline.bundle import BundleOptions, bundle_run
 
     chosen = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
     path = bundle_run(run_dir, request.data(), out_dir, checkpoint,
@@ -232,7 +234,7 @@ def bundle(run_dir, out_dir, checkpoint, test_samples, request, providers):
                       named_model(request.model, request.model_kwargs))
     click.echo(f"bundle: {path}")
     click.echo(f"on the device: python -m exporters.device.validate_bundle {path} --out device_report.json, then "
-               f"hero check device_report.json --baseline {path / HOST_REPORT} --max-regression 1")
+               f"hero check device_report.json --baseline {path / HOST_REPORT_FILE} --max-regression 1")
 
 
 @cli.command()

@@ -286,7 +286,7 @@ def debug_artifact(loaded: Deployable, path: Path, x: np.ndarray, *, atol: float
                      "tolerance": compare.tolerance(atol, s.runtime.reference_max),
                      "consistent": compare.layer_consistent([s.runtime, s.literal], atol, noise)})
     return {"artifact": str(path), "sha256": sha256_file(path), "checkpoint": str(loaded.path),
-            "variant": metadata.get("hero.variant", Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
+            "variant": metadata.get(ort_runtime.VARIANT_KEY, Path(path).stem), "spec": spec.to_dict(), "samples": int(len(x)), "atol": atol,
             "providers": list(providers), "layers": rows, "unmapped": unmapped,
             "first_divergence": first_divergence_row(rows), "forced_codes": _forced(path, emulation, spec, x, batch_size)}
 

@@ -148,7 +148,7 @@ def export_stage(loaded: Deployable, variants: list[Variant], export: ExportSect
         path = run_dir / "artifacts" / f"{variant.name}.onnx"
         spec = variant.spec
         scales = calibration if spec.calibrated else None
-        options = export_options(export, spec, {"hero.source_sha256": loaded.sha256, "hero.variant": variant.name})
+        options = export_options(export, spec, {ort_runtime.SOURCE_KEY: loaded.sha256, ort_runtime.VARIANT_KEY: variant.name})
         key = input_key(checkpoint=loaded.sha256, spec=spec.to_dict(), int4=options.int4_storage, fp16=options.fp16,
                         opset=options.opset, nbits=options.matmul_nbits, act_scales=scales and scales.scales,
                         tool=TOOL_VERSION)
@@ -164,7 +164,7 @@ def artifact_from_file(path: Path, loaded: Deployable) -> tuple[Artifact, Calibr
     """An exported artifact's variant, read back from its hero.quantization metadata (for `hero validate`)."""
     meta = ort_runtime.OnnxRuntimeRunner(path).metadata
     spec, calibration = read_quantization(meta, path, loaded.sha256)
-    name = meta.get("hero.variant", path.stem)
+    name = meta.get(ort_runtime.VARIANT_KEY, path.stem)
     return Artifact(Variant(name, spec), path, sha256_file(path), path.stat().st_size,
                     packed_weight_bytes(loaded.model, spec)), calibration
 

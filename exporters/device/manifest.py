@@ -18,6 +18,8 @@ from exporters.device.schema import (ACT_BITS, BITS, BN_MODES, BOOL, FRACTION, G
 FORMAT = "hero-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TEST_DATA_FILE = "test.npz"  # the test images a bundle ships (x float32, y int64)
+HOST_REPORT_FILE = "host_report.json"  # validate_bundle run on the host on the bundle
 # Written next to the bundle's files on the device: never reported as unlisted.
 DEVICE_FILES = ("engines",)
 
@@ -75,7 +77,7 @@ SCHEMA = Record({
     "inputs_key": Field(SHA256, "what the bundle was built from; an unchanged rebuild is skipped"),
     "test_data": Field(TEST_DATA, "the test images shipped with the bundle", required=True),
     "host_report": Field(TEXT, "host_report.json: validate_bundle run on the host on this very bundle, the "
-                               "baseline for hero check DEVICE_REPORT --baseline host_report.json"),
+                               "baseline for hero check DEVICE_REPORT --baseline host_report.json", required=True),
     "latency_batch": Field(integer(1, 1 << 16), "the batch latency is timed at, beside batch 1, on host and device",
                            required=True),
     "variants": Field(ListOf(VARIANT, 1, 64), "one entry per precision", required=True),
@@ -135,9 +137,7 @@ def unlisted_files(bundle_dir, manifest: dict) -> list[str]:
     """Files in the bundle that the manifest does not list (relative POSIX paths, sorted): a copy that
     picked up something else, or an artifact's external data, which no sha256 covers."""
     bundle_dir = Path(bundle_dir)
-    listed = {MANIFEST, manifest["test_data"]["path"], *(v["artifact"] for v in manifest["variants"])}
-    if manifest.get("host_report"):
-        listed.add(manifest["host_report"])
+    listed = {MANIFEST, manifest["test_data"]["path"], manifest["host_report"], *(v["artifact"] for v in manifest["variants"])}
     found = []
     for path in sorted(bundle_dir.rglob("*")):
         rel = path.relative_to(bundle_dir).as_posix()

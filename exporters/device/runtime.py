@@ -23,6 +23,8 @@ from exporters.device.onnx_metadata import read_metadata
 
 DEFAULT_BATCH_SIZE = 256
 QUANTIZATION_KEY = "hero.quantization"  # the exporter's one metadata entry (JSON, see _has_quantized_weights)
+SOURCE_KEY = "hero.source_sha256"  # metadata a deploy run adds: the checkpoint's sha256
+VARIANT_KEY = "hero.variant"  # ... and the variant's name
 _OPTIMIZATION_LEVELS = {"default": "ORT_ENABLE_ALL", "disabled": "ORT_DISABLE_ALL"}  # ort.GraphOptimizationLevel
 # ORT rewrites DequantizeLinear -> MatMul into MatMulNBits, which by default (accuracy level 4)
 # quantizes the activations to int8 as well and so no longer computes the graph as written;

@@ -153,7 +153,7 @@ class PrecisionSwitcher:
         unless `allow_host_numbers=True`. No variant fits: a HeroError naming the closest and by how
         much it misses. Rules: `exporters.device.choice`."""
         if device_report is None:
-            device_report = bundle_path(self.bundle_dir, self.manifest.get("host_report") or "host_report.json")
+            device_report = bundle_path(self.bundle_dir, self.manifest["host_report"])
         if not isinstance(device_report, dict):
             device_report = read_json(device_report, "device report", ": run `python -m exporters.device.validate_bundle "
                                       "BUNDLE --out REPORT` on this device first", ": validate the bundle again")

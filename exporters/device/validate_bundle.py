@@ -35,7 +35,6 @@ from exporters.device.report_schema import REPORT, with_drops
 from exporters.device.schema import conform, identity
 from exporters.device.switch import RUNTIMES, SESSION_RUNTIMES, PrecisionSwitcher, measure_switch_latency
 
-TEST_DATA = "test.npz"
 
 
 def load_test_data(bundle_dir, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
