@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,14 +54,11 @@ from exporters.quantize import QuantSpec, quantize_model
 from hero_train.data import augment, load_dataset, normalize
 
 try:
+    from benchmarks.architecture_coverage import judge
     from benchmarks.matmul_nbits_speed import ViTSmall, time_round_robin
 except ImportError:  # run as a script: its own folder is on sys.path
+    from architecture_coverage import judge
     from matmul_nbits_speed import ViTSmall, time_round_robin
-try:
-    from tests import agreement
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests import agreement
 
 IMAGE, PATCH, CLASSES = 28, 7, 10
 CALIBRATION_IMAGES = 512
@@ -109,14 +105,6 @@ def train(model: torch.nn.Module, train_set, epochs: int, work: Path) -> None:
     model.eval()
 
 
-def verdict(check, *arrays) -> str:
-    try:
-        check(*arrays)
-    except AssertionError as e:
-        return "fail: " + str(e).strip().splitlines()[0]
-    return "pass"
-
-
 @click.command()
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="folder for the training state (resumed from)")
@@ -158,8 +146,7 @@ def main(work, depth, epochs, block_size, threads, rounds):
             gap, accuracy = compare(emu, got), {"emu": Top1(), "ort": Top1()}
             accuracy["emu"].add(emu, y), accuracy["ort"].add(got, y)
             scale = gap.difference.reference_max
-            policy = (verdict(agreement.assert_matches_act_quantized, got, emu, emulated[float_acts[name]])
-                      if specs[name].act_bits else verdict(agreement.assert_float_close, got, emu))
+            policy = judge(got, emu, emulated[float_acts[name]] if specs[name].act_bits else None)
             print(f"| {name} | {path.stat().st_size / 2**20:.1f} | {accuracy['emu'].rate:.2%} | "
                   f"{accuracy['ort'].rate:.2%} | {gap.agreement.rate:.2%} | "
                   f"{gap.difference.max_abs / scale:.2g} / {gap.difference.rms / scale:.2g} | {policy} |")
